@@ -1,0 +1,131 @@
+"""
+Talk to a trained run.
+
+    python chat.py                                  # interactive, multi-turn, runs/latest
+    python chat.py --prompt "Which is larger, 418 or 96?"        # one answer, then exit
+    python chat.py --batch prompts.jsonl > replies.jsonl         # {"messages": [...]} per line in,
+                                                                 # {"reply": "..."} per line out, greedy
+
+Interactive commands: /reset (forget the conversation), /quit (or Ctrl-D).
+Replies stream token by token through the KV cache (nanosft/generate.py).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from nanosft.checkpoint import load_run
+from nanosft.data import load_jsonl
+from nanosft.generate import generate, reply
+from nanosft.template import ChatTemplate
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="chat with a model trained by train.py")
+    p.add_argument("--ckpt", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs/latest"),
+                   help="run directory")
+    p.add_argument("--prompt", default=None, help="answer this one message and exit")
+    p.add_argument("--batch", default=None, help='JSONL of {"messages": [...]} ending with a user turn')
+    p.add_argument("--system", default=None, help="system message for --prompt and interactive chat")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def check_prompt_record(rec):
+    """Validator for load_jsonl: --batch lines need messages that end with a user turn."""
+    msgs = rec.get("messages") if isinstance(rec, dict) else None
+    if not isinstance(msgs, list) or not msgs:
+        return 'expected an object with "messages", a non-empty list'
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            return f'messages[{i}] must be {{"role": system|user|assistant, "content": string}}'
+    if msgs[-1]["role"] != "user":
+        return "the last message must be a user turn (it is what the model answers)"
+    return None
+
+
+def stream_reply(model, template, messages, args, generator):
+    """Print the reply as it is generated; return its text. Only whole characters are printed:
+    a character split over several byte tokens waits until its last byte arrives."""
+    ids, shown = [], ""
+    prompt = template.render_prompt(messages)
+    max_new = min(args.max_new_tokens, model.cfg.max_seq_len - len(prompt))
+    for t in generate(model, prompt, max_new, args.temperature, args.top_k, args.top_p,
+                      stop_ids={template.end}, generator=generator):
+        ids.append(t)
+        text = template.tok.decode(ids)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    text = template.tok.decode(ids)
+    print(text[len(shown):], flush=True)
+    return text
+
+
+def fit_history(template, messages, max_len, reserve):
+    """Drop the oldest user/assistant exchanges until the prompt leaves `reserve` tokens free."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    while len(turns) > 1 and len(template.render_prompt(system + turns)) > max_len - reserve:
+        turns = turns[2:] if len(turns) > 2 else turns[1:]
+    return system + turns
+
+
+def interactive(model, template, args, generator):
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(base)
+    print("chat with the model; /reset starts over, /quit or Ctrl-D ends")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() == "/quit":
+            return
+        if line.strip() == "/reset":
+            messages = list(base)
+            continue
+        if not line.strip():
+            continue
+        messages = fit_history(template, messages + [{"role": "user", "content": line}],
+                               model.cfg.max_seq_len, reserve=min(args.max_new_tokens, model.cfg.max_seq_len // 2))
+        answer = stream_reply(model, template, messages, args, generator)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def main():
+    args = parse_args()
+    try:
+        model, tok = load_run(args.ckpt)
+    except FileNotFoundError as e:
+        sys.exit(f"No trained model at {args.ckpt} ({e}).\n"
+                 "Train one first:  make train   (or: python train.py --out runs/NAME, then --ckpt runs/NAME)")
+    template = ChatTemplate(tok)
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.batch:
+        try:
+            records = load_jsonl(args.batch, check_prompt_record)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+        for rec in records:  # greedy, one JSON line per input line, in order
+            print(json.dumps({"reply": reply(model, template, rec["messages"], args.max_new_tokens)},
+                             ensure_ascii=False), flush=True)
+    elif args.prompt is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) \
+            + [{"role": "user", "content": args.prompt}]
+        stream_reply(model, template, messages, args, generator)
+    else:
+        interactive(model, template, args, generator)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""
+One decoder block, pre-norm (Llama layout):
+
+    x = x + attention(rmsnorm(x))
+    x = x + mlp(rmsnorm(x))         mlp = down( silu(gate(x)) * up(x) )     (SwiGLU)
+
+Normalising the input of each branch (not the residual stream itself) keeps a clean identity path
+from the embedding to the head, which is why deep pre-norm stacks train without warm-up tricks.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanosft.attention import CausalSelfAttention
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight. No mean subtraction and no bias, unlike LayerNorm."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32: squares of bf16 activations overflow their precision quickly
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, hidden) -> (B, T, C)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = CausalSelfAttention(cfg.dim, cfg.n_head, cfg.n_kv_head, cfg.attn_impl)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):  # x (B, T, C)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x

@@ -1,0 +1,151 @@
+"""
+Training data: chat JSONL files -> validated conversations -> (ids, loss mask) -> packed rows.
+
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+
+One conversation per line; blank lines are allowed, anything else that is wrong stops the run with
+"file:line: reason" for every bad line (nothing is dropped in silence). Conversations are rendered
+by template.py and then packed: several whole conversations share one fixed-length row, and each
+token carries its conversation's index in the row (`doc`) and its position inside that
+conversation (`pos`). The model uses `doc` to keep attention inside each conversation and `pos`
+to restart rotary positions, so a packed row trains exactly like separate padded rows, without
+paying for the padding. Rows are re-packed from a fresh shuffle every epoch.
+"""
+
+import json
+import random
+
+import numpy as np
+import torch
+
+from nanosft.template import ROLES
+
+
+# -----------------------------------------------------------------------------
+# reading and validating
+
+def _check_record(rec):
+    """Returns None if `rec` is a valid chat record, else the reason it is not."""
+    if not isinstance(rec, dict):
+        return f"expected a JSON object, got {type(rec).__name__}"
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return 'missing "messages" (a non-empty list of {"role", "content"} objects)'
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            return f"messages[{i}] is not an object"
+        if m.get("role") not in ROLES:
+            return f"messages[{i}] has role {m.get('role')!r}; expected one of {', '.join(ROLES)}"
+        if not isinstance(m.get("content"), str):
+            return f"messages[{i}] content is not a string"
+    if not any(m["role"] == "assistant" and m["content"] for m in msgs):
+        return "no non-empty assistant turn: nothing to train on"
+    return None
+
+
+def load_jsonl(path, check=_check_record):
+    """All records of a JSONL file; raises ValueError listing every bad line as path:line: reason."""
+    records, errors = [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.append(f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            reason = check(rec)
+            if reason:
+                errors.append(f"{path}:{lineno}: {reason}")
+            else:
+                records.append(rec)
+    if errors:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError(f"{len(errors)} bad line(s) in {path}:\n  {shown}{more}")
+    return records
+
+
+# -----------------------------------------------------------------------------
+# tokenizing and packing
+
+def tokenize(records, template, max_len):
+    """Render every conversation; returns (samples, n_too_long). A sample is (ids, mask) int arrays.
+    Conversations longer than max_len tokens are left out and counted, never cut mid-turn."""
+    samples, too_long = [], 0
+    for rec in records:
+        ids, mask = template.render(rec["messages"])
+        if len(ids) > max_len:
+            too_long += 1
+            continue
+        samples.append((np.array(ids, dtype=np.int32), np.array(mask, dtype=np.int8)))
+    return samples, too_long
+
+
+def pack(samples, row_len, pad_id, open_rows=8):
+    """Pack whole samples into rows of row_len tokens. Returns a dict of (N, row_len) arrays:
+    ids, mask, doc (index of the conversation within its row, -1 on padding), pos (position
+    within the conversation). A few rows stay open at once and each sample goes to the fullest
+    one it fits in, which wastes little space while staying O(len(samples))."""
+    rows, open_ = [], []  # a row is a list of samples; open_ holds (used, row)
+
+    def close(i):
+        rows.append(open_.pop(i)[1])
+
+    for s in samples:
+        n = len(s[0])
+        fits = [i for i, (used, _) in enumerate(open_) if used + n <= row_len]
+        if fits:
+            i = max(fits, key=lambda j: open_[j][0])
+            used, row = open_[i]
+            row.append(s)
+            open_[i] = (used + n, row)
+        else:
+            if len(open_) == open_rows:
+                close(max(range(len(open_)), key=lambda j: open_[j][0]))
+            open_.append((n, [s]))
+    while open_:
+        close(0)
+
+    out = {"ids": np.full((len(rows), row_len), pad_id, dtype=np.int64),
+           "mask": np.zeros((len(rows), row_len), dtype=np.int64),
+           "doc": np.full((len(rows), row_len), -1, dtype=np.int64),
+           "pos": np.zeros((len(rows), row_len), dtype=np.int64)}
+    for r, row in enumerate(rows):
+        t = 0
+        for d, (ids, mask) in enumerate(row):
+            n = len(ids)
+            out["ids"][r, t:t + n] = ids
+            out["mask"][r, t:t + n] = mask
+            out["doc"][r, t:t + n] = d
+            out["pos"][r, t:t + n] = np.arange(n)
+            t += n
+    return out
+
+
+def padding_fraction(packed):
+    return float((packed["doc"] < 0).mean())
+
+
+def to_batch(packed, index):
+    """Rows `index` of a packed dict -> model inputs and targets, each (B, T) with T = row_len - 1.
+    The mask is shifted with the targets: mask[t] says whether token t+1 is supervised."""
+    rows = {k: torch.from_numpy(v[index]) for k, v in packed.items()}
+    return {"idx": rows["ids"][:, :-1], "targets": rows["ids"][:, 1:], "loss_mask": rows["mask"][:, 1:],
+            "pos": rows["pos"][:, :-1], "doc": rows["doc"][:, :-1]}
+
+
+def epoch_rows(samples, row_len, pad_id, seed, epoch, rank=0, world=1):
+    """Shuffle (seeded per epoch, so every epoch has its own order), pack, and keep this rank's
+    share of the rows. Every rank gets the same number of rows."""
+    order = list(range(len(samples)))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    packed = pack([samples[i] for i in order], row_len, pad_id)
+    n = len(packed["ids"]) // world * world  # equal shares; the few rows left over wait for the next epoch's shuffle
+    return {k: v[rank:n:world] for k, v in packed.items()}

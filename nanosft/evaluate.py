@@ -1,0 +1,89 @@
+"""
+Evaluation: validation loss and perplexity, and exact match of generated answers.
+
+  val_loss = sum of NLL over all supervised tokens / number of supervised tokens, over the whole
+             validation set (token-weighted: not a mean of per-batch means, which would let a
+             batch with 3 supervised tokens weigh as much as one with 300)
+  val_ppl  = exp(val_loss)
+  exact_match: greedy answers to held-out prompts compared with the expected answer, per family
+             and overall.
+
+train.py calls these at the start and end of a run;
+
+    python -m nanosft.evaluate --ckpt runs/latest --eval data/eval.jsonl
+
+re-runs exact match on a saved run.
+"""
+
+import argparse
+import math
+from collections import defaultdict
+
+import torch
+
+from nanosft.data import to_batch
+from nanosft.generate import reply
+from nanosft.loss import masked_nll
+
+
+@torch.no_grad()
+def validation_loss(model, packed, batch_size=16):
+    """-> (sum of NLL, supervised token count) over all rows of a packed dict, for this rank."""
+    total = count = 0.0
+    for i in range(0, len(packed["ids"]), batch_size):
+        b = to_batch(packed, slice(i, i + batch_size))
+        dev = next(model.parameters()).device
+        b = {k: v.to(dev) for k, v in b.items()}
+        logits = model(b["idx"], pos=b["pos"], doc=b["doc"])
+        s, c = masked_nll(logits, b["targets"], b["loss_mask"])
+        total, count = total + s.item(), count + c.item()
+    return total, count
+
+
+def loss_and_ppl(total, count):
+    loss = total / max(count, 1)
+    return loss, math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def exact_match(model, template, records, max_new_tokens=32):
+    """records: {"family", "messages" (ending with a user turn), "answer"}.
+    -> ({family: accuracy, ..., "overall": accuracy}, list of replies in order)"""
+    hits, totals, replies = defaultdict(int), defaultdict(int), []
+    for r in records:
+        out = reply(model, template, r["messages"], max_new_tokens)
+        replies.append(out)
+        fam = r.get("family", "all")
+        totals[fam] += 1
+        hits[fam] += int(out.strip() == r["answer"].strip())
+    scores = {f: hits[f] / totals[f] for f in sorted(totals)}
+    scores["overall"] = sum(hits.values()) / max(sum(totals.values()), 1)
+    return scores, replies
+
+
+def check_eval_record(rec):
+    """Validator for load_jsonl: an eval record needs messages ending with a user turn and an answer."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("answer"), str):
+        return 'expected an object with a string "answer"'
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "user":
+        return '"messages" must be a non-empty list ending with a user turn'
+    return None
+
+
+def format_scores(scores):
+    return "  ".join(f"{k} {v:.1%}" for k, v in scores.items())
+
+
+if __name__ == "__main__":
+    from nanosft.checkpoint import load_run
+    from nanosft.data import load_jsonl
+    from nanosft.template import ChatTemplate
+
+    p = argparse.ArgumentParser(description="exact match of a trained run on held-out prompts")
+    p.add_argument("--ckpt", default="runs/latest")
+    p.add_argument("--eval", default="data/eval.jsonl")
+    args = p.parse_args()
+    model, tok = load_run(args.ckpt)
+    scores, _ = exact_match(model, ChatTemplate(tok), load_jsonl(args.eval, check_eval_record))
+    print(format_scores(scores))

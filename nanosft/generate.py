@@ -1,0 +1,56 @@
+"""
+Text generation with the KV cache: the prompt goes through the model once (prefill), then each new
+token costs one forward of a single position, reusing the cached keys and values of all earlier
+tokens. Yields token ids one at a time so that chat.py can stream them.
+
+    for t in generate(model, prompt_ids, stop_ids={end_id}): ...
+
+temperature 0 is greedy decoding (what evaluation uses); otherwise sample from the softmax of
+logits / temperature, restricted to the top_k most likely tokens and/or the smallest set whose
+probability reaches top_p.
+"""
+
+import torch
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (V,) -> next token id (int)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep tokens until top_p is reached
+        logits[order[drop]] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
+             stop_ids=(), generator=None):
+    max_len = model.cfg.max_seq_len
+    if len(prompt_ids) >= max_len:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {max_len}")
+    max_new_tokens = min(max_new_tokens, max_len - len(prompt_ids))
+    device = model.embed_tokens.weight.device
+    cache = model.new_cache(batch=1, max_len=len(prompt_ids) + max_new_tokens)
+    x = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T) prompt, then (1, 1)
+    for _ in range(max_new_tokens):
+        logits = model(x, cache=cache)[0, -1]  # (V,) at the last position
+        t = sample_next(logits, temperature, top_k, top_p, generator)
+        if t in stop_ids:
+            return
+        yield t
+        x = torch.tensor([[t]], dtype=torch.long, device=device)
+
+
+def reply(model, template, messages, max_new_tokens=64, **sampling):
+    """The assistant's answer (text) to a conversation that ends with a user turn."""
+    prompt = template.render_prompt(messages)
+    ids = list(generate(model, prompt, max_new_tokens, stop_ids={template.end}, **sampling))
+    return template.tok.decode(ids)

@@ -1,0 +1,96 @@
+"""
+The language model: token embedding -> n_layer decoder blocks -> final RMSNorm -> LM head.
+
+    idx (B, T) -> x (B, T, C) -> blocks -> norm -> logits (B, T, vocab_size)
+
+The layout and parameter names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers.i.
+self_attn.q_proj, mlp.gate_proj, norm, lm_head), so a Llama-family checkpoint maps onto it name for
+name. Inputs besides the token ids:
+  pos   (B, T) position of each token within its conversation (default 0..T-1)
+  doc   (B, T) index of each token's conversation within a packed row; attention never crosses
+        conversations (the block-causal "document mask"). None: one sequence per row.
+  cache a KVCache: the tokens continue the cached ones (generation).
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from nanosft.attention import KVCache, causal_mask
+from nanosft.block import Block, RMSNorm
+from nanosft.embedding import Rotary, TokenEmbedding
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 1024
+    dim: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2
+    ffn_hidden: int = 384  # SwiGLU width; ~8/3 * dim keeps the MLP at the usual 4*dim cost
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attn_impl: str = "sdpa"  # "sdpa" (fast) or "manual" (explicit math), see attention.py
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_head
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.dim)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        # the projections that write into the residual stream start smaller, so the stream's
+        # variance does not grow with depth (GPT-2's scaled init)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * cfg.n_layer) ** 0.5)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def new_cache(self, batch=1, max_len=None):
+        p = self.embed_tokens.weight
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len or self.cfg.max_seq_len,
+                       self.cfg.head_dim, p.dtype, p.device)
+
+    def forward(self, idx, pos=None, doc=None, cache=None):
+        B, T = idx.shape
+        start = cache.len if cache is not None else 0
+        if pos is None:
+            pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        mask = None  # plain causal
+        if doc is not None:
+            assert cache is None, "packed rows (doc) are for training; generation uses one sequence"
+            same_doc = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
+            mask = (same_doc & causal_mask(T, T, idx.device))[:, None]  # (B, 1, T, T)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        cos, sin = self.rotary(pos, x.dtype)  # (B, 1, T, hd) each
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, cache, layer=i)  # (B, T, C)
+        if cache is not None:
+            cache.len += T
+        return self.lm_head(self.norm(x))  # (B, T, vocab_size)

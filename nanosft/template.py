@@ -1,0 +1,40 @@
+"""
+The chat template: a conversation (a list of {"role", "content"} messages) becomes one sequence
+of token ids plus a loss mask that says which tokens the model is trained to predict.
+
+    <s> <|system|> You are terse. <|end|> <|user|> Hi <|end|> <|assistant|> Hello! <|end|> ...
+     0      0           0            0       0     0    0         0           1     1    <- mask
+
+The mask is 1 on every assistant turn's content and on the <|end|> that closes it, 0 everywhere
+else (system, user, the <|assistant|> header). Supervising <|end|> is what teaches the model to
+stop; supervising the prompt would teach it to imitate users (DeepSpeed-Chat does the latter).
+
+The role markers are CONTROL tokens: the tokenizer never produces them from text, so a user
+typing "<|end|>" cannot forge a turn boundary. Used by data.py (training rows), generate.py and
+chat.py (prompts ending in "<|assistant|>").
+"""
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatTemplate:
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.bos = tokenizer.bos_id
+        self.end = tokenizer.token_id("<|end|>")
+        self.header = {role: tokenizer.token_id(f"<|{role}|>") for role in ROLES}
+
+    def render(self, messages):
+        """Whole conversation -> (ids, mask), two lists of equal length."""
+        ids, mask = [self.bos], [0]
+        for m in messages:
+            content = self.tok.encode(m["content"])
+            supervised = int(m["role"] == "assistant")
+            ids += [self.header[m["role"]]] + content + [self.end]
+            mask += [0] + [supervised] * (len(content) + 1)  # content and its <|end|>
+        return ids, mask
+
+    def render_prompt(self, messages):
+        """Conversation so far (ending with a user turn) -> ids that ask for the assistant's reply."""
+        ids, _ = self.render(messages)
+        return ids + [self.header["assistant"]]

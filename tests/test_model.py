@@ -1,0 +1,74 @@
+"""model.py promises: decoding through the KV cache gives the same logits as one full forward, a
+packed row (several conversations, positions restarting) gives each conversation exactly the
+logits it would get alone, and greedy generation equals re-running the full model every token."""
+
+import torch
+
+from nanosft.generate import generate, sample_next
+from nanosft.model import ModelConfig, Transformer
+
+
+def tiny(impl="sdpa", seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=97, dim=32, n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=64,
+                      max_seq_len=64, attn_impl=impl, **kw)
+    return Transformer(cfg).double().eval()
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    for impl in ("manual", "sdpa"):
+        model = tiny(impl)
+        idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+        full = model(idx)  # (2, 20, 97)
+        cache = model.new_cache(batch=2, max_len=20)
+        pieces = [model(idx[:, :7], cache=cache)]  # prefill 7, then one token at a time
+        pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 20)]
+        torch.testing.assert_close(torch.cat(pieces, 1), full)
+
+
+def test_packed_row_equals_each_conversation_alone():
+    model = tiny()
+    g = torch.Generator().manual_seed(2)
+    a, b, c = (torch.randint(0, 97, (1, n), generator=g) for n in (5, 9, 4))
+    row = torch.cat([a, b, c], 1)
+    doc = torch.tensor([[0] * 5 + [1] * 9 + [2] * 4])
+    pos = torch.cat([torch.arange(5), torch.arange(9), torch.arange(4)])[None]
+    packed = model(row, pos=pos, doc=doc)
+    alone = torch.cat([model(a), model(b), model(c)], 1)
+    torch.testing.assert_close(packed, alone)
+    # without the document mask and restarted positions the conversations leak into each other
+    assert not torch.allclose(model(row)[:, 5:], alone[:, 5:])
+
+
+def test_greedy_generation_equals_argmax_of_full_forward_each_step():
+    model = tiny()
+    prompt = [3, 14, 15, 92, 65]
+    got = list(generate(model, prompt, max_new_tokens=12))
+    ids = list(prompt)
+    for _ in range(12):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert got == ids[len(prompt):]
+
+
+def test_generation_stops_at_a_stop_token_and_never_yields_it():
+    model = tiny()
+    free = list(generate(model, [1, 2, 3], max_new_tokens=10))
+    stop = free[4]
+    assert list(generate(model, [1, 2, 3], 10, stop_ids={stop})) == free[:free.index(stop)]
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_head_of_the_distribution():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    g = torch.Generator().manual_seed(0)
+    assert all(sample_next(logits, 1.0, top_k=1, generator=g) == 1 for _ in range(20))
+    # probabilities ~ [0.03, 0.51, 0.46, 0.01]: token 1 alone reaches 0.5, tokens 1 and 2 reach 0.9
+    assert {sample_next(logits, 1.0, top_p=0.5, generator=g) for _ in range(50)} == {1}
+    assert {sample_next(logits, 1.0, top_p=0.9, generator=g) for _ in range(50)} == {1, 2}
+    assert sample_next(logits) == 1  # temperature 0: argmax
+
+
+def test_tied_embeddings_share_one_matrix_and_untied_do_not():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+    assert untied.num_params() - tied.num_params() == 97 * 32
