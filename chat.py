@@ -18,7 +18,7 @@ import sys
 import torch
 
 from nanosft.checkpoint import load_run
-from nanosft.data import load_jsonl
+from nanosft.data import check_prompt, load_jsonl
 from nanosft.generate import generate, reply
 from nanosft.template import ChatTemplate
 
@@ -36,20 +36,6 @@ def parse_args():
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
-
-
-def check_prompt_record(rec):
-    """Validator for load_jsonl: --batch lines need messages that end with a user turn."""
-    msgs = rec.get("messages") if isinstance(rec, dict) else None
-    if not isinstance(msgs, list) or not msgs:
-        return 'expected an object with "messages", a non-empty list'
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            return f'messages[{i}] must be {{"role": system|user|assistant, "content": string}}'
-    if msgs[-1]["role"] != "user":
-        return "the last message must be a user turn (it is what the model answers)"
-    return None
 
 
 def stream_reply(model, template, messages, args, generator):
@@ -113,12 +99,16 @@ def main():
     generator = torch.Generator().manual_seed(args.seed)
     if args.batch:
         try:
-            records = load_jsonl(args.batch, check_prompt_record)
+            records = load_jsonl(args.batch, check_prompt)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
         for rec in records:  # greedy, one JSON line per input line, in order
-            print(json.dumps({"reply": reply(model, template, rec["messages"], args.max_new_tokens)},
-                             ensure_ascii=False), flush=True)
+            messages = fit_history(template, rec["messages"], model.cfg.max_seq_len, reserve=1)
+            try:
+                out = {"reply": reply(model, template, messages, args.max_new_tokens)}
+            except ValueError as e:  # even the last user turn alone is longer than the context
+                out = {"reply": "", "error": str(e)}
+            print(json.dumps(out, ensure_ascii=False), flush=True)
     elif args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) \
             + [{"role": "user", "content": args.prompt}]

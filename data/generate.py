@@ -42,23 +42,26 @@ Caspian Dagny Eloise Fabian Greta Horatio Ilse Jolene Kasimir Lorcan Magnus Nadi
 Rupert Saoirse Tobias Undine Valentin Winona Yosef Zinnia Aurelio Brigid Cosima Desmond""".split()
 
 # Made-up names widen the training list so that recall has to copy the name from the conversation:
-# with a few hundred names the model memorises them and fails on any name it has not seen.
-SYLLABLES = """ba be bi bo bu da de di do du fa fe fi fo ka ke ki ko ku la le li lo lu ma me mi mo mu
-na ne ni no nu pa pe pi po ra re ri ro ru sa se si so su ta te ti to tu va ve vi vo za ze zi zo
-bar ben dan del fin kar len lin mar mel nor ran rin sel tan tor val ver wen zan""".split()
+# with a few hundred names the model memorises them and fails on any name it has not seen. They
+# use every letter in many patterns, so that unseen real names break into familiar pieces.
+ONSETS = [""] * 4 + "b c d f g h j k l m n p q r s t v w x y z br ch cl dr fl gr kr pl sh st th tr".split()
+VOWELS = "a e i o u y a e i o ia ea ou ai".split()
+CODAS = [""] * 6 + "n r l s m d t x k st nd".split()
 
 
 def made_up_names(n, seed=7):
     rng = random.Random(seed)
     out = set()
     while len(out) < n:
-        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
-        if name not in HELD_OUT_NAMES:
+        syllables = rng.randint(1, 3)
+        name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables))
+        name = (name + rng.choice(VOWELS) if rng.random() < 0.3 else name).capitalize()
+        if name not in HELD_OUT_NAMES and len(name) >= 3:
             out.add(name)
     return sorted(out)
 
 
-TRAIN_NAMES = NAMES + made_up_names(4000)
+TRAIN_NAMES = NAMES + made_up_names(20000)
 
 WORDS = """apple river stone blue green red cloud tree house bird fish moon sun star rain snow wind
 fire water light dark happy small big fast slow cold warm old new bright quiet loud soft hard sweet
@@ -120,7 +123,7 @@ def make_count(rng, names):
 
 FAMILIES = {"recall": make_recall, "copy": make_copy, "max": make_max, "count": make_count}
 # harder skills get a bigger share of the training data
-TRAIN_WEIGHTS = {"recall": 0.15, "copy": 0.2, "max": 0.35, "count": 0.3}
+TRAIN_WEIGHTS = {"recall": 0.25, "copy": 0.15, "max": 0.3, "count": 0.3}
 
 
 def generate(n_train, n_val, n_eval, seed=1337):
@@ -163,7 +166,7 @@ if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--out", default=here, help="directory for train/val/eval.jsonl")
-    p.add_argument("--n-train", type=int, default=60000)
+    p.add_argument("--n-train", type=int, default=195000)  # ~1,200 steps of 16 packed rows
     p.add_argument("--n-val", type=int, default=1000)
     p.add_argument("--n-eval", type=int, default=800)
     p.add_argument("--seed", type=int, default=1337)

@@ -24,8 +24,8 @@ from nanosft.template import ROLES
 # -----------------------------------------------------------------------------
 # reading and validating
 
-def _check_record(rec):
-    """Returns None if `rec` is a valid chat record, else the reason it is not."""
+def _check_messages(rec):
+    """Reason why rec["messages"] is not a list of {"role", "content"} messages, or None."""
     if not isinstance(rec, dict):
         return f"expected a JSON object, got {type(rec).__name__}"
     msgs = rec.get("messages")
@@ -38,12 +38,26 @@ def _check_record(rec):
             return f"messages[{i}] has role {m.get('role')!r}; expected one of {', '.join(ROLES)}"
         if not isinstance(m.get("content"), str):
             return f"messages[{i}] content is not a string"
-    if not any(m["role"] == "assistant" and m["content"] for m in msgs):
-        return "no non-empty assistant turn: nothing to train on"
     return None
 
 
-def load_jsonl(path, check=_check_record):
+def check_conversation(rec):
+    """Validator for training data: a conversation with at least one assistant turn to learn from."""
+    reason = _check_messages(rec)
+    if reason is None and not any(m["role"] == "assistant" and m["content"] for m in rec["messages"]):
+        reason = "no non-empty assistant turn: nothing to train on"
+    return reason
+
+
+def check_prompt(rec):
+    """Validator for prompts (chat.py --batch, evaluation): messages ending with a user turn."""
+    reason = _check_messages(rec)
+    if reason is None and rec["messages"][-1]["role"] != "user":
+        reason = "the last message must be a user turn (it is what the model answers)"
+    return reason
+
+
+def load_jsonl(path, check=check_conversation):
     """All records of a JSONL file; raises ValueError listing every bad line as path:line: reason."""
     records, errors = [], []
     with open(path, "rb") as f:

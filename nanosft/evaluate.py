@@ -21,19 +21,20 @@ from collections import defaultdict
 
 import torch
 
-from nanosft.data import to_batch
+from nanosft.checkpoint import load_run
+from nanosft.data import check_prompt, load_jsonl, to_batch
 from nanosft.generate import reply
 from nanosft.loss import masked_nll
+from nanosft.template import ChatTemplate
 
 
 @torch.no_grad()
 def validation_loss(model, packed, batch_size=16):
     """-> (sum of NLL, supervised token count) over all rows of a packed dict, for this rank."""
     total = count = 0.0
+    dev = next(model.parameters()).device
     for i in range(0, len(packed["ids"]), batch_size):
-        b = to_batch(packed, slice(i, i + batch_size))
-        dev = next(model.parameters()).device
-        b = {k: v.to(dev) for k, v in b.items()}
+        b = {k: v.to(dev) for k, v in to_batch(packed, slice(i, i + batch_size)).items()}
         logits = model(b["idx"], pos=b["pos"], doc=b["doc"])
         s, c = masked_nll(logits, b["targets"], b["loss_mask"])
         total, count = total + s.item(), count + c.item()
@@ -48,27 +49,29 @@ def loss_and_ppl(total, count):
 @torch.no_grad()
 def exact_match(model, template, records, max_new_tokens=32):
     """records: {"family", "messages" (ending with a user turn), "answer"}.
-    -> ({family: accuracy, ..., "overall": accuracy}, list of replies in order)"""
+    -> ({family: accuracy, ..., "overall": accuracy}, list of replies in order). A prompt too long
+    for the model's context counts as a miss (its reply is None), never as a crash."""
     hits, totals, replies = defaultdict(int), defaultdict(int), []
     for r in records:
-        out = reply(model, template, r["messages"], max_new_tokens)
+        try:
+            out = reply(model, template, r["messages"], max_new_tokens)
+        except ValueError:  # prompt does not fit in the context
+            out = None
         replies.append(out)
         fam = r.get("family", "all")
         totals[fam] += 1
-        hits[fam] += int(out.strip() == r["answer"].strip())
+        hits[fam] += int(out is not None and out.strip() == r["answer"].strip())
     scores = {f: hits[f] / totals[f] for f in sorted(totals)}
     scores["overall"] = sum(hits.values()) / max(sum(totals.values()), 1)
     return scores, replies
 
 
 def check_eval_record(rec):
-    """Validator for load_jsonl: an eval record needs messages ending with a user turn and an answer."""
-    if not isinstance(rec, dict) or not isinstance(rec.get("answer"), str):
-        return 'expected an object with a string "answer"'
-    msgs = rec.get("messages")
-    if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "user":
-        return '"messages" must be a non-empty list ending with a user turn'
-    return None
+    """Validator for load_jsonl: a prompt (messages ending with a user turn) and its "answer"."""
+    reason = check_prompt(rec)
+    if reason is None and not isinstance(rec.get("answer"), str):
+        reason = 'missing "answer" (a string)'
+    return reason
 
 
 def format_scores(scores):
@@ -76,10 +79,6 @@ def format_scores(scores):
 
 
 if __name__ == "__main__":
-    from nanosft.checkpoint import load_run
-    from nanosft.data import load_jsonl
-    from nanosft.template import ChatTemplate
-
     p = argparse.ArgumentParser(description="exact match of a trained run on held-out prompts")
     p.add_argument("--ckpt", default="runs/latest")
     p.add_argument("--eval", default="data/eval.jsonl")

@@ -99,3 +99,10 @@ def test_epochs_reshuffle_and_ranks_split_rows_evenly():
     r0, r1 = (epoch_rows(samples, 128, 0, seed=1, epoch=0, rank=r, world=2) for r in (0, 1))
     assert len(r0["ids"]) == len(r1["ids"])
     assert not set(map(tuple, r0["ids"])) & set(map(tuple, r1["ids"]))
+
+
+def test_prompt_files_must_end_with_a_user_turn(tmp_path):
+    from nanosft.data import check_prompt
+    p = write(tmp_path, [json.dumps({"messages": [{"role": "user", "content": "hi"}]}), GOOD])
+    msg = str(pytest.raises(ValueError, load_jsonl, p, check_prompt).value)
+    assert f"{p}:2: the last message must be a user turn" in msg and f"{p}:1:" not in msg

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
 from generate import generate, write_jsonl  # noqa: E402  (data/generate.py)
 
 from nanosft.data import epoch_rows, load_jsonl, to_batch, tokenize
+from nanosft.evaluate import check_eval_record
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
 from nanosft.template import ChatTemplate
@@ -27,7 +28,7 @@ from nanosft.tokenizer import Tokenizer
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dim", "32", "--n-layer", "2", "--n-head", "4", "--n-kv-head", "2", "--vocab-size", "300",
-        "--max-seq-len", "64", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2",
+        "--max-seq-len", "128", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2",
         "--seed", "7"]
 
 
@@ -54,9 +55,9 @@ def reference_weights(data_dir, steps=5, seed=7, batch=2, accum=2, lr=1e-2, warm
     """The same training written as a plain PyTorch loop, no DeepSpeed."""
     records = load_jsonl(data_dir / "train.jsonl")
     tok = Tokenizer.train([m["content"] for r in records for m in r["messages"]], 300)
-    samples, _ = tokenize(records, ChatTemplate(tok), 65)
+    samples, _ = tokenize(records, ChatTemplate(tok), 129)
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=96, max_seq_len=64)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=96, max_seq_len=128)
     model = Transformer(cfg)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
@@ -64,7 +65,7 @@ def reference_weights(data_dir, steps=5, seed=7, batch=2, accum=2, lr=1e-2, warm
                             lr=lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               0.1 + 0.45 * (1 + math.cos(math.pi * min((s - warmup) / (steps - warmup), 1))))
-    rows, cursor = epoch_rows(samples, 65, tok.pad_id, seed, 0), 0
+    rows, cursor = epoch_rows(samples, 129, tok.pad_id, seed, 0), 0
     for _ in range(steps):
         micro = [to_batch(rows, slice(cursor + i * batch, cursor + (i + 1) * batch)) for i in range(accum)]
         cursor += accum * batch
@@ -125,7 +126,7 @@ def test_chat_batch_answers_every_line_in_order_and_matches_evaluation(tiny_run)
     from nanosft.checkpoint import load_run
     from nanosft.generate import reply
     data_dir, out = tiny_run
-    recs = load_jsonl(data_dir / "eval.jsonl", check=lambda r: None)[:6]
+    recs = load_jsonl(data_dir / "eval.jsonl", check_eval_record)[:6]
     inp = data_dir / "prompts.jsonl"
     inp.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in recs))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--ckpt", str(out), "--batch", str(inp)],
