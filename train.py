@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from nanosft.checkpoint import point_latest, save_model, write_json
-from nanosft.data import epoch_rows, load_jsonl, pack, padding_fraction, to_batch, tokenize
+from nanosft.data import epoch_rows, load_jsonl, pack, padding_fraction, shard, to_batch, tokenize
 from nanosft.evaluate import check_eval_record, exact_match, format_scores, loss_and_ppl, validation_loss
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
@@ -97,11 +97,11 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-def all_sum(x, device):
-    """Sum a Python number over all ranks."""
-    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+def all_sum(values, device):
+    """Sum a list of Python numbers over all ranks, element by element."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
-    return t.item()
+    return t.tolist()
 
 
 def pick_dtype(name, device):
@@ -164,8 +164,7 @@ def main(args):
     val = None
     if args.val_data:
         val_samples, _ = tokenize(load_jsonl(args.val_data), template, row_len)
-        val = pack(val_samples, row_len, tok.pad_id)
-        val = {k: v[rank::world] for k, v in val.items()}
+        val = shard(pack(val_samples, row_len, tok.pad_id), rank, world, tok.pad_id)
     evals = load_jsonl(args.eval_data, check_eval_record) if args.eval_data else []
 
     # ---- model and deepspeed
@@ -174,8 +173,8 @@ def main(args):
                       n_kv_head=args.n_kv_head, ffn_hidden=int(8 * args.dim / 3 / 32 + 0.999) * 32,
                       max_seq_len=args.max_seq_len, attn_impl=args.attn_impl)
     model = Transformer(cfg)
-    rows_per_epoch = len(epoch_rows(samples, row_len, tok.pad_id, args.seed, 0, rank, world)["ids"])
-    steps_per_epoch = max(rows_per_epoch // (args.batch_size * args.grad_accum), 1)
+    rows = epoch_rows(samples, row_len, tok.pad_id, args.seed, 0, rank, world)  # epoch 0, reshuffled each epoch
+    steps_per_epoch = max(len(rows["ids"]) // (args.batch_size * args.grad_accum), 1)
     total_steps = args.steps or max(int(args.epochs * steps_per_epoch), 1)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -193,7 +192,7 @@ def main(args):
         engine.eval()
         s, c = validation_loss(engine, val, args.batch_size)
         engine.train()
-        return loss_and_ppl(all_sum(s, device), all_sum(c, device))
+        return loss_and_ppl(*all_sum([s, c], device))
 
     before_loss, _ = val_loss()
     print0(f"step 0: val loss {before_loss:.4f}")
@@ -204,24 +203,26 @@ def main(args):
         log_file = open(os.path.join(run_dir, "train_log.csv"), "w", newline="")
         log = csv.writer(log_file)
         log.writerow(["step", "loss", "lr", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s"])
-    epoch, rows, cursor = 0, None, 0
+    epoch, cursor = 0, 0
     tokens = sup_tokens = 0
-    pad_fracs = []
+    pad_fracs = [padding_fraction(rows)]
     t_train = time.time()
     for step in range(1, total_steps + 1):
         # the micro-batches of this optimizer step
         micro = []
         for _ in range(args.grad_accum):
-            if rows is None or cursor + args.batch_size > len(rows["ids"]):
+            if cursor + args.batch_size > len(rows["ids"]):
+                epoch, cursor = epoch + 1, 0
                 rows = epoch_rows(samples, row_len, tok.pad_id, args.seed, epoch, rank, world)
                 pad_fracs.append(padding_fraction(rows))
-                epoch, cursor = epoch + 1, 0
             micro.append(to_batch(rows, slice(cursor, cursor + args.batch_size)))
             cursor += args.batch_size
         # NOTE: normalise by the supervised tokens of the whole global batch (all micro-batches,
         # all ranks). deepspeed divides each backward by grad_accum and averages gradients over
         # ranks, so multiplying by grad_accum * world undoes both and every token weighs the same.
-        n_sup = all_sum(sum(int(b["loss_mask"].sum()) for b in micro), device)
+        n_sup, n_tok = all_sum([sum(b["loss_mask"].sum() for b in micro),
+                                sum((b["doc"] >= 0).sum() for b in micro)], device)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         step_nll = 0.0
         for b in micro:
             b = {k: v.to(device) for k, v in b.items()}
@@ -230,17 +231,16 @@ def main(args):
             engine.backward(s * (args.grad_accum * world) / max(n_sup, 1.0))
             engine.step()
             step_nll += s.item()
-            tokens += int((b["doc"] >= 0).sum()) * world
-        sup_tokens += int(n_sup)
-        loss = all_sum(step_nll, device) / max(n_sup, 1.0)
+        tokens, sup_tokens = tokens + int(n_tok), sup_tokens + int(n_sup)
+        loss = all_sum([step_nll], device)[0] / max(n_sup, 1.0)
         elapsed = time.time() - t_train
         if rank == 0:
-            log.writerow([step, f"{loss:.5f}", f"{scheduler.get_last_lr()[0]:.6g}", tokens, sup_tokens,
+            log.writerow([step, f"{loss:.5f}", f"{lr:.6g}", tokens, sup_tokens,
                           f"{tokens / elapsed:.1f}", f"{elapsed:.2f}"])
         if step % args.log_every == 0 or step == total_steps:
             if rank == 0:
                 log_file.flush()
-            print0(f"step {step}/{total_steps}  loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
+            print0(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
                    f"{tokens / elapsed:,.0f} tok/s  {elapsed:.0f}s")
     train_time = time.time() - t_train
     if rank == 0:
@@ -253,9 +253,11 @@ def main(args):
     else:
         state = engine.module.state_dict()
     if rank == 0:
-        model.eval()
-        scores, _ = exact_match(engine.module, template, evals) if evals else ({}, [])
         save_model(run_dir, state, cfg)
+        # exact match of the saved weights, in fp32 on this rank: what chat.py will load
+        final = Transformer(cfg).to(device).eval()
+        final.load_state_dict(state)
+        scores, _ = exact_match(final, template, evals) if evals else ({}, [])
         tok.save(os.path.join(run_dir, "tokenizer.model"))
         write_json(os.path.join(run_dir, "ds_config.json"), ds_cfg)
         metrics = {"val_loss": after_loss, "val_ppl": after_ppl, "val_loss_before": before_loss,

@@ -155,11 +155,21 @@ def to_batch(packed, index):
             "pos": rows["pos"][:, :-1], "doc": rows["doc"][:, :-1]}
 
 
+def shard(packed, rank, world, pad_id):
+    """This rank's rows: every world-th row, after padding with empty rows (no tokens, mask 0)
+    so that all ranks get the same number. Every rank must run the same number of forwards
+    (ZeRO-3 gathers parameters collectively), and no conversation may be left out."""
+    n = len(packed["ids"])
+    extra = -n % world
+    if extra:
+        empty = {"ids": pad_id, "mask": 0, "doc": -1, "pos": 0}
+        packed = {k: np.concatenate([v, np.full((extra, v.shape[1]), empty[k], v.dtype)]) for k, v in packed.items()}
+    return {k: v[rank::world] for k, v in packed.items()}
+
+
 def epoch_rows(samples, row_len, pad_id, seed, epoch, rank=0, world=1):
     """Shuffle (seeded per epoch, so every epoch has its own order), pack, and keep this rank's
-    share of the rows. Every rank gets the same number of rows."""
+    share of the rows."""
     order = list(range(len(samples)))
     random.Random(seed * 1000003 + epoch).shuffle(order)
-    packed = pack([samples[i] for i in order], row_len, pad_id)
-    n = len(packed["ids"]) // world * world  # equal shares; the few rows left over wait for the next epoch's shuffle
-    return {k: v[rank:n:world] for k, v in packed.items()}
+    return shard(pack([samples[i] for i in order], row_len, pad_id), rank, world, pad_id)
