@@ -173,6 +173,7 @@ def main(args):
                       n_kv_head=args.n_kv_head, ffn_hidden=int(8 * args.dim / 3 / 32 + 0.999) * 32,
                       max_seq_len=args.max_seq_len, attn_impl=args.attn_impl)
     model = Transformer(cfg)
+    n_params = model.num_params()  # counted now: under ZeRO-3 the module's own tensors become empty shards
     rows = epoch_rows(samples, row_len, tok.pad_id, args.seed, 0, rank, world)  # epoch 0, reshuffled each epoch
     steps_per_epoch = max(len(rows["ids"]) // (args.batch_size * args.grad_accum), 1)
     total_steps = args.steps or max(int(args.epochs * steps_per_epoch), 1)
@@ -183,7 +184,7 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
     ds_cfg = deepspeed_config(args, world, dtype)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    print0(f"model: {model.num_params():,} parameters, {dtype}, ZeRO stage {engine.zero_optimization_stage()}, "
+    print0(f"model: {n_params:,} parameters, {dtype}, ZeRO stage {engine.zero_optimization_stage()}, "
            f"{world} rank(s) on {device.type}; {total_steps} steps of {ds_cfg['train_batch_size']} rows x {row_len} tokens")
 
     def val_loss():
@@ -263,7 +264,7 @@ def main(args):
         metrics = {"val_loss": after_loss, "val_ppl": after_ppl, "val_loss_before": before_loss,
                    "exact_match": scores, "train_tokens_per_s": tokens / train_time,
                    "wall_time_s": time.time() - t_start, "train_time_s": train_time, "steps": total_steps,
-                   "tokens": tokens, "supervised_tokens": sup_tokens, "params": model.num_params(),
+                   "tokens": tokens, "supervised_tokens": sup_tokens, "params": n_params,
                    "dtype": dtype, "world_size": world, "padding_fraction": float(np.mean(pad_fracs)),
                    "conversations_too_long": too_long}
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
