@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens per packed row (the context length)")
     p.add_argument("--tokenizer", default="", help="a .model file to use instead of training one")
     p.add_argument("--vocab-size", type=int, default=1024, help="vocabulary of the tokenizer trained on --data")
+    p.add_argument("--tokenizer-trainer", default="nanosft", choices=["nanosft", "spm"],
+                   help="train the tokenizer by hand (readable) or with the sentencepiece library (large corpora)")
     # model
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--dim", type=int, default=128)
@@ -139,7 +141,8 @@ def load_tokenizer(args, records):
     if args.tokenizer:
         return Tokenizer.load(args.tokenizer)
     texts = [m["content"] for r in records for m in r["messages"]]
-    return Tokenizer.train(texts, args.vocab_size)  # deterministic: every rank trains the same one
+    train = Tokenizer.train_spm if args.tokenizer_trainer == "spm" else Tokenizer.train
+    return train(texts, args.vocab_size)  # deterministic: every rank trains the same one
 
 
 def main(args):

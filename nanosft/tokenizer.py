@@ -387,7 +387,11 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         with open(path, "rb") as f:
-            data = f.read()
+            return cls.from_bytes(f.read(), name=path)
+
+    @classmethod
+    def from_bytes(cls, data, name="<bytes>"):
+        """A tokenizer from the bytes of a .model file; `name` appears in error messages."""
         try:
             pieces, specs, unknown = [], {2: ({}, []), 3: ({}, [])}, {"model": []}
             for number, wire, value in _iter_fields(data):
@@ -403,7 +407,7 @@ class Tokenizer:
             (trainer, unknown["trainer"]), (normalizer, unknown["normalizer"]) = specs[2], specs[3]
             return cls(pieces, trainer, normalizer, unknown)
         except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a usable SentencePiece BPE model: {e}") from e
+            raise ValueError(f"{name}: not a usable SentencePiece BPE model: {e}") from e
 
     def save(self, path):
         # sentencepiece writes a piece's type only when it is not NORMAL; do the same so a
@@ -447,6 +451,27 @@ class Tokenizer:
         normalizer = {"name": "identity", "add_dummy_prefix": True,
                       "remove_extra_whitespaces": False, "escape_whitespaces": True}
         return cls(pieces, trainer, normalizer)
+
+
+    @classmethod
+    def train_spm(cls, texts, vocab_size):
+        """The same layout and settings as `train`, learned by the sentencepiece library: C++ and
+        multi-threaded, for corpora too big for the readable trainer above. Our encoder serves
+        the result like any other .model file."""
+        import io
+        import sentencepiece  # only needed here
+
+        lines = (line for text in texts for line in text.split("\n") if line.strip())
+        model = io.BytesIO()
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+            byte_fallback=True, split_digits=True, character_coverage=0.9995, hard_vocab_limit=False,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=list(cls.SPECIALS[4:]),
+            minloglevel=2)
+        tok = cls.from_bytes(model.getvalue(), name="sentencepiece trainer output")
+        assert [tok.id_to_piece(i) for i in range(len(cls.SPECIALS))] == list(cls.SPECIALS)
+        return tok
 
 
 def _learn_merges(word_counts, max_merges, blocked, reserved):
@@ -498,3 +523,108 @@ def _learn_merges(word_counts, max_merges, blocked, reserved):
             if counts[p] > 0:
                 heapq.heappush(heap, (-counts[p], p))
     return merges
+
+
+# ----------------------------------------------------------------------------
+# Command line:
+#   python -m nanosft.tokenizer train --input data/train.jsonl --vocab-size 1024 --out tok.model
+#   echo "Hello 世界" | python -m nanosft.tokenizer encode --model tok.model     # one line of ids per line
+#   echo "1 2 3" | python -m nanosft.tokenizer decode --model tok.model          # one line of text per line
+#   python -m nanosft.tokenizer inspect --model tok.model "Hello 世界"             # pieces with their ids
+#   python -m nanosft.tokenizer inspect --model tok.model --chat data/train.jsonl  # supervised tokens in green
+# --model takes a .model file (sentencepiece's or ours) or a run directory holding tokenizer.model.
+
+def _cli_texts(paths):
+    """Training text: message contents of chat JSONL files, lines of any other file."""
+    import json
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if path.endswith(".jsonl") and line.strip():
+                    yield from (m["content"] for m in json.loads(line)["messages"])
+                elif not path.endswith(".jsonl"):
+                    yield line.rstrip("\n")
+
+
+def _cli_lines():
+    """Lines of stdin (UTF-8), without their newline; a bad line names itself."""
+    import sys
+    data = sys.stdin.buffer.read()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the text after the final newline is not a line
+    for n, raw in enumerate(lines, 1):
+        try:
+            yield n, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"stdin:{n}: invalid UTF-8 ({e.reason} at byte {e.start})")
+
+
+def _cli_inspect_chat(tok, path, count):
+    # The chat view needs the template, which sits after the tokenizer in the data flow; only
+    # this command-line helper reaches for it, the module itself never does.
+    from nanosft.data import load_jsonl
+    from nanosft.template import ChatTemplate
+    import sys
+    if sys.stdout.isatty():  # green: supervised (in the loss), red: not
+        show = {1: "\033[32m{}\033[0m", 0: "\033[31m{}\033[0m"}
+        print(show[1].format("supervised") + "  " + show[0].format("not supervised"))
+    else:  # plain text for pipes and files: supervised pieces in [brackets]
+        show = {1: "[{}]", 0: "{}"}
+        print("[supervised]  not supervised")
+    template = ChatTemplate(tok)
+    for rec in load_jsonl(path)[:count]:
+        ids, mask = template.render(rec["messages"])
+        print(" ".join(show[m].format(tok.id_to_piece(i)) for i, m in zip(ids, mask)))
+        print(f"  {len(ids)} tokens, {sum(mask)} supervised")
+
+
+def main(argv=None):
+    import argparse
+    import os
+    import sys
+    p = argparse.ArgumentParser(prog="python -m nanosft.tokenizer", description="train, use and inspect tokenizers")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a tokenizer on chat JSONL or text files")
+    t.add_argument("--input", nargs="+", required=True)
+    t.add_argument("--vocab-size", type=int, default=1024)
+    t.add_argument("--trainer", choices=["nanosft", "spm"], default="nanosft")
+    t.add_argument("--out", required=True)
+    for name in ("encode", "decode", "inspect"):
+        c = sub.add_parser(name)
+        c.add_argument("--model", required=True, help=".model file or run directory")
+    sub.choices["inspect"].add_argument("text", nargs="?", help="text to show as pieces")
+    sub.choices["inspect"].add_argument("--chat", help="chat JSONL: show the rendering with its loss mask")
+    sub.choices["inspect"].add_argument("-n", type=int, default=3, help="conversations to show")
+    args = p.parse_args(argv)
+    sys.stdout.reconfigure(encoding="utf-8")
+    try:
+        if args.cmd == "train":
+            texts = list(_cli_texts(args.input))
+            tok = (Tokenizer.train_spm if args.trainer == "spm" else Tokenizer.train)(texts, args.vocab_size)
+            tok.save(args.out)
+            print(f"{args.out}: {tok.vocab_size} pieces from {len(texts)} texts")
+            return
+        path = os.path.join(args.model, "tokenizer.model") if os.path.isdir(args.model) else args.model
+        tok = Tokenizer.load(path)
+        if args.cmd == "encode":
+            for _, line in _cli_lines():
+                print(" ".join(map(str, tok.encode(line))))
+        elif args.cmd == "decode":
+            for n, line in _cli_lines():
+                try:
+                    ids = [int(x) for x in line.split()]
+                    print(tok.decode(ids))
+                except (ValueError, IndexError) as e:
+                    raise SystemExit(f"stdin:{n}: {e}")
+        elif args.chat:
+            _cli_inspect_chat(tok, args.chat, args.n)
+        else:
+            text = args.text if args.text is not None else sys.stdin.read()
+            print(" ".join(f"{tok.id_to_piece(i)}({i})" for i in tok.encode(text)))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

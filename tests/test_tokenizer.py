@@ -270,3 +270,68 @@ def test_rejects_models_it_cannot_reproduce(tmp_path):
     path = train_sentencepiece(tmp_path, make_corpus(300, seed=13), model_type="unigram", vocab_size=400)
     with pytest.raises(ValueError, match="BPE"):
         Tokenizer.load(path)
+
+
+@pytest.mark.parametrize("add_dummy_prefix", [True, False])
+@pytest.mark.parametrize("remove_extra_whitespaces", [False, True])
+@pytest.mark.parametrize("byte_fallback", [True, False])
+@pytest.mark.parametrize("split_digits", [True, False])
+def test_parity_with_sentencepiece_on_10000_strings_for_every_setting(
+        tmp_path, add_dummy_prefix, remove_extra_whitespaces, byte_fallback, split_digits):
+    """Every combination of the four settings Llama-family models vary (Llama, Llama 2, Mistral
+    and TinyLlama use dummy prefix, no whitespace removal, byte fallback, split digits)."""
+    path = train_sentencepiece(tmp_path, make_corpus(1500, seed=21), vocab_size=500 if byte_fallback else 250,
+                               add_dummy_prefix=add_dummy_prefix, remove_extra_whitespaces=remove_extra_whitespaces,
+                               byte_fallback=byte_fallback, split_digits=split_digits,
+                               allow_whitespace_only_pieces=True)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    tok = Tokenizer.load(path)
+    strings = list(random_strings(10_000, seed=22))
+    assert len(strings) >= 10_000 and "" in strings and "   " in strings
+    for text in strings:
+        ids = tok.encode(text)
+        assert ids == sp.encode(text), repr(text)
+        assert tok.decode(ids) == sp.decode(ids), repr(text)
+
+
+def test_sentencepiece_trainer_option_gives_our_layout_and_our_encoder_serves_it(tmp_path):
+    tok = Tokenizer.train_spm(make_corpus(2000, seed=31), vocab_size=600)
+    assert [tok.id_to_piece(i) for i in range(8)] == list(Tokenizer.SPECIALS)
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
+    assert all(tok.pieces[i][2] == CONTROL for i in range(1, 8))
+    tok.save(tmp_path / "spm.model")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    assert_same_vocabulary(tok, sp)
+    assert_same_encoding(tok, sp, seed=32)
+
+
+def run_cli(*args, stdin=b""):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "nanosft.tokenizer", *args], input=stdin, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout.decode("utf-8")
+
+
+def test_cli_encodes_and_decodes_line_by_line_like_sentencepiece(sp_llama_like, tmp_path):
+    path, sp = sp_llama_like
+    lines = ["Hello world", "", "  two  spaces ", "你好，世界 🚀", "digits 12345", "<|user|> is plain text\t!"]
+    out = run_cli("encode", "--model", str(path), stdin="\n".join(lines).encode() + b"\n").split("\n")
+    assert out[:-1] == [" ".join(map(str, sp.encode(line))) for line in lines] and out[-1] == ""
+    back = run_cli("decode", "--model", str(path), stdin="\n".join(out[:-1]).encode() + b"\n")
+    assert back.split("\n")[:-1] == [sp.decode(sp.encode(line)) for line in lines]
+
+
+def test_cli_trains_a_model_sentencepiece_can_load(tmp_path):
+    corpus = tmp_path / "chat.jsonl"
+    import json
+    corpus.write_text("".join(json.dumps({"messages": [{"role": "user", "content": line},
+                                                       {"role": "assistant", "content": line[::-1]}]}) + "\n"
+                              for line in make_corpus(300, seed=41)), encoding="utf-8")
+    for trainer in ("nanosft", "spm"):
+        out = tmp_path / f"{trainer}.model"
+        run_cli("train", "--input", str(corpus), "--vocab-size", "400", "--trainer", trainer, "--out", str(out))
+        sp = spm.SentencePieceProcessor(model_file=str(out))
+        assert_same_encoding(Tokenizer.load(out), sp, seed=42, n=300)
+    shown = run_cli("inspect", "--model", str(tmp_path / "nanosft.model"), "--chat", str(corpus), "-n", "1")
+    assert "[<|end|>]" in shown and "<|user|>" in shown and "[<|user|>]" not in shown
