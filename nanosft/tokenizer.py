@@ -26,6 +26,7 @@ from collections import Counter, defaultdict
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 BPE = 2  # TrainerSpec.ModelType; the proto default (1) is UNIGRAM
 SPACE = "\u2581"  # "▁", stands for " " inside pieces
+MAX_PIECE_LENGTH = 16  # characters; sentencepiece's default max_sentencepiece_length
 
 # ----------------------------------------------------------------------------
 # Protobuf wire format: just enough to read and write sentencepiece models.
@@ -499,6 +500,8 @@ def _learn_merges(word_counts, max_merges, blocked, reserved):
             break
         merged = pair[0] + pair[1]
         if merged in reserved:  # text spelling "<s>" must never become a CONTROL id
+            continue
+        if len(merged) > MAX_PIECE_LENGTH:  # as sentencepiece: no whole phrases as one piece
             continue
         merges.append(merged)
         changed = set()
