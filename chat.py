@@ -35,34 +35,50 @@ def parse_args():
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.top_k is not None and args.top_k < 1:
+        p.error("--top-k must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        p.error("--max-new-tokens must be at least 1 and --temperature not negative")
+    return args
 
 
 def stream_reply(model, template, messages, args, generator):
     """Print the reply as it is generated; return its text. Only whole characters are printed:
-    a character split over several byte tokens waits until its last byte arrives."""
+    a character split over several byte tokens waits until its last byte arrives. Ctrl-C stops
+    the reply early and keeps what was said."""
     ids, shown = [], ""
     prompt = template.render_prompt(messages)
-    max_new = min(args.max_new_tokens, model.cfg.max_seq_len - len(prompt))
-    for t in generate(model, prompt, max_new, args.temperature, args.top_k, args.top_p,
-                      stop_ids={template.end}, generator=generator):
-        ids.append(t)
-        text = template.tok.decode(ids)
-        if not text.endswith("\ufffd"):
-            print(text[len(shown):], end="", flush=True)
-            shown = text
+    try:
+        for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                          stop_ids=template.stop_ids, generator=generator):
+            ids.append(t)
+            text = template.tok.decode(ids)
+            if not text.endswith("\ufffd"):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+    except KeyboardInterrupt:
+        pass
     text = template.tok.decode(ids)
     print(text[len(shown):], flush=True)
     return text
 
 
 def fit_history(template, messages, max_len, reserve):
-    """Drop the oldest user/assistant exchanges until the prompt leaves `reserve` tokens free."""
+    """Drop the oldest user/assistant exchanges until the prompt leaves `reserve` tokens free.
+    The last user turn always stays; if it alone is too long, generate() says so."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
     while len(turns) > 1 and len(template.render_prompt(system + turns)) > max_len - reserve:
         turns = turns[2:] if len(turns) > 2 else turns[1:]
     return system + turns
+
+
+def reserve(model, args):
+    """Tokens kept free for the reply when old turns are dropped."""
+    return min(args.max_new_tokens, model.cfg.max_seq_len // 2)
 
 
 def interactive(model, template, args, generator):
@@ -82,10 +98,14 @@ def interactive(model, template, args, generator):
             continue
         if not line.strip():
             continue
-        messages = fit_history(template, messages + [{"role": "user", "content": line}],
-                               model.cfg.max_seq_len, reserve=min(args.max_new_tokens, model.cfg.max_seq_len // 2))
-        answer = stream_reply(model, template, messages, args, generator)
-        messages.append({"role": "assistant", "content": answer})
+        attempt = fit_history(template, messages + [{"role": "user", "content": line}],
+                              model.cfg.max_seq_len, reserve(model, args))
+        try:
+            answer = stream_reply(model, template, attempt, args, generator)
+        except ValueError as e:  # the message alone does not fit in the context
+            print(f"(message too long for this model: {e}; not added to the conversation)")
+            continue
+        messages = attempt + [{"role": "assistant", "content": answer}]
 
 
 def main():
@@ -103,7 +123,7 @@ def main():
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
         for rec in records:  # greedy, one JSON line per input line, in order
-            messages = fit_history(template, rec["messages"], model.cfg.max_seq_len, reserve=1)
+            messages = fit_history(template, rec["messages"], model.cfg.max_seq_len, reserve(model, args))
             try:
                 out = {"reply": reply(model, template, messages, args.max_new_tokens)}
             except ValueError as e:  # even the last user turn alone is longer than the context
@@ -112,7 +132,10 @@ def main():
     elif args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) \
             + [{"role": "user", "content": args.prompt}]
-        stream_reply(model, template, messages, args, generator)
+        try:
+            stream_reply(model, template, messages, args, generator)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     else:
         interactive(model, template, args, generator)
 

@@ -19,6 +19,7 @@ import random
 import socket
 import time
 
+import deepspeed
 import numpy as np
 import torch
 
@@ -63,20 +64,26 @@ def parse_args(argv=None):
     p.add_argument("--ds-config", default=os.path.join(HERE, "configs/ds_config.json"))
     p.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3], help="override the config's stage")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 where supported, else fp16 on GPU / fp32 on CPU")
+                   help="auto: bf16 on CPU and on GPUs that support it, else fp16")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     # run
     p.add_argument("--out", default="", help="run directory (default runs/<timestamp>)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--log-every", type=int, default=25)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dim % args.n_head or (args.dim // args.n_head) % 2:
+        p.error(f"--dim {args.dim} must split into --n-head {args.n_head} heads of an even size (RoPE rotates pairs)")
+    if args.n_head % args.n_kv_head:
+        p.error(f"--n-head {args.n_head} must be a multiple of --n-kv-head {args.n_kv_head}")
+    if min(args.batch_size, args.grad_accum, args.max_seq_len, args.n_layer) < 1 or args.steps < 0:
+        p.error("--batch-size, --grad-accum, --max-seq-len and --n-layer must be at least 1, --steps not negative")
+    return args
 
 
 # -----------------------------------------------------------------------------
 # distributed set-up: the same code for `python train.py` and the deepspeed launcher
 
 def setup_distributed():
-    import deepspeed
     # Without a launcher, describe a world of one so deepspeed does not go looking for MPI.
     if "RANK" not in os.environ:
         with socket.socket() as s:
@@ -148,7 +155,6 @@ def load_tokenizer(args, records):
 def main(args):
     t_start = time.time()
     device, rank, world = setup_distributed()
-    import deepspeed
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -166,20 +172,21 @@ def main(args):
         raise SystemExit(f"{args.data}: no conversation fits in --max-seq-len {args.max_seq_len}")
     val = None
     if args.val_data:
-        val_samples, _ = tokenize(load_jsonl(args.val_data), template, row_len)
+        val_samples, val_too_long = tokenize(load_jsonl(args.val_data), template, row_len)
+        print0(f"validation: {len(val_samples)} conversations from {args.val_data}"
+               + (f"; {val_too_long} longer than {row_len} tokens left out" if val_too_long else ""))
         val = shard(pack(val_samples, row_len, tok.pad_id), rank, world, tok.pad_id)
     evals = load_jsonl(args.eval_data, check_eval_record) if args.eval_data else []
 
     # ---- model and deepspeed
     dtype = pick_dtype(args.dtype, device)
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layer=args.n_layer, n_head=args.n_head,
-                      n_kv_head=args.n_kv_head, ffn_hidden=int(8 * args.dim / 3 / 32 + 0.999) * 32,
-                      max_seq_len=args.max_seq_len, attn_impl=args.attn_impl)
+                      n_kv_head=args.n_kv_head, max_seq_len=args.max_seq_len, attn_impl=args.attn_impl)
     model = Transformer(cfg)
     n_params = model.num_params()  # counted now: under ZeRO-3 the module's own tensors become empty shards
     rows = epoch_rows(samples, row_len, tok.pad_id, args.seed, 0, rank, world)  # epoch 0, reshuffled each epoch
-    steps_per_epoch = max(len(rows["ids"]) // (args.batch_size * args.grad_accum), 1)
-    total_steps = args.steps or max(int(args.epochs * steps_per_epoch), 1)
+    steps_per_epoch = len(rows["ids"]) / (args.batch_size * args.grad_accum)
+    total_steps = args.steps or max(math.ceil(args.epochs * steps_per_epoch), 1)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -216,9 +223,12 @@ def main(args):
         micro = []
         for _ in range(args.grad_accum):
             if cursor + args.batch_size > len(rows["ids"]):
-                epoch, cursor = epoch + 1, 0
-                rows = epoch_rows(samples, row_len, tok.pad_id, args.seed, epoch, rank, world)
-                pad_fracs.append(padding_fraction(rows))
+                # the rows this epoch has left go first in the next one: none is skipped
+                epoch = epoch + 1
+                fresh = epoch_rows(samples, row_len, tok.pad_id, args.seed, epoch, rank, world)
+                pad_fracs.append(padding_fraction(fresh))
+                rows = {k: np.concatenate([v[cursor:], fresh[k]]) for k, v in rows.items()}
+                cursor = 0
             micro.append(to_batch(rows, slice(cursor, cursor + args.batch_size)))
             cursor += args.batch_size
         # NOTE: normalise by the supervised tokens of the whole global batch (all micro-batches,

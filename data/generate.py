@@ -39,7 +39,25 @@ Dean Eva Finn Gwen Hal Isla Joel Kira Luke Mia Neil Otto Rex Sky Toby Una Viola 
 HELD_OUT_NAMES = """Beatrix Cyrus Delphine Evander Gideon Harriet Ingrid Jasper Katya Leander Mirela
 Niamh Orla Percival Rosalind Sebastian Thaddeus Ulrich Wilhelmina Ximena Yvette Zebulon Anouk Bertram
 Caspian Dagny Eloise Fabian Greta Horatio Ilse Jolene Kasimir Lorcan Magnus Nadia Ottilie Priya
-Rupert Saoirse Tobias Undine Valentin Winona Yosef Zinnia Aurelio Brigid Cosima Desmond""".split()
+Rupert Saoirse Tobias Undine Valentin Winona Yosef Zinnia Aurelio Brigid Cosima Desmond
+Abigail Ambrose Anastasia Anselm Antonia Archibald Ariadne Augustin Aurora Barnaby Benedikt Bianca
+Camille Cassius Cecilia Clement Constance Cornelius Dalia Damian Dorothea Eamon Edmund Elspeth Emeric
+Esme Eugenia Ezekiel Florian Francesca Gabriel Genevieve Godfrey Griselda Gunnar Hamish Helena
+Hildegard Ignatius Imogen Isadora Jemima Joaquin Juniper Kalinda Kieran Lavinia Leopold Lucinda
+Lysander Marguerite Marisol Matthias Maximilian Meredith Mortimer Nathaniel Nicolette Octavia Oswin
+Pandora Penelope Peregrine Philippa Quentin Raphael Reginald Rosamund Salvador Seraphina Severin
+Silvestre Soren Stellan Sunniva Tamsin Theodora Tiberius Ulrike Valeria Vesna Wolfgang Xenia Yolanda
+Zacharias Zofia Akira Amara Anand Arjun Ayesha Bongani Chiara Chidi Dariusz Dmitri Elif Emeka Farida
+Fatima Giorgos Haruto Hamid Ilaria Ioana Jamal Jovana Kavya Kofi Lakshmi Leilani Mateus Mehmet Mirko
+Nkechi Oksana Olamide Paloma Radu Rashid Rania Sakura Santiago Sanjay Sigrun Tadeusz Tariq Thandiwe
+Usman Valentina Wanjiru Yasmin Yerlan Zainab Zoltan Agnieszka Alejandro Bartholomew Beatriz Bogdan
+Carmela Cristobal Dietrich Esperanza Ferdinand Gwendolyn Hortense Ildiko Jorunn Katarzyna Ludovica
+Mathilde Nikolai Ophelia Ptolemy Rosalia Stanislav Torvald Vladimir Wendeline Xiomara Ysolde Zenobia
+Adelaide Alasdair Benedetta Cordelia Crispin Drusilla Evangeline Fenella Gervase Honoria Isidore
+Jacinta Lucretia Mafalda Norberto Orlando Perpetua Quirina Rafferty Sabina Tancredi Umberto Venetia
+Wilfred Yevgenia Zeferino Annika Bjorn Dunya Eirik Fridtjof Hedda Ingeborg Karolina Linnea Malin
+Roswitha Solveig Tuva Vibeke Astrid""".split()
+assert not set(NAMES) & set(HELD_OUT_NAMES) and len(set(HELD_OUT_NAMES)) == len(HELD_OUT_NAMES)
 
 # Made-up names widen the training list so that recall has to copy the name from the conversation:
 # with a few hundred names the model memorises them and fails on any name it has not seen. They
@@ -138,15 +156,14 @@ def generate(n_train, n_val, n_eval, seed=1337):
         seen.add((family, key))
 
     def held_out(n_per_family):
-        out = []
+        out, used = [], set()
         for family, make in FAMILIES.items():
-            got = 0
-            while got < n_per_family:
+            while sum(r["family"] == family for r in out) < n_per_family:
                 msgs, key = make(rng, HELD_OUT_NAMES)
-                if (family, key) in seen:
-                    continue  # fresh values only (held-out names never occur in training)
+                if (family, key) in seen or (family, key) in used:
+                    continue  # fresh values only, each once (held-out names never occur in training)
+                used.add((family, key))
                 out.append({"family": family, "messages": msgs})
-                got += 1
         rng.shuffle(out)
         return out
 

@@ -25,8 +25,8 @@ from nanosft.tokenizer import Tokenizer
 
 def save_model(run_dir, state_dict, cfg: ModelConfig):
     os.makedirs(run_dir, exist_ok=True)
-    # tied weights appear under two names; the tensors are saved once, the names both kept
-    state = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+    # tied weights appear under two names; torch.save writes their shared storage once
+    state = {k: v.detach().cpu() for k, v in state_dict.items()}
     tmp = os.path.join(run_dir, "model.pt.tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(run_dir, "model.pt"))  # never a half-written model.pt

@@ -42,7 +42,10 @@ def validation_loss(model, packed, batch_size=16):
 
 
 def loss_and_ppl(total, count):
-    loss = total / max(count, 1)
+    """Token-weighted loss and perplexity; NaN when there was nothing to score."""
+    if count == 0:
+        return float("nan"), float("nan")
+    loss = total / count
     return loss, math.exp(min(loss, 50.0))
 
 

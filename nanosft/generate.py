@@ -52,5 +52,5 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, 
 def reply(model, template, messages, max_new_tokens=64, **sampling):
     """The assistant's answer (text) to a conversation that ends with a user turn."""
     prompt = template.render_prompt(messages)
-    ids = list(generate(model, prompt, max_new_tokens, stop_ids={template.end}, **sampling))
+    ids = list(generate(model, prompt, max_new_tokens, stop_ids=template.stop_ids, **sampling))
     return template.tok.decode(ids)

@@ -12,6 +12,7 @@ name. Inputs besides the token ids:
   cache a KVCache: the tokens continue the cached ones (generation).
 """
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,12 +30,17 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int = 2
-    ffn_hidden: int = 384  # SwiGLU width; ~8/3 * dim keeps the MLP at the usual 4*dim cost
+    ffn_hidden: int = 0  # SwiGLU width; 0: 8/3 * dim rounded up to a multiple of 32, which keeps
+    #                      the three-matrix MLP at the cost of the classic 4*dim two-matrix one
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     attn_impl: str = "sdpa"  # "sdpa" (fast) or "manual" (explicit math), see attention.py
+
+    def __post_init__(self):
+        if not self.ffn_hidden:
+            self.ffn_hidden = math.ceil(8 * self.dim / 3 / 32) * 32
 
     @property
     def head_dim(self):

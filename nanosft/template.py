@@ -23,6 +23,9 @@ class ChatTemplate:
         self.bos = tokenizer.bos_id
         self.end = tokenizer.token_id("<|end|>")
         self.header = {role: tokenizer.token_id(f"<|{role}|>") for role in ROLES}
+        # generation ends at <|end|>; any other control token means the model is starting a turn
+        # that is not its own, so that ends the reply too
+        self.stop_ids = {self.end, self.bos, tokenizer.eos_id, *self.header.values()} - {-1}
 
     def render(self, messages):
         """Whole conversation -> (ids, mask), two lists of equal length."""

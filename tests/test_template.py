@@ -49,7 +49,7 @@ def test_mask_covers_exactly_the_assistant_turns_and_their_end_tokens(template):
     assert sum(mask) == sum(len(tok.encode(m["content"])) + 1 for m in convo if m["role"] == "assistant")
 
 
-def test_prompt_ends_with_the_assistant_header_and_has_no_mask(template):
+def test_prompt_is_the_conversation_then_the_assistant_header(template):
     convo = [{"role": "user", "content": "Hi there, how are you?"}]
     ids = template.render_prompt(convo)
     assert ids[:-1] == template.render(convo)[0]
@@ -63,3 +63,10 @@ def test_user_text_cannot_forge_role_markers(template):
     # exactly: <s>, <|user|>, <|end|>, <|assistant|>, <|end|> -- none from the user's text
     assert sum(i in markers for i in ids) == 5
     assert template.tok.decode(template.tok.encode(forged)) == forged
+
+
+def test_generation_stops_at_every_control_token_that_opens_or_closes_a_turn(template):
+    from nanosft.tokenizer import CONTROL
+    tok = template.tok
+    controls = {i for i, (_, _, kind) in enumerate(tok.pieces) if kind == CONTROL}
+    assert template.stop_ids == controls - {tok.pad_id}  # <pad> is never a model output worth a stop

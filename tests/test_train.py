@@ -1,7 +1,8 @@
 """train.py promises: wrapping the model in deepspeed.initialize changes nothing about the maths (a
-single-rank fp32 run equals a plain PyTorch loop step for step, including gradient accumulation
-normalised by the supervised tokens of the whole batch), a run directory holds what chat.py and
-users rely on, and a malformed data file stops the run with file, line and reason.
+single-rank fp32 run, and a 2-rank ZeRO-2 run under the deepspeed launcher, equal a plain PyTorch
+loop step for step, with the loss normalised by the supervised tokens of the whole global batch),
+a run directory holds what chat.py and users rely on, and bad input stops the run with a clear
+message: file, line and reason for data, the flag for flags.
 
 These start real training processes, so they are marked slow (still part of `make test`)."""
 
@@ -9,55 +10,29 @@ import csv
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
-from generate import generate, write_jsonl  # noqa: E402  (data/generate.py)
+from conftest import ROOT, TINY, run, run_train
 
 from nanosft.data import epoch_rows, load_jsonl, to_batch, tokenize
-from nanosft.evaluate import check_eval_record
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dim", "32", "--n-layer", "2", "--n-head", "4", "--n-kv-head", "2", "--vocab-size", "300",
-        "--max-seq-len", "128", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2",
-        "--seed", "7"]
 
 
-def run_train(*args, cwd=ROOT):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    train, val, evals = generate(300, 40, 20, seed=3)
-    for name, recs in (("train", train), ("val", val), ("eval", evals)):
-        write_jsonl(d / f"{name}.jsonl", recs)
-    out = d / "runs" / "tiny"
-    r = run_train("--data", str(d / "train.jsonl"), "--val-data", str(d / "val.jsonl"),
-                  "--eval-data", str(d / "eval.jsonl"), "--out", str(out), "--steps", "5", "--dtype", "fp32", *TINY)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return d, out
-
-
-def reference_weights(data_dir, steps=5, seed=7, batch=2, accum=2, lr=1e-2, warmup=2):
-    """The same training written as a plain PyTorch loop, no DeepSpeed."""
+def reference_weights(data_dir, steps=5, seed=7, batch=2, accum=2, lr=1e-2, warmup=2, world=1):
+    """The same training written as a plain PyTorch loop, no DeepSpeed: each step takes the rows
+    every rank would take, and divides the summed loss by the supervised tokens of them all."""
     records = load_jsonl(data_dir / "train.jsonl")
     tok = Tokenizer.train([m["content"] for r in records for m in r["messages"]], 300)
     samples, _ = tokenize(records, ChatTemplate(tok), 129)
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=96, max_seq_len=128)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=128)
     model = Transformer(cfg)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
@@ -65,9 +40,11 @@ def reference_weights(data_dir, steps=5, seed=7, batch=2, accum=2, lr=1e-2, warm
                             lr=lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               0.1 + 0.45 * (1 + math.cos(math.pi * min((s - warmup) / (steps - warmup), 1))))
-    rows, cursor = epoch_rows(samples, 129, tok.pad_id, seed, 0), 0
+    shards = [epoch_rows(samples, 129, tok.pad_id, seed, 0, rank, world) for rank in range(world)]
+    cursor = 0
     for _ in range(steps):
-        micro = [to_batch(rows, slice(cursor + i * batch, cursor + (i + 1) * batch)) for i in range(accum)]
+        micro = [to_batch(rows, slice(cursor + i * batch, cursor + (i + 1) * batch))
+                 for rows in shards for i in range(accum)]
         cursor += accum * batch
         # the loss of the whole step: every supervised token of all micro-batches weighs the same
         total = sum(masked_nll(model(b["idx"], pos=b["pos"], doc=b["doc"]), b["targets"], b["loss_mask"])[0] for b in micro)
@@ -89,7 +66,7 @@ def test_single_rank_deepspeed_run_equals_plain_pytorch_loop(tiny_run):
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
     # and training moved the weights at all
     torch.manual_seed(7)
-    assert not torch.allclose(ours["layers.0.mlp.up_proj.weight"], Transformer(ModelConfig(vocab_size=300, dim=32, n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=96)).state_dict()["layers.0.mlp.up_proj.weight"])
+    assert not torch.allclose(ours["layers.0.mlp.up_proj.weight"], Transformer(ModelConfig(vocab_size=300, dim=32, n_layer=2, n_head=4, n_kv_head=2)).state_dict()["layers.0.mlp.up_proj.weight"])
 
 
 def test_run_directory_has_weights_tokenizer_config_metrics_and_log(tiny_run):
@@ -112,6 +89,20 @@ def test_run_directory_has_weights_tokenizer_config_metrics_and_log(tiny_run):
     assert ds["train_batch_size"] == 4 and ds["gradient_accumulation_steps"] == 2
 
 
+def test_two_rank_zero2_run_under_the_launcher_equals_plain_pytorch_loop(tiny_data, tmp_path):
+    out = tmp_path / "run2"
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    r = run([launcher, "--num_gpus", "2", "--master_port", "29731", os.path.join(ROOT, "train.py"),
+             "--data", str(tiny_data / "train.jsonl"), "--val-data", "", "--eval-data", "", "--out", str(out),
+             "--steps", "5", "--dtype", "fp32", "--zero-stage", "2", *TINY])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 rank(s)" in r.stdout
+    ours = torch.load(out / "model.pt", weights_only=True)
+    ref = reference_weights(tiny_data, world=2)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_malformed_jsonl_stops_with_file_line_and_reason(tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
@@ -122,23 +113,11 @@ def test_malformed_jsonl_stops_with_file_line_and_reason(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_chat_batch_answers_every_line_in_order_and_matches_evaluation(tiny_run):
-    from nanosft.checkpoint import load_run
-    from nanosft.generate import reply
-    data_dir, out = tiny_run
-    recs = load_jsonl(data_dir / "eval.jsonl", check_eval_record)[:6]
-    inp = data_dir / "prompts.jsonl"
-    inp.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in recs))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--ckpt", str(out), "--batch", str(inp)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    lines = [json.loads(l) for l in r.stdout.splitlines()]
-    model, tok = load_run(out)
-    assert lines == [{"reply": reply(model, ChatTemplate(tok), rec["messages"], 128)} for rec in recs]
-
-
-def test_chat_without_a_trained_run_says_how_to_train_one(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--ckpt", str(tmp_path / "nothing"),
-                        "--prompt", "hi"], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert "make train" in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.parametrize("flags, complaint", [
+    (["--dim", "30"], "--dim 30 must split into --n-head 4 heads"),
+    (["--n-kv-head", "3"], "must be a multiple of --n-kv-head 3"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_impossible_flags_are_refused_by_name(flags, complaint):
+    r = run_train(*TINY, *flags)
+    assert r.returncode == 2 and complaint in r.stderr and "Traceback" not in r.stderr
