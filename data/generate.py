@@ -144,8 +144,9 @@ FAMILIES = {"recall": make_recall, "copy": make_copy, "max": make_max, "count": 
 TRAIN_WEIGHTS = {"recall": 0.25, "copy": 0.15, "max": 0.3, "count": 0.3}
 
 
-def generate(n_train, n_val, n_eval, seed=1337):
-    """Returns (train, val, eval) lists of records. val/eval never share a key with train."""
+def generate(n_train, n_val, n_eval, seed=1337, eval_seed=None):
+    """Returns (train, val, eval) lists of records. val/eval never share a key with train.
+    eval_seed: draw val/eval from their own seed (the same train set, other held-out prompts)."""
     rng = random.Random(seed)
     families, weights = list(TRAIN_WEIGHTS), list(TRAIN_WEIGHTS.values())
     train, seen = [], set()
@@ -167,6 +168,8 @@ def generate(n_train, n_val, n_eval, seed=1337):
         rng.shuffle(out)
         return out
 
+    if eval_seed is not None:
+        rng = random.Random(eval_seed)
     val = held_out(n_val // len(FAMILIES))
     evals = [{"family": r["family"], "messages": r["messages"][:-1], "answer": r["messages"][-1]["content"]}
              for r in held_out(n_eval // len(FAMILIES))]
@@ -187,8 +190,10 @@ if __name__ == "__main__":
     p.add_argument("--n-val", type=int, default=1000)
     p.add_argument("--n-eval", type=int, default=800)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--eval-seed", type=int, default=None,
+                   help="fresh held-out prompts for the same training set (e.g. to re-measure a trained run)")
     args = p.parse_args()
-    train, val, evals = generate(args.n_train, args.n_val, args.n_eval, args.seed)
+    train, val, evals = generate(args.n_train, args.n_val, args.n_eval, args.seed, args.eval_seed)
     os.makedirs(args.out, exist_ok=True)
     for name, records in (("train", train), ("val", val), ("eval", evals)):
         write_jsonl(os.path.join(args.out, f"{name}.jsonl"), records)
