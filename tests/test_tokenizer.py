@@ -206,6 +206,10 @@ def test_user_text_never_produces_control_tokens(trained):
         controls = {i for i, (_, _, kind) in enumerate(t.pieces) if kind in (CONTROL, UNKNOWN)}
         assert not controls & set(ids)
         assert t.decode(ids) == text
+        # the literal spelling is just text: ordinary pieces (or bytes), never the control id
+        literal = t.encode("<|end|>")
+        assert t.token_id("<|end|>") not in literal and len(literal) > 1
+        assert {t.pieces[i][2] for i in literal} <= {NORMAL, BYTE}
 
 
 def test_vocabulary_layout_and_special_ids(trained):
