@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from nanosft.checkpoint import load_run
+from nanosft.checkpoint import load_model
 from nanosft.data import check_prompt, load_jsonl
 from nanosft.generate import generate, reply
 from nanosft.template import ChatTemplate
@@ -111,7 +111,7 @@ def interactive(model, template, args, generator):
 def main():
     args = parse_args()
     try:
-        model, tok = load_run(args.ckpt)
+        model, tok = load_model(args.ckpt)
     except FileNotFoundError as e:
         sys.exit(f"No trained model at {args.ckpt} ({e}).\n"
                  "Train one first:  make train   (or: python train.py --out runs/NAME, then --ckpt runs/NAME)")

@@ -23,7 +23,7 @@ import deepspeed
 import numpy as np
 import torch
 
-from nanosft.checkpoint import point_latest, save_model, write_json
+from nanosft.checkpoint import load_model, point_latest, save_model, write_json
 from nanosft.data import epoch_rows, load_jsonl, pack, padding_fraction, shard, to_batch, tokenize
 from nanosft.evaluate import check_eval_record, exact_match, format_scores, loss_and_ppl, validation_loss
 from nanosft.loss import masked_nll
@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-data", default=os.path.join(HERE, "data/eval.jsonl"),
                    help="held-out prompts with answers for exact match ('' to skip)")
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens per packed row (the context length)")
+    p.add_argument("--init-from", default="", help="start from this run or Hugging Face Llama-family directory "
+                   "(its model shape and tokenizer replace the model and tokenizer flags)")
     p.add_argument("--tokenizer", default="", help="a .model file to use instead of training one")
     p.add_argument("--vocab-size", type=int, default=1024, help="vocabulary of the tokenizer trained on --data")
     p.add_argument("--tokenizer-trainer", default="nanosft", choices=["nanosft", "spm"],
@@ -162,7 +164,11 @@ def main(args):
 
     # ---- data: validate, tokenize, render
     records = load_jsonl(args.data)
-    tok = load_tokenizer(args, records)
+    if args.init_from:
+        model, tok = load_model(args.init_from, attn_impl=args.attn_impl)
+        model.train()
+    else:
+        model, tok = None, load_tokenizer(args, records)
     template = ChatTemplate(tok)
     row_len = args.max_seq_len + 1  # +1: inputs and targets are the row shifted by one
     samples, too_long = tokenize(records, template, row_len)
@@ -175,16 +181,20 @@ def main(args):
         val_samples, val_too_long = tokenize(load_jsonl(args.val_data), template, row_len)
         print0(f"validation: {len(val_samples)} conversations from {args.val_data}"
                + (f"; {val_too_long} longer than {row_len} tokens left out" if val_too_long else ""))
-        val = shard(pack(val_samples, row_len, tok.pad_id), rank, world, tok.pad_id)
+        val = shard(pack(val_samples, row_len, template.pad), rank, world, template.pad)
     evals = load_jsonl(args.eval_data, check_eval_record) if args.eval_data else []
 
     # ---- model and deepspeed
     dtype = pick_dtype(args.dtype, device)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layer=args.n_layer, n_head=args.n_head,
-                      n_kv_head=args.n_kv_head, max_seq_len=args.max_seq_len, attn_impl=args.attn_impl)
-    model = Transformer(cfg)
+    if model is None:
+        model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layer=args.n_layer,
+                                        n_head=args.n_head, n_kv_head=args.n_kv_head,
+                                        max_seq_len=args.max_seq_len, attn_impl=args.attn_impl))
+    cfg = model.cfg
+    if args.max_seq_len > cfg.max_seq_len:
+        raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {cfg.max_seq_len} positions")
     n_params = model.num_params()  # counted now: under ZeRO-3 the module's own tensors become empty shards
-    rows = epoch_rows(samples, row_len, tok.pad_id, args.seed, 0, rank, world)  # epoch 0, reshuffled each epoch
+    rows = epoch_rows(samples, row_len, template.pad, args.seed, 0, rank, world)  # epoch 0, reshuffled each epoch
     steps_per_epoch = len(rows["ids"]) / (args.batch_size * args.grad_accum)
     total_steps = args.steps or max(math.ceil(args.epochs * steps_per_epoch), 1)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms
@@ -225,7 +235,7 @@ def main(args):
             if cursor + args.batch_size > len(rows["ids"]):
                 # the rows this epoch has left go first in the next one: none is skipped
                 epoch = epoch + 1
-                fresh = epoch_rows(samples, row_len, tok.pad_id, args.seed, epoch, rank, world)
+                fresh = epoch_rows(samples, row_len, template.pad, args.seed, epoch, rank, world)
                 pad_fracs.append(padding_fraction(fresh))
                 rows = {k: np.concatenate([v[cursor:], fresh[k]]) for k, v in rows.items()}
                 cursor = 0
@@ -267,12 +277,10 @@ def main(args):
     else:
         state = engine.module.state_dict()
     if rank == 0:
-        save_model(run_dir, state, cfg)
+        save_model(run_dir, state, cfg, tok)
         # exact match of the saved weights, in fp32 on this rank: what chat.py will load
-        final = Transformer(cfg).to(device).eval()
-        final.load_state_dict(state)
+        final, _ = load_model(run_dir, device)
         scores, _ = exact_match(final, template, evals) if evals else ({}, [])
-        tok.save(os.path.join(run_dir, "tokenizer.model"))
         write_json(os.path.join(run_dir, "ds_config.json"), ds_cfg)
         metrics = {"val_loss": after_loss, "val_ppl": after_ppl, "val_loss_before": before_loss,
                    "exact_match": scores, "train_tokens_per_s": tokens / train_time,

@@ -79,18 +79,18 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim, n_head, n_kv_head, impl="sdpa", bias=False):
+    def __init__(self, dim, n_head, n_kv_head, impl="sdpa", head_dim=None, qkv_bias=False, o_bias=False):
         super().__init__()
-        assert dim % n_head == 0, f"dim {dim} is not divisible by n_head {n_head}"
+        head_dim = head_dim or dim // n_head  # usually dim // n_head; some checkpoints differ
         assert n_head % n_kv_head == 0, f"n_head {n_head} is not a multiple of n_kv_head {n_kv_head}"
         assert impl in ATTEND, f"impl must be one of {list(ATTEND)}"
-        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.impl = impl
         # Llama names, so Hugging Face checkpoints map onto these one to one
-        self.q_proj = nn.Linear(dim, n_head * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, n_kv_head * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, n_kv_head * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_head * self.head_dim, dim, bias=False)
+        self.q_proj = nn.Linear(dim, n_head * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, n_kv_head * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, n_kv_head * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_head * head_dim, dim, bias=o_bias)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
         B, T, _ = x.shape

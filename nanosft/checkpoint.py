@@ -1,42 +1,174 @@
 """
-A run directory on disk, and how to load one back for chat and evaluation.
+A model on disk. Every nanosft run directory is a Hugging Face model directory, and every
+Llama-family Hugging Face directory can be loaded here: one format in and out.
 
     runs/<name>/
-      model.pt          the weights: a plain tensor state dict (loaded with weights_only=True,
-                        so opening a checkpoint can never run code)
-      config.json       ModelConfig fields
-      tokenizer.model   SentencePiece format, see tokenizer.py
-      ds_config.json    the DeepSpeed config the run actually used
-      train_log.csv     one row per optimizer step
-      metrics.json      validation loss/perplexity, held-out exact match, speed
+      config.json         Hugging Face config (LlamaForCausalLM, or Qwen2ForCausalLM for q/k/v biases)
+      model.safetensors   the weights (or shards + model.safetensors.index.json when loading)
+      tokenizer.model     SentencePiece format, see tokenizer.py
+      ds_config.json      the DeepSpeed config the run used          (train.py)
+      train_log.csv       one row per optimizer step                   (train.py)
+      metrics.json        validation loss/perplexity, exact match, speed (train.py)
     runs/latest -> <name>   the newest run
 
-train.py writes it, chat.py and evaluate.py read it.
+nanosft's parameter names are Llama's without the "model." prefix, so the mapping is that prefix
+and the LM head, absent from the file when it is tied to the embedding. A config key we do not
+implement fails loudly: a silently ignored key would mean a silently different model. Weights are
+read with the hand-written safetensors reader (no pickle, so opening a checkpoint runs no code).
+train.py writes runs and loads `--init-from`; chat.py, evaluate.py and export.py load.
 """
 
 import json
 import os
 
-import torch
-
 from nanosft.model import ModelConfig, Transformer
+from nanosft.safetensors import load_sharded, save_file
 from nanosft.tokenizer import Tokenizer
 
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # the template's control tokens
 
-def save_model(run_dir, state_dict, cfg: ModelConfig):
-    os.makedirs(run_dir, exist_ok=True)
-    # tied weights appear under two names; torch.save writes their shared storage once
-    state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    tmp = os.path.join(run_dir, "model.pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(run_dir, "model.pt"))  # never a half-written model.pt
-    write_json(os.path.join(run_dir, "config.json"), cfg.to_dict())
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+# keys that describe the file, training or generation defaults, not the forward pass
+IGNORED = {"architectures", "model_type", "dtype", "torch_dtype", "transformers_version", "_name_or_path",
+           "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
+           "attention_dropout", "pretraining_tp", "max_window_layers", "tokenizer_class", "return_dict",
+           "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "id2label",
+           "label2id", "layer_types", "embd_pdrop", "resid_pdrop"}
+# keys whose only supported value is the one given (None: absent or null)
+REQUIRED = {"hidden_act": "silu", "mlp_bias": False, "use_sliding_window": False, "quantization_config": None}
+
+
+def _rope(hf, where):
+    """-> (rope_theta, rope_scaling or None) from either config style: transformers 5 writes
+    rope_parameters, older versions rope_theta + rope_scaling."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        raise ValueError(f"{where}: rope scaling type {kind!r} is not supported (only 'default' and 'llama3')")
+    return float(theta), {k: params[k] for k in ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
+                                                  "original_max_position_embeddings")}
+
+
+def config_from_hf(hf, where="config.json"):
+    if hf.get("model_type") not in MODEL_TYPES:
+        raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not supported "
+                         f"(nanosft loads {', '.join(MODEL_TYPES)})")
+    mapped = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+              "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
+              "sliding_window"}
+    unknown = sorted(set(hf) - mapped - IGNORED - set(REQUIRED))
+    if unknown:
+        raise ValueError(f"{where}: unsupported config keys {unknown}; nanosft would not build the same model")
+    for key, want in REQUIRED.items():
+        if hf.get(key, want) != want:
+            raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (only {want!r})")
+    max_pos = hf.get("max_position_embeddings", 2048)
+    if hf.get("sliding_window") is not None and hf["model_type"] == "mistral" and hf["sliding_window"] < max_pos:
+        raise ValueError(f"{where}: sliding-window attention (sliding_window={hf['sliding_window']}) is not supported")
+    theta, scaling = _rope(hf, where)
+    qwen2 = hf["model_type"] == "qwen2"  # Qwen2: biases on q/k/v only
+    n_head = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head, ffn_hidden=hf["intermediate_size"],
+        max_seq_len=max_pos, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+        rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", qwen2),  # LlamaConfig defaults to untied
+        qkv_bias=qwen2 or hf.get("attention_bias", False), o_bias=not qwen2 and hf.get("attention_bias", False))
+
+
+def config_to_hf(cfg: ModelConfig, bos_id=None, eos_id=None):
+    if cfg.qkv_bias != cfg.o_bias and not cfg.qkv_bias:
+        raise ValueError("a bias on the output projection alone has no Hugging Face architecture")
+    qwen2 = cfg.qkv_bias and not cfg.o_bias
+    hf = {"architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+          "model_type": "qwen2" if qwen2 else "llama",
+          "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_hidden,
+          "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+          "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
+          "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+          "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+          "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
+          "bos_token_id": bos_id, "eos_token_id": eos_id}
+    if not qwen2:
+        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    return hf
 
 
 def write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
+
+
+def save_model(directory, state, cfg: ModelConfig, tok: Tokenizer):
+    """Write config.json, model.safetensors and tokenizer.model: a directory that transformers'
+    AutoModelForCausalLM.from_pretrained and this module's load_model both read."""
+    os.makedirs(directory, exist_ok=True)
+    state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in state.items()}
+    if cfg.tie_embeddings:
+        del state["lm_head.weight"]  # stored once, as the embedding; the loader re-ties it
+    tmp = os.path.join(directory, "model.safetensors.tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(directory, "model.safetensors"))  # never a half-written file
+    write_json(os.path.join(directory, "config.json"),
+               config_to_hf(cfg, tok.bos_id if tok.bos_id >= 0 else None, tok.eos_id if tok.eos_id >= 0 else None))
+    tok.save(os.path.join(directory, "tokenizer.model"))
+
+
+def read_config(directory):
+    path = os.path.join(directory, "config.json")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return config_from_hf(json.load(f), path)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def load_weights(directory, model):
+    """Copy a checkpoint's tensors into `model` (cast to its dtype); names must match exactly."""
+    state = {}
+    for name, t in load_sharded(directory).items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer older transformers versions saved; we compute it from the config
+        state[name.removeprefix("model.")] = t
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if model.cfg.tie_embeddings:
+        missing = [m for m in missing if m != "lm_head.weight"]  # the tied head is the embedding
+    if missing or unexpected:
+        raise ValueError(f"{directory}: weights do not match config.json: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def load_tokenizer(directory):
+    """The directory's SentencePiece tokenizer, with the chat template's control tokens added if
+    the model was not trained with them (a base model)."""
+    path = os.path.join(directory, "tokenizer.model")
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(directory, "tokenizer.json")):
+            raise ValueError(f"{directory}: only a tokenizer.json (byte-level BPE, as in Llama 3, Qwen2 or "
+                             "SmolLM) is there; nanosft reads SentencePiece tokenizer.model files")
+        raise FileNotFoundError(f"{path} not found")
+    return Tokenizer.load(path).with_control_tokens(CHAT_TOKENS)
+
+
+def load_model(directory, device="cpu", attn_impl="sdpa"):
+    """A run directory or a Hugging Face directory -> (model in eval mode, tokenizer). If the
+    tokenizer gained chat tokens, the embedding grows to match."""
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"{os.path.join(directory, 'config.json')} not found")
+    cfg = read_config(directory)
+    cfg.attn_impl = attn_impl
+    tok = load_tokenizer(directory)
+    model = Transformer(cfg)
+    load_weights(directory, model)
+    if tok.vocab_size > cfg.vocab_size:
+        model.resize_vocab(tok.vocab_size)
+    return model.to(device).eval(), tok
 
 
 def point_latest(run_dir):
@@ -48,17 +180,3 @@ def point_latest(run_dir):
         os.remove(tmp)
     os.symlink(name, tmp)
     os.replace(tmp, link)
-
-
-def load_run(run_dir, device="cpu"):
-    """-> (model in eval mode, tokenizer). FileNotFoundError names what is missing."""
-    for f in ("model.pt", "config.json", "tokenizer.model"):
-        if not os.path.exists(os.path.join(run_dir, f)):
-            raise FileNotFoundError(f"{os.path.join(run_dir, f)} not found")
-    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-        cfg = ModelConfig(**json.load(f))
-    model = Transformer(cfg)
-    state = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    tok = Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
-    return model.to(device).eval(), tok

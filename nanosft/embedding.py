@@ -10,6 +10,8 @@ Positions are passed in explicitly rather than assumed to be 0..T-1: packed rows
 for every conversation, and during generation the KV cache starts new tokens where it left off.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -18,11 +20,26 @@ class TokenEmbedding(nn.Embedding):
     """A plain lookup table (vocab_size, dim). Its own class so a reader finds it by name."""
 
 
+def llama3_scaled(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, **_):
+    """Llama 3's long-context RoPE: slow rotations (long wavelengths, which the original context
+    never completed) are slowed down `factor` times more, fast ones are kept, and the band between
+    is interpolated smoothly."""
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = original_max_position_embeddings / low_freq_factor  # longer than this: scale
+    high_wavelen = original_max_position_embeddings / high_freq_factor  # shorter than this: keep
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    mixed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > low_wavelen, inv_freq / factor, torch.where(wavelen < high_wavelen, inv_freq, mixed))
+
+
 class Rotary(nn.Module):
-    def __init__(self, head_dim, theta=10000.0):
+    def __init__(self, head_dim, theta=10000.0, scaling=None):
         super().__init__()
         assert head_dim % 2 == 0, "RoPE needs an even head_dim"
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        if scaling:
+            assert scaling.get("rope_type") == "llama3", f"unsupported rope scaling {scaling}"
+            inv_freq = llama3_scaled(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
         # persistent=False: derived from the config, never saved; also kept in fp32 on purpose,
         # as bf16 angles lose whole radians at large positions
         self.register_buffer("inv_freq", inv_freq, persistent=False)

@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import torch
 
-from nanosft.checkpoint import load_run
+from nanosft.checkpoint import load_model
 from nanosft.data import check_prompt, load_jsonl, to_batch
 from nanosft.generate import reply
 from nanosft.loss import masked_nll
@@ -86,6 +86,6 @@ if __name__ == "__main__":
     p.add_argument("--ckpt", default="runs/latest")
     p.add_argument("--eval", default="data/eval.jsonl")
     args = p.parse_args()
-    model, tok = load_run(args.ckpt)
+    model, tok = load_model(args.ckpt)
     scores, _ = exact_match(model, ChatTemplate(tok), load_jsonl(args.eval, check_eval_record))
     print(format_scores(scores))

@@ -33,18 +33,20 @@ class ModelConfig:
     ffn_hidden: int = 0  # SwiGLU width; 0: 8/3 * dim rounded up to a multiple of 32, which keeps
     #                      the three-matrix MLP at the cost of the classic 4*dim two-matrix one
     max_seq_len: int = 256
+    head_dim: int = 0  # 0: dim // n_head (some checkpoints use another size)
     rope_theta: float = 10000.0
+    rope_scaling: dict = None  # Llama 3 style long-context scaling, see embedding.py
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2; Llama with attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama with attention_bias)
     attn_impl: str = "sdpa"  # "sdpa" (fast) or "manual" (explicit math), see attention.py
 
     def __post_init__(self):
         if not self.ffn_hidden:
             self.ffn_hidden = math.ceil(8 * self.dim / 3 / 32) * 32
-
-    @property
-    def head_dim(self):
-        return self.dim // self.n_head
+        if not self.head_dim:
+            self.head_dim = self.dim // self.n_head
 
     def to_dict(self):
         return asdict(self)
@@ -55,7 +57,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.dim)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -77,6 +79,16 @@ class Transformer(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    @torch.no_grad()
+    def resize_vocab(self, n):
+        """Grow the embedding (and an untied head) to n rows for added tokens. New rows start as
+        the mean of the old ones: an average token, not noise, so the first steps stay calm."""
+        def grow(w):
+            return nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(n - w.size(0), -1)]))
+        self.embed_tokens.weight = grow(self.embed_tokens.weight)  # (n, C)
+        self.lm_head.weight = self.embed_tokens.weight if self.cfg.tie_embeddings else grow(self.lm_head.weight)
+        self.embed_tokens.num_embeddings = self.lm_head.out_features = self.cfg.vocab_size = n
 
     def new_cache(self, batch=1, max_len=None):
         p = self.embed_tokens.weight

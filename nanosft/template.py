@@ -21,6 +21,9 @@ class ChatTemplate:
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.bos = tokenizer.bos_id
+        # padding only fills packed rows (never attended to by real tokens, never in the loss), so
+        # a tokenizer without <pad> (Llama's) can pad with <unk>
+        self.pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.unk_id
         self.end = tokenizer.token_id("<|end|>")
         self.header = {role: tokenizer.token_id(f"<|{role}|>") for role in ROLES}
         # generation ends at <|end|>; any other control token means the model is starting a turn
@@ -29,7 +32,7 @@ class ChatTemplate:
 
     def render(self, messages):
         """Whole conversation -> (ids, mask), two lists of equal length."""
-        ids, mask = [self.bos], [0]
+        ids, mask = ([self.bos], [0]) if self.bos >= 0 else ([], [])
         for m in messages:
             content = self.tok.encode(m["content"])
             supervised = int(m["role"] == "assistant")

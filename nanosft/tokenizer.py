@@ -241,6 +241,15 @@ class Tokenizer:
             self._chunker = None
         self._cache = {}
 
+    def with_control_tokens(self, names):
+        """This tokenizer plus `names` as CONTROL pieces at the end (those it lacks): how a base
+        model's vocabulary gains the chat template's markers."""
+        new = [(name, 0.0, CONTROL) for name in names if name not in self._ids]
+        if not new:
+            return self
+        trainer = {**self.trainer, "vocab_size": len(self.pieces) + len(new)}
+        return Tokenizer(self.pieces + new, trainer, self.normalizer, self._unknown_fields)
+
     @property
     def vocab_size(self):
         return len(self.pieces)

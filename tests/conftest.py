@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import sentencepiece as spm
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
@@ -49,3 +51,44 @@ def tiny_run(tiny_data):
                   "--dtype", "fp32", *TINY)
     assert r.returncode == 0, r.stdout + r.stderr
     return tiny_data, out
+
+
+# Hugging Face Llama models for the loader tests: name -> LlamaConfig overrides
+ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+CONFIGS = {
+    "mha_untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "mqa_bias": dict(num_key_value_heads=1, attention_bias=True),
+    "gqa_llama3_rope": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=ROPE_LLAMA3),
+    "head_dim_32": dict(num_key_value_heads=2, head_dim=32),
+}
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(tmp_path_factory):
+    """A Llama-style sentencepiece tokenizer.model, as a base model directory ships it."""
+    d = tmp_path_factory.mktemp("spm")
+    (d / "corpus.txt").write_text("\n".join(f"the number {i} is {'even' if i % 2 == 0 else 'odd'}, 你好 {i * 7}"
+                                            for i in range(400)), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), model_type="bpe",
+                                   vocab_size=320, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    return d / "tok.model"
+
+
+def hf_model(name, directory, sp_tokenizer, shard=False, seed=0):
+    """A random transformers LlamaForCausalLM saved as a base model directory (+ tokenizer.model)."""
+    import transformers
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6,
+                                   **CONFIGS[name])
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random norms and biases too, so a mixed-up name cannot hide
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.normal_(1.0 if "norm" in n else 0.0, 0.1)
+    model.save_pretrained(directory, max_shard_size="40KB" if shard else "5GB")
+    (directory / "tokenizer.model").write_bytes(sp_tokenizer.read_bytes())
+    return model

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import run_chat
 
-from nanosft.checkpoint import load_run
+from nanosft.checkpoint import load_model
 from nanosft.data import load_jsonl
 from nanosft.evaluate import check_eval_record, exact_match
 from nanosft.template import ChatTemplate
@@ -23,7 +23,7 @@ def test_batch_answers_every_line_in_order_and_matches_evaluation(tiny_run):
     r = run_chat("--ckpt", str(out), "--batch", str(inp), "--max-new-tokens", "32")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
-    model, tok = load_run(out)
+    model, tok = load_model(out)
     _, replies = exact_match(model, ChatTemplate(tok), recs, max_new_tokens=32)
     assert lines == [{"reply": reply} for reply in replies]
 

@@ -1,13 +1,124 @@
-"""checkpoint.py promises: a saved run loads back to the very same model (tied weights still one
-matrix, stored once) and tokenizer, with weights read without pickle's code execution."""
+"""checkpoint.py promises: Hugging Face Llama-family checkpoints load into nanosft's model and give
+transformers' own logits, generations and gradients; what nanosft saves, transformers loads back
+to the same logits; a saved run loads back to the very same model and tokenizer; config keys we do
+not implement are refused by name. transformers is the reference (a test-only dependency)."""
 
+import json
 import os
 
+import pytest
 import torch
+import transformers  # test-only reference, installed by `make test` (requirements-test.txt)
+from conftest import CONFIGS, ROPE_LLAMA3, hf_model
 
-from nanosft.checkpoint import load_run, point_latest, save_model
+from nanosft.checkpoint import CHAT_TOKENS, load_model, load_weights, point_latest, read_config, save_model
+from nanosft.generate import generate
+from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
 from nanosft.tokenizer import Tokenizer
+
+
+def logits_of(model, idx):
+    out = model(idx)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def load_base(directory):
+    """Weights only, vocabulary as in the file (load_model would add the chat markers)."""
+    model = Transformer(read_config(directory))
+    load_weights(directory, model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_loaded_llama_matches_transformers_logits_and_greedy_generation(name, tmp_path, sp_tokenizer):
+    ref = hf_model(name, tmp_path, sp_tokenizer, shard=name == "gqa_tied")
+    if name == "gqa_tied":
+        assert (tmp_path / "model.safetensors.index.json").exists()  # the sharded layout is covered
+    ours = load_base(tmp_path)
+    idx = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(ours, idx), logits_of(ref, idx), rtol=1e-4, atol=1e-4)
+        prompt = idx[0, :8].tolist()
+        hf_ids = ref.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, 8:].tolist()
+        full = list(prompt)
+        for _ in range(32):  # without the KV cache: the whole sequence every step
+            full.append(int(logits_of(ours, torch.tensor([full]))[0, -1].argmax()))
+    assert full[8:] == hf_ids
+    assert list(generate(ours, prompt, max_new_tokens=32)) == hf_ids  # with the KV cache
+
+
+def test_base_model_gains_the_chat_markers_with_mean_embeddings(tmp_path, sp_tokenizer):
+    hf_model("mha_untied", tmp_path, sp_tokenizer)
+    base = load_base(tmp_path)
+    model, tok = load_model(tmp_path)
+    assert tok.vocab_size == model.cfg.vocab_size == 320 + len(CHAT_TOKENS)
+    assert [tok.id_to_piece(i) for i in range(320, 324)] == list(CHAT_TOKENS)
+    for w_new, w_old in ((model.embed_tokens.weight, base.embed_tokens.weight), (model.lm_head.weight, base.lm_head.weight)):
+        torch.testing.assert_close(w_new[:320], w_old)
+        torch.testing.assert_close(w_new[320:], w_old.mean(0, keepdim=True).expand(4, -1))
+
+
+def test_one_sft_step_matches_transformers_loss_and_update(tmp_path, sp_tokenizer):
+    ref = hf_model("gqa_llama3_rope", tmp_path, sp_tokenizer)
+    ours = load_base(tmp_path).train()
+    ref.train()
+    g = torch.Generator().manual_seed(2)
+    idx, targets = torch.randint(0, 320, (2, 24), generator=g), torch.randint(0, 320, (2, 24), generator=g)
+    mask = (torch.rand(2, 24, generator=g) < 0.5).long()
+    # ours: masked SFT loss; reference: transformers' logits scored the same way by F.cross_entropy
+    s, c = masked_nll(ours(idx), targets, mask)
+    loss_ours = s / c
+    ref_logits = ref(idx).logits
+    loss_ref = torch.nn.functional.cross_entropy(ref_logits.flatten(0, 1), targets.masked_fill(mask == 0, -100).flatten())
+    torch.testing.assert_close(loss_ours, loss_ref, rtol=1e-5, atol=1e-5)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    loss_ours.backward()
+    loss_ref.backward()
+    opt_ours.step()
+    opt_ref.step()
+    ref_state = {k.removeprefix("model."): v for k, v in ref.state_dict().items()}
+    assert set(ours.state_dict()) == set(ref_state)
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, ref_state[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, sp_tokenizer):
+    torch.manual_seed(0)
+    tok = Tokenizer.load(sp_tokenizer).with_control_tokens(CHAT_TOKENS)
+    for name, cfg in {"tied": ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layer=2, n_head=4, n_kv_head=2),
+                      "qwen2_bias": ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layer=2, n_head=4, n_kv_head=2,
+                                                tie_embeddings=False, qkv_bias=True),
+                      "llama3_rope": ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layer=2, n_head=4, n_kv_head=1,
+                                                 rope_theta=5e5, rope_scaling=ROPE_LLAMA3, o_bias=True, qkv_bias=True)}.items():
+        ours = Transformer(cfg).eval()
+        with torch.no_grad():
+            for n, p in ours.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.1)
+        out = tmp_path / name
+        save_model(out, ours.state_dict(), cfg, tok)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        idx = torch.randint(0, tok.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            torch.testing.assert_close(logits_of(ref, idx), logits_of(ours, idx), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_export_cli_writes_a_directory_transformers_loads(tmp_path, sp_tokenizer):
+    import subprocess
+    import sys
+    src = tmp_path / "src"
+    hf_model("gqa_tied", src, sp_tokenizer)
+    r = subprocess.run([sys.executable, "-m", "nanosft.export", str(src), str(tmp_path / "dst")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ours, _ = load_model(src)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    idx = torch.randint(0, 324, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(ref, idx), logits_of(ours, idx), rtol=1e-4, atol=1e-4)
 
 
 def test_saved_run_loads_back_to_identical_logits_with_tied_weights_shared(tmp_path):
@@ -15,17 +126,42 @@ def test_saved_run_loads_back_to_identical_logits_with_tied_weights_shared(tmp_p
     tok = Tokenizer.train(["hello world", "how are you", "你好"] * 10, vocab_size=300)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=2, n_kv_head=1)).eval()
     run = tmp_path / "runs" / "a"
-    save_model(run, model.state_dict(), model.cfg)
-    tok.save(run / "tokenizer.model")
-    loaded, tok2 = load_run(run)
+    save_model(run, model.state_dict(), model.cfg, tok)
+    loaded, tok2 = load_model(run)
     idx = torch.tensor([tok.encode("hello 你好 world")])
     torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
     assert loaded.lm_head.weight is loaded.embed_tokens.weight
-    assert tok2.encode("how are you") == tok.encode("how are you")
-    # the shared matrix is written once: the file is about one embedding smaller than two copies
-    emb_bytes = tok.vocab_size * 32 * 4
-    total = sum(p.numel() for p in model.parameters()) * 4
-    assert os.path.getsize(run / "model.pt") < total + emb_bytes / 2
+    assert tok2.encode("how are you") == tok.encode("how are you") and tok2.vocab_size == tok.vocab_size
+    from nanosft.safetensors import load_file
+    assert "lm_head.weight" not in load_file(run / "model.safetensors")  # the tied matrix is stored once
+
+
+@pytest.mark.parametrize("key, value, complaint", [
+    ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
+    ("mlp_bias", True, "mlp_bias=True is not supported"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "rope scaling type 'yarn' is not supported"),
+    ("some_new_knob", 3, "unsupported config keys ['some_new_knob']"),
+    ("model_type", "gpt2", "model_type 'gpt2' is not supported"),
+    ("sliding_window", 16, None),  # llama ignores it; mistral with a window below the context refuses
+])
+def test_unsupported_config_fails_loudly_naming_the_key(tmp_path, sp_tokenizer, key, value, complaint):
+    hf_model("gqa_tied", tmp_path, sp_tokenizer)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[key] = value
+    if key == "sliding_window":
+        cfg["model_type"], complaint = "mistral", "sliding-window attention"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json") as e:
+        read_config(tmp_path)
+    assert complaint in str(e.value)
+
+
+def test_tokenizer_json_only_directory_gets_a_clear_message(tmp_path, sp_tokenizer):
+    hf_model("gqa_tied", tmp_path, sp_tokenizer)
+    os.remove(tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="only a tokenizer.json"):
+        load_model(tmp_path)
 
 
 def test_latest_points_at_the_newest_run(tmp_path):

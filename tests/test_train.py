@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY, run, run_train
 
+from nanosft.checkpoint import load_model
 from nanosft.data import epoch_rows, load_jsonl, to_batch, tokenize
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
@@ -59,7 +60,7 @@ def reference_weights(data_dir, steps=5, seed=7, batch=2, accum=2, lr=1e-2, warm
 
 def test_single_rank_deepspeed_run_equals_plain_pytorch_loop(tiny_run):
     data_dir, out = tiny_run
-    ours = torch.load(out / "model.pt", weights_only=True)
+    ours = load_model(out)[0].state_dict()
     ref = reference_weights(data_dir)
     assert ours.keys() == ref.keys()
     for k in ref:
@@ -71,7 +72,7 @@ def test_single_rank_deepspeed_run_equals_plain_pytorch_loop(tiny_run):
 
 def test_run_directory_has_weights_tokenizer_config_metrics_and_log(tiny_run):
     _, out = tiny_run
-    for f in ("model.pt", "config.json", "tokenizer.model", "ds_config.json", "metrics.json", "train_log.csv"):
+    for f in ("model.safetensors", "config.json", "tokenizer.model", "ds_config.json", "metrics.json", "train_log.csv"):
         assert (out / f).exists(), f
     m = json.loads((out / "metrics.json").read_text())
     for k in ("val_loss", "val_ppl", "exact_match", "train_tokens_per_s", "wall_time_s"):
@@ -97,7 +98,7 @@ def test_two_rank_zero2_run_under_the_launcher_equals_plain_pytorch_loop(tiny_da
              "--steps", "5", "--dtype", "fp32", "--zero-stage", "2", *TINY])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "2 rank(s)" in r.stdout
-    ours = torch.load(out / "model.pt", weights_only=True)
+    ours = load_model(out)[0].state_dict()
     ref = reference_weights(tiny_data, world=2)
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -121,3 +122,20 @@ def test_malformed_jsonl_stops_with_file_line_and_reason(tmp_path):
 def test_impossible_flags_are_refused_by_name(flags, complaint):
     r = run_train(*TINY, *flags)
     assert r.returncode == 2 and complaint in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fine_tunes_a_hugging_face_llama_directory_and_chat_talks_to_it(tiny_data, tmp_path, sp_tokenizer):
+    from conftest import hf_model, run_chat
+    base = tmp_path / "base"
+    hf_model("gqa_tied", base, sp_tokenizer)
+    out = tmp_path / "tuned"
+    r = run_train("--init-from", str(base), "--data", str(tiny_data / "train.jsonl"), "--val-data",
+                  str(tiny_data / "val.jsonl"), "--eval-data", "", "--out", str(out), "--steps", "4",
+                  "--max-seq-len", "128", "--batch-size", "2", "--dtype", "fp32", "--lr", "1e-3")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["val_loss"] < m["val_loss_before"]  # it learned from the chat data
+    model, tok = load_model(out)
+    assert model.cfg.dim == 64 and tok.vocab_size == 324  # the base shape, plus the chat markers
+    r = run_chat("--ckpt", str(out), "--prompt", "Which is larger, 418 or 96?", "--max-new-tokens", "5")
+    assert r.returncode == 0 and "Traceback" not in r.stderr
