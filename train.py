@@ -216,7 +216,8 @@ def main(args):
         return loss_and_ppl(*all_sum([s, c], device))
 
     before_loss, _ = val_loss()
-    print0(f"step 0: val loss {before_loss:.4f}")
+    if val is not None:
+        print0(f"step 0: val loss {before_loss:.4f}")
 
     # ---- training
     if rank == 0:
@@ -290,7 +291,8 @@ def main(args):
                    "conversations_too_long": too_long}
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
         point_latest(run_dir)
-        print0(f"val loss {before_loss:.4f} -> {after_loss:.4f} (ppl {after_ppl:.3f})")
+        if val is not None:
+            print0(f"val loss {before_loss:.4f} -> {after_loss:.4f} (ppl {after_ppl:.3f})")
         if scores:
             print0(f"held-out exact match: {format_scores(scores)}")
         print0(f"saved {run_dir} in {metrics['wall_time_s']:.0f}s; chat with: python chat.py --ckpt {run_dir}")

@@ -112,9 +112,7 @@ def save_model(directory, state, cfg: ModelConfig, tok: Tokenizer):
     state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in state.items()}
     if cfg.tie_embeddings:
         del state["lm_head.weight"]  # stored once, as the embedding; the loader re-ties it
-    tmp = os.path.join(directory, "model.safetensors.tmp")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(directory, "model.safetensors"))  # never a half-written file
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})  # atomic
     write_json(os.path.join(directory, "config.json"),
                config_to_hf(cfg, tok.bos_id if tok.bos_id >= 0 else None, tok.eos_id if tok.eos_id >= 0 else None))
     tok.save(os.path.join(directory, "tokenizer.model"))
