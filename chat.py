@@ -112,6 +112,8 @@ def main():
     args = parse_args()
     try:
         model, tok = load_model(args.ckpt)
+    except ValueError as e:  # a directory we cannot load: the message says why
+        sys.exit(f"error: {e}")
     except FileNotFoundError as e:
         sys.exit(f"No trained model at {args.ckpt} ({e}).\n"
                  "Train one first:  make train   (or: python train.py --out runs/NAME, then --ckpt runs/NAME)")

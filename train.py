@@ -279,9 +279,10 @@ def main(args):
         state = engine.module.state_dict()
     if rank == 0:
         save_model(run_dir, state, cfg, tok)
-        # exact match of the saved weights, in fp32 on this rank: what chat.py will load
-        final, _ = load_model(run_dir, device)
-        scores, _ = exact_match(final, template, evals) if evals else ({}, [])
+        scores = {}
+        if evals:  # exact match of the saved weights, in fp32: what chat.py will load
+            final, _ = load_model(run_dir, device)
+            scores, _ = exact_match(final, template, evals)
         write_json(os.path.join(run_dir, "ds_config.json"), ds_cfg)
         metrics = {"val_loss": after_loss, "val_ppl": after_ppl, "val_loss_before": before_loss,
                    "exact_match": scores, "train_tokens_per_s": tokens / train_time,

@@ -21,6 +21,8 @@ train.py writes runs and loads `--init-from`; chat.py, evaluate.py and export.py
 import json
 import os
 
+import torch
+
 from nanosft.model import ModelConfig, Transformer
 from nanosft.safetensors import load_sharded, save_file
 from nanosft.tokenizer import Tokenizer
@@ -35,6 +37,7 @@ IGNORED = {"architectures", "model_type", "dtype", "torch_dtype", "transformers_
            "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "id2label",
            "label2id", "layer_types", "embd_pdrop", "resid_pdrop"}
 # keys whose only supported value is the one given (None: absent or null)
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
 REQUIRED = {"hidden_act": "silu", "mlp_bias": False, "use_sliding_window": False, "quantization_config": None}
 
 
@@ -48,8 +51,10 @@ def _rope(hf, where):
         return float(theta), None
     if kind != "llama3":
         raise ValueError(f"{where}: rope scaling type {kind!r} is not supported (only 'default' and 'llama3')")
-    return float(theta), {k: params[k] for k in ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
-                                                  "original_max_position_embeddings")}
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if any(k not in params for k in keys):
+        raise ValueError(f"{where}: llama3 rope scaling needs {', '.join(keys)}; got {sorted(params)}")
+    return float(theta), {"rope_type": "llama3", **{k: params[k] for k in keys}}
 
 
 def config_from_hf(hf, where="config.json"):
@@ -66,9 +71,11 @@ def config_from_hf(hf, where="config.json"):
     for key, want in REQUIRED.items():
         if hf.get(key, want) != want:
             raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (only {want!r})")
-    max_pos = hf.get("max_position_embeddings", 2048)
-    if hf.get("sliding_window") is not None and hf["model_type"] == "mistral" and hf["sliding_window"] < max_pos:
-        raise ValueError(f"{where}: sliding-window attention (sliding_window={hf['sliding_window']}) is not supported")
+    # an absent key means the defaults of that model type's config class in transformers
+    max_pos = hf.get("max_position_embeddings", DEFAULT_MAX_POSITIONS[hf["model_type"]])
+    window = hf.get("sliding_window", 4096) if hf["model_type"] == "mistral" else None
+    if window is not None and window < max_pos:
+        raise ValueError(f"{where}: sliding-window attention (sliding_window={window}) is not supported")
     theta, scaling = _rope(hf, where)
     qwen2 = hf["model_type"] == "qwen2"  # Qwen2: biases on q/k/v only
     n_head = hf["num_attention_heads"]
@@ -77,11 +84,11 @@ def config_from_hf(hf, where="config.json"):
         n_kv_head=hf.get("num_key_value_heads") or n_head, ffn_hidden=hf["intermediate_size"],
         max_seq_len=max_pos, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
         rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=hf.get("tie_word_embeddings", qwen2),  # LlamaConfig defaults to untied
+        tie_embeddings=hf.get("tie_word_embeddings", False),  # transformers' default: untied
         qkv_bias=qwen2 or hf.get("attention_bias", False), o_bias=not qwen2 and hf.get("attention_bias", False))
 
 
-def config_to_hf(cfg: ModelConfig, bos_id=None, eos_id=None):
+def config_to_hf(cfg: ModelConfig, bos_id=None, eos_id=None, dtype="float32"):
     if cfg.qkv_bias != cfg.o_bias and not cfg.qkv_bias:
         raise ValueError("a bias on the output projection alone has no Hugging Face architecture")
     qwen2 = cfg.qkv_bias and not cfg.o_bias
@@ -92,7 +99,7 @@ def config_to_hf(cfg: ModelConfig, bos_id=None, eos_id=None):
           "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
           "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
           "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
-          "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
+          "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
           "bos_token_id": bos_id, "eos_token_id": eos_id}
     if not qwen2:
         hf.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
@@ -113,8 +120,12 @@ def save_model(directory, state, cfg: ModelConfig, tok: Tokenizer):
     if cfg.tie_embeddings:
         del state["lm_head.weight"]  # stored once, as the embedding; the loader re-ties it
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})  # atomic
-    write_json(os.path.join(directory, "config.json"),
-               config_to_hf(cfg, tok.bos_id if tok.bos_id >= 0 else None, tok.eos_id if tok.eos_id >= 0 else None))
+    # generation ends at the chat template's <|end|> as well as at </s>
+    eos = [tok.token_id("<|end|>")] + ([tok.eos_id] if tok.eos_id >= 0 else [])
+    bos = tok.bos_id if tok.bos_id >= 0 else None
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    write_json(os.path.join(directory, "config.json"), config_to_hf(cfg, bos, eos, dtype))
+    write_json(os.path.join(directory, "generation_config.json"), {"bos_token_id": bos, "eos_token_id": eos})
     tok.save(os.path.join(directory, "tokenizer.model"))
 
 
@@ -134,7 +145,14 @@ def load_weights(directory, model):
         if name.endswith("rotary_emb.inv_freq"):
             continue  # a buffer older transformers versions saved; we compute it from the config
         state[name.removeprefix("model.")] = t
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if model.cfg.tie_embeddings and "lm_head.weight" in state:
+        if not torch.equal(state.pop("lm_head.weight"), state.get("embed_tokens.weight")):
+            raise ValueError(f"{directory}: config.json ties the LM head to the embedding, "
+                             "but the file holds a different lm_head.weight")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{directory}: weights do not match config.json: {e}") from None
     if model.cfg.tie_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]  # the tied head is the embedding
     if missing or unexpected:
@@ -151,21 +169,22 @@ def load_tokenizer(directory):
             raise ValueError(f"{directory}: only a tokenizer.json (byte-level BPE, as in Llama 3, Qwen2 or "
                              "SmolLM) is there; nanosft reads SentencePiece tokenizer.model files")
         raise FileNotFoundError(f"{path} not found")
-    return Tokenizer.load(path).with_control_tokens(CHAT_TOKENS)
+    return Tokenizer.load(path)
 
 
 def load_model(directory, device="cpu", attn_impl="sdpa"):
-    """A run directory or a Hugging Face directory -> (model in eval mode, tokenizer). If the
-    tokenizer gained chat tokens, the embedding grows to match."""
+    """A run directory or a Hugging Face directory -> (model in eval mode, tokenizer). A base
+    model's tokenizer gains the chat markers, and their embedding rows start at the mean."""
     if not os.path.exists(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{os.path.join(directory, 'config.json')} not found")
     cfg = read_config(directory)
     cfg.attn_impl = attn_impl
-    tok = load_tokenizer(directory)
+    base = load_tokenizer(directory)
+    tok = base.with_control_tokens(CHAT_TOKENS)
     model = Transformer(cfg)
     load_weights(directory, model)
-    if tok.vocab_size > cfg.vocab_size:
-        model.resize_vocab(tok.vocab_size)
+    if tok.vocab_size > base.vocab_size:
+        model.add_token_rows(base.vocab_size, tok.vocab_size)
     return model.to(device).eval(), tok
 
 

@@ -81,13 +81,18 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
     @torch.no_grad()
-    def resize_vocab(self, n):
-        """Grow the embedding (and an untied head) to n rows for added tokens. New rows start as
-        the mean of the old ones: an average token, not noise, so the first steps stay calm."""
-        def grow(w):
-            return nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(n - w.size(0), -1)]))
-        self.embed_tokens.weight = grow(self.embed_tokens.weight)  # (n, C)
-        self.lm_head.weight = self.embed_tokens.weight if self.cfg.tie_embeddings else grow(self.lm_head.weight)
+    def add_token_rows(self, first, end):
+        """Tokens first..end-1 were just added to the vocabulary: give them embedding (and untied
+        head) rows equal to the mean of rows 0..first-1, growing the matrices if needed. An average
+        token, not noise, so the first steps stay calm. (A checkpoint may already have spare rows
+        past its tokenizer; those are overwritten the same way.)"""
+        def fill(w):  # (V, C) -> (max(V, end), C)
+            w = torch.cat([w, w.new_zeros(max(end - w.size(0), 0), w.size(1))])
+            w[first:end] = w[:first].mean(0)
+            return nn.Parameter(w)
+        self.embed_tokens.weight = fill(self.embed_tokens.weight)
+        self.lm_head.weight = self.embed_tokens.weight if self.cfg.tie_embeddings else fill(self.lm_head.weight)
+        n = self.embed_tokens.weight.size(0)
         self.embed_tokens.num_embeddings = self.lm_head.out_features = self.cfg.vocab_size = n
 
     def new_cache(self, batch=1, max_len=None):

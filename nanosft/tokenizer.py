@@ -480,7 +480,8 @@ class Tokenizer:
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=list(cls.SPECIALS[4:]),
             minloglevel=2)
         tok = cls.from_bytes(model.getvalue(), name="sentencepiece trainer output")
-        assert [tok.id_to_piece(i) for i in range(len(cls.SPECIALS))] == list(cls.SPECIALS)
+        if [tok.id_to_piece(i) for i in range(len(cls.SPECIALS))] != list(cls.SPECIALS):
+            raise ValueError("the sentencepiece trainer did not put the special tokens first")
         return tok
 
 
@@ -584,7 +585,7 @@ def _cli_inspect_chat(tok, path, count):
     else:  # plain text for pipes and files: supervised pieces in [brackets]
         show = {1: "[{}]", 0: "{}"}
         print("[supervised]  not supervised")
-    template = ChatTemplate(tok)
+    template = ChatTemplate(tok.with_control_tokens(Tokenizer.SPECIALS[4:]))  # a base model lacks them
     for rec in load_jsonl(path)[:count]:
         ids, mask = template.render(rec["messages"])
         print(" ".join(show[m].format(tok.id_to_piece(i)) for i, m in zip(ids, mask)))

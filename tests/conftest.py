@@ -1,6 +1,7 @@
 """Shared by the tests that start real processes: a tiny training run on generated data, made once
 per test session (test_train.py checks it, test_chat.py talks to it)."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -55,13 +56,14 @@ def tiny_run(tiny_data):
 
 # Hugging Face Llama models for the loader tests: name -> LlamaConfig overrides
 ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
+               "original_max_position_embeddings": 64}  # with head_dim 16, all three bands are used
 CONFIGS = {
     "mha_untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
     "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
     "mqa_bias": dict(num_key_value_heads=1, attention_bias=True),
     "gqa_llama3_rope": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=ROPE_LLAMA3),
     "head_dim_32": dict(num_key_value_heads=2, head_dim=32),
+    "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=False),  # q/k/v biases, no o_proj bias
 }
 
 
@@ -77,18 +79,24 @@ def sp_tokenizer(tmp_path_factory):
     return d / "tok.model"
 
 
-def hf_model(name, directory, sp_tokenizer, shard=False, seed=0):
-    """A random transformers LlamaForCausalLM saved as a base model directory (+ tokenizer.model)."""
+def hf_model(name, directory, sp_tokenizer, shard=False, seed=0, dtype=torch.float32):
+    """A random transformers model (LlamaForCausalLM, or Qwen2ForCausalLM for "qwen2") saved as a
+    base model directory with a tokenizer.model. Returns it in fp32, holding the saved weights."""
     import transformers
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6,
-                                   **CONFIGS[name])
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # random norms and biases too, so a mixed-up name cannot hide
+    kind = (transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if name == "qwen2" else \
+        (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    cfg = kind[0](vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6, **CONFIGS[name])
+    model = kind[1](cfg).eval()
+    with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.endswith("bias") or "norm" in n:
+            if n.endswith("bias") or "norm" in n:  # random norms and biases, so a mixed-up name cannot hide
                 p.normal_(1.0 if "norm" in n else 0.0, 0.1)
-    model.save_pretrained(directory, max_shard_size="40KB" if shard else "5GB")
+            if n.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)  # sharp attention, so a wrong rotary angle shows in the logits
+        for p in model.parameters():  # what a checkpoint saved in `dtype` holds, kept in fp32
+            p.copy_(p.to(dtype).float())
+    copy.deepcopy(model).to(dtype).save_pretrained(directory, max_shard_size="40KB" if shard else "5GB")
     (directory / "tokenizer.model").write_bytes(sp_tokenizer.read_bytes())
     return model

@@ -49,8 +49,9 @@ def test_loaded_llama_matches_transformers_logits_and_greedy_generation(name, tm
     assert list(generate(ours, prompt, max_new_tokens=32)) == hf_ids  # with the KV cache
 
 
-def test_base_model_gains_the_chat_markers_with_mean_embeddings(tmp_path, sp_tokenizer):
-    hf_model("mha_untied", tmp_path, sp_tokenizer)
+@pytest.mark.parametrize("name", ["mha_untied", "gqa_tied"])
+def test_base_model_gains_the_chat_markers_with_mean_embeddings(name, tmp_path, sp_tokenizer):
+    hf_model(name, tmp_path, sp_tokenizer)
     base = load_base(tmp_path)
     model, tok = load_model(tmp_path)
     assert tok.vocab_size == model.cfg.vocab_size == 320 + len(CHAT_TOKENS)
@@ -58,6 +59,57 @@ def test_base_model_gains_the_chat_markers_with_mean_embeddings(tmp_path, sp_tok
     for w_new, w_old in ((model.embed_tokens.weight, base.embed_tokens.weight), (model.lm_head.weight, base.lm_head.weight)):
         torch.testing.assert_close(w_new[:320], w_old)
         torch.testing.assert_close(w_new[320:], w_old.mean(0, keepdim=True).expand(4, -1))
+    assert (model.lm_head.weight is model.embed_tokens.weight) == (name == "gqa_tied")
+
+
+def test_spare_embedding_rows_past_the_tokenizer_are_reused_for_the_chat_markers(tmp_path, sp_tokenizer):
+    hf_model("mha_untied", tmp_path, sp_tokenizer)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    from nanosft.safetensors import load_file, save_file
+    w = load_file(tmp_path / "model.safetensors")
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):  # pad the matrices to 336 rows, as some checkpoints do
+        w[k] = torch.cat([w[k], torch.randn(16, 64)])
+    save_file(w, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 336}))
+    model, tok = load_model(tmp_path)
+    assert tok.vocab_size == 324 and model.cfg.vocab_size == 336
+    torch.testing.assert_close(model.embed_tokens.weight[320:324], w["model.embed_tokens.weight"][:320].mean(0).expand(4, -1))
+
+
+def test_llama3_rope_frequencies_equal_transformers(tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from nanosft.embedding import Rotary
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}  # Llama 3.1's values
+    ref_cfg = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
+                                       rope_scaling=scaling, max_position_embeddings=131072)
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](ref_cfg, "cpu")
+    ours = Rotary(128, 500000.0, scaling).inv_freq
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=0)
+    plain = Rotary(128, 500000.0).inv_freq
+    ratio = ours / plain  # all three bands: kept (1), interpolated, slowed down (1/8)
+    assert ratio.max() == 1 and ratio.min() == 1 / 8 and ((ratio < 1) & (ratio > 1 / 8)).any()
+
+
+def test_bf16_checkpoint_and_old_style_rope_config_load_to_the_same_logits(tmp_path, sp_tokenizer):
+    ref = hf_model("gqa_llama3_rope", tmp_path, sp_tokenizer, dtype=torch.bfloat16)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")  # write it as transformers 4 did (TinyLlama, Llama 2 downloads)
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = load_base(tmp_path)
+    idx = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # ref holds the bf16-rounded weights in fp32, as our loader casts them
+        torch.testing.assert_close(logits_of(ours, idx), logits_of(ref, idx), rtol=1e-4, atol=1e-4)
+
+
+def test_a_tied_config_with_a_different_lm_head_in_the_file_is_refused(tmp_path, sp_tokenizer):
+    hf_model("mha_untied", tmp_path, sp_tokenizer)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="different lm_head.weight"):
+        load_base(tmp_path)
 
 
 def test_one_sft_step_matches_transformers_loss_and_update(tmp_path, sp_tokenizer):
@@ -142,7 +194,7 @@ def test_saved_run_loads_back_to_identical_logits_with_tied_weights_shared(tmp_p
     ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "rope scaling type 'yarn' is not supported"),
     ("some_new_knob", 3, "unsupported config keys ['some_new_knob']"),
     ("model_type", "gpt2", "model_type 'gpt2' is not supported"),
-    ("sliding_window", 16, None),  # llama ignores it; mistral with a window below the context refuses
+    ("sliding_window", 16, None),  # mistral with a window below the context refuses
 ])
 def test_unsupported_config_fails_loudly_naming_the_key(tmp_path, sp_tokenizer, key, value, complaint):
     hf_model("gqa_tied", tmp_path, sp_tokenizer)
@@ -154,6 +206,17 @@ def test_unsupported_config_fails_loudly_naming_the_key(tmp_path, sp_tokenizer, 
     with pytest.raises(ValueError, match="config.json") as e:
         read_config(tmp_path)
     assert complaint in str(e.value)
+
+
+def test_llama_ignores_sliding_window_and_mistral_without_the_key_uses_its_4096_default(tmp_path, sp_tokenizer):
+    hf_model("gqa_tied", tmp_path, sp_tokenizer)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "sliding_window": 16}))
+    assert read_config(tmp_path).n_layer == 2  # llama has no sliding window: the key changes nothing
+    mistral = {**cfg, "model_type": "mistral", "max_position_embeddings": 8192}
+    (tmp_path / "config.json").write_text(json.dumps(mistral))
+    with pytest.raises(ValueError, match="sliding_window=4096"):
+        read_config(tmp_path)
 
 
 def test_tokenizer_json_only_directory_gets_a_clear_message(tmp_path, sp_tokenizer):

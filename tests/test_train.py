@@ -134,7 +134,15 @@ def test_fine_tunes_a_hugging_face_llama_directory_and_chat_talks_to_it(tiny_dat
                   "--max-seq-len", "128", "--batch-size", "2", "--dtype", "fp32", "--lr", "1e-3")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
-    assert m["val_loss"] < m["val_loss_before"]  # it learned from the chat data
+    # the run started from the base weights: its step-0 validation loss is the base model's own
+    from nanosft.data import pack
+    from nanosft.evaluate import loss_and_ppl, validation_loss
+    base_model, base_tok = load_model(base)
+    template = ChatTemplate(base_tok)
+    val, _ = tokenize(load_jsonl(tiny_data / "val.jsonl"), template, 129)
+    want, _ = loss_and_ppl(*validation_loss(base_model, pack(val, 129, template.pad)))
+    assert math.isclose(m["val_loss_before"], want, rel_tol=1e-4)
+    assert m["val_loss"] < m["val_loss_before"]  # and it learned from the chat data
     model, tok = load_model(out)
     assert model.cfg.dim == 64 and tok.vocab_size == 324  # the base shape, plus the chat markers
     r = run_chat("--ckpt", str(out), "--prompt", "Which is larger, 418 or 96?", "--max-new-tokens", "5")
