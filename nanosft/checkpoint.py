@@ -27,7 +27,6 @@ from nanosft.model import ModelConfig, Transformer
 from nanosft.safetensors import load_sharded, save_file
 from nanosft.tokenizer import Tokenizer
 
-CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # the template's control tokens
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # keys that describe the file, training or generation defaults, not the forward pass
@@ -180,7 +179,7 @@ def load_model(directory, device="cpu", attn_impl="sdpa"):
     cfg = read_config(directory)
     cfg.attn_impl = attn_impl
     base = load_tokenizer(directory)
-    tok = base.with_control_tokens(CHAT_TOKENS)
+    tok = base.with_control_tokens(Tokenizer.CHAT_TOKENS)
     model = Transformer(cfg)
     load_weights(directory, model)
     if tok.vocab_size > base.vocab_size:

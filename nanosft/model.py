@@ -13,7 +13,7 @@ name. Inputs besides the token ids:
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -47,9 +47,6 @@ class ModelConfig:
             self.ffn_hidden = math.ceil(8 * self.dim / 3 / 32) * 32
         if not self.head_dim:
             self.head_dim = self.dim // self.n_head
-
-    def to_dict(self):
-        return asdict(self)
 
 
 class Transformer(nn.Module):

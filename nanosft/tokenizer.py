@@ -167,7 +167,8 @@ _TRAIN_WORD = re.compile(f"{SPACE}?[^\\s{SPACE}]+|{SPACE}?\\s+|{SPACE}")
 
 class Tokenizer:
     # control tokens of the chat template; plain text can never produce them
-    SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+    CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # the chat template's markers
+    SPECIALS = ("<unk>", "<s>", "</s>", "<pad>") + CHAT_TOKENS
 
     def __init__(self, pieces, trainer=None, normalizer=None, unknown_fields=None):
         """pieces: list of (piece, score, type); trainer/normalizer: the known fields
@@ -477,7 +478,7 @@ class Tokenizer:
             sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
             normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
             byte_fallback=True, split_digits=True, character_coverage=0.9995, hard_vocab_limit=False,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=list(cls.SPECIALS[4:]),
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=list(cls.CHAT_TOKENS),
             minloglevel=2)
         tok = cls.from_bytes(model.getvalue(), name="sentencepiece trainer output")
         if [tok.id_to_piece(i) for i in range(len(cls.SPECIALS))] != list(cls.SPECIALS):
@@ -585,7 +586,7 @@ def _cli_inspect_chat(tok, path, count):
     else:  # plain text for pipes and files: supervised pieces in [brackets]
         show = {1: "[{}]", 0: "{}"}
         print("[supervised]  not supervised")
-    template = ChatTemplate(tok.with_control_tokens(Tokenizer.SPECIALS[4:]))  # a base model lacks them
+    template = ChatTemplate(tok.with_control_tokens(Tokenizer.CHAT_TOKENS))  # a base model lacks them
     for rec in load_jsonl(path)[:count]:
         ids, mask = template.render(rec["messages"])
         print(" ".join(show[m].format(tok.id_to_piece(i)) for i, m in zip(ids, mask)))

@@ -11,11 +11,13 @@ import torch
 import transformers  # test-only reference, installed by `make test` (requirements-test.txt)
 from conftest import CONFIGS, ROPE_LLAMA3, hf_model
 
-from nanosft.checkpoint import CHAT_TOKENS, load_model, load_weights, point_latest, read_config, save_model
+from nanosft.checkpoint import load_model, load_weights, point_latest, read_config, save_model
 from nanosft.generate import generate
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
 from nanosft.tokenizer import Tokenizer
+
+CHAT_TOKENS = Tokenizer.CHAT_TOKENS
 
 
 def logits_of(model, idx):
