@@ -3,11 +3,15 @@ Supervised fine-tuning, through DeepSpeed. One process on a laptop CPU by defaul
 
     python train.py                                   # the default run on data/train.jsonl
     deepspeed --num_gpus 2 train.py --zero-stage 2    # the same script on 2 GPUs (or 2 CPU ranks)
+    python train.py --out runs/x --save-every 200     # checkpoints to resume from ...
+    python train.py --out runs/x --resume             # ... after a crash or a kill
 
 The story: read and validate the chat data -> train (or load) the tokenizer -> render and pack the
-conversations -> build the model -> deepspeed.initialize (ZeRO, bf16/fp16, gradient clipping from
-configs/ds_config.json plus the flags below) -> train with the masked SFT loss -> evaluate
+conversations -> build the model -> deepspeed.initialize (ZeRO stage, offload, bf16/fp16, gradient
+clipping: configs/ds_config.json or --ds-config, with the flags written over it) -> train with the
+masked SFT loss, normalised by the supervised tokens of the whole global batch -> evaluate
 (validation loss, held-out exact match) -> save the run directory (see nanosft/checkpoint.py).
+The DeepSpeed plumbing (config, optimizer, checkpoints, memory report) is in nanosft/distributed.py.
 """
 
 import argparse
@@ -16,7 +20,6 @@ import json
 import math
 import os
 import random
-import socket
 import time
 
 import deepspeed
@@ -24,7 +27,10 @@ import numpy as np
 import torch
 
 from nanosft.checkpoint import load_model, point_latest, save_model, write_json
-from nanosft.data import epoch_rows, load_jsonl, pack, padding_fraction, shard, to_batch, tokenize
+from nanosft.data import Batches, load_jsonl, pack, shard, tokenize
+from nanosft.distributed import (all_sum, config_settings, deepspeed_config, estimate_memory,
+                                 full_state_dict, load_checkpoint, loss_scale, make_optimizer, measure_memory,
+                                 pick_dtype, print0, save_checkpoint, setup_distributed)
 from nanosft.evaluate import check_eval_record, exact_match, format_scores, loss_and_ppl, validation_loss
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
@@ -33,8 +39,14 @@ from nanosft.tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# Settings a DeepSpeed config can also make. Precedence: the flag, else --ds-config, else these.
+CONFIG_DEFAULTS = {"batch_size": 16, "grad_accum": 1, "zero_stage": 0, "offload": "none", "dtype": "auto",
+                   "grad_clip": 1.0}
+# Flags that may change when a run is resumed; any other must stay as the run started.
+RESUME_MAY_CHANGE = {"resume", "out", "local_rank", "log_every", "save_every", "keep_checkpoints"}
 
-def parse_args(argv=None):
+
+def build_parser():
     p = argparse.ArgumentParser(description="supervised fine-tuning of a chat model with DeepSpeed")
     # data
     p.add_argument("--data", default=os.path.join(HERE, "data/train.jsonl"), help="training chat JSONL")
@@ -54,86 +66,97 @@ def parse_args(argv=None):
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-kv-head", type=int, default=2, help="key/value heads (grouped-query attention)")
     p.add_argument("--attn-impl", default="sdpa", choices=["sdpa", "manual"])
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder block in the backward pass instead of storing its activations")
     # optimization
-    p.add_argument("--batch-size", type=int, default=16, help="packed rows per micro-batch per rank")
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=None, help="packed rows per micro-batch per rank (default 16)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default 1.0; 0: off)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: use --epochs)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
     # deepspeed
-    p.add_argument("--ds-config", default=os.path.join(HERE, "configs/ds_config.json"))
-    p.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3], help="override the config's stage")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 on CPU and on GPUs that support it, else fp16")
+    p.add_argument("--ds-config", default=os.path.join(HERE, "configs/ds_config.json"),
+                   help="DeepSpeed JSON to start from; the flags below win over it")
+    p.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3], help="ZeRO stage (default 0)")
+    p.add_argument("--offload", default=None, choices=["none", "optimizer", "all"],
+                   help="ZeRO-Offload: optimizer state (stage >= 1) and, with 'all', parameters (stage 3) in CPU memory")
+    p.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 where supported, else fp16 on GPU (dynamic loss scaling) or fp32 on CPU")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     # run
     p.add_argument("--out", default="", help="run directory (default runs/<timestamp>)")
+    p.add_argument("--save-every", type=int, default=0, help="write a DeepSpeed checkpoint every N steps (0: never)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the latest checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--log-every", type=int, default=25)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.resume:
+        args = resumed_args(args, given_flags(argv))
+    with open(args.ds_config, encoding="utf-8") as f:
+        try:
+            ds_base = json.load(f)
+        except json.JSONDecodeError as e:
+            p.error(f"{args.ds_config}: invalid JSON ({e.msg} at line {e.lineno})")
+    from_config = config_settings(ds_base)
+    for k, default in CONFIG_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, from_config[k] if from_config[k] is not None else default)
+    args.ds_base = ds_base
+    check_args(p, args)
+    return args
+
+
+def given_flags(argv=None):
+    """Names of the flags given on the command line (not left at their defaults)."""
+    p, unset = build_parser(), object()  # not a string: argparse would run a string default through `type`
+    p.set_defaults(**{a.dest: unset for a in p._actions})
+    return {k for k, v in vars(p.parse_args(argv)).items() if v is not unset}
+
+
+def resumed_args(args, given):
+    """A resumed run takes its settings from the run's args.json; flags given again must agree."""
+    if not args.out:
+        raise SystemExit("error: --resume needs the --out of the run to continue")
+    path = os.path.join(args.out, "args.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found: {args.out} is not a run started by train.py")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    changed = [k for k in given - RESUME_MAY_CHANGE if k in saved and getattr(args, k) != saved[k]]
+    if changed:
+        raise SystemExit("error: --resume continues the run as it started; these flags differ from "
+                         f"{path}: " + ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (given {getattr(args, k)!r})"
+                                                  for k in sorted(changed)))
+    for k in given & RESUME_MAY_CHANGE:
+        saved[k] = getattr(args, k)
+    saved["resume"] = True
+    return argparse.Namespace(**saved)
+
+
+def check_args(p, args):
     if args.dim % args.n_head or (args.dim // args.n_head) % 2:
         p.error(f"--dim {args.dim} must split into --n-head {args.n_head} heads of an even size (RoPE rotates pairs)")
     if args.n_head % args.n_kv_head:
         p.error(f"--n-head {args.n_head} must be a multiple of --n-kv-head {args.n_kv_head}")
     if min(args.batch_size, args.grad_accum, args.max_seq_len, args.n_layer) < 1 or args.steps < 0:
         p.error("--batch-size, --grad-accum, --max-seq-len and --n-layer must be at least 1, --steps not negative")
-    return args
-
-
-# -----------------------------------------------------------------------------
-# distributed set-up: the same code for `python train.py` and the deepspeed launcher
-
-def setup_distributed():
-    # Without a launcher, describe a world of one so deepspeed does not go looking for MPI.
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-    return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def print0(*a, **k):
-    """Print on rank 0 only; every message of the run goes through here."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(*a, **k, flush=True)
-
-
-def all_sum(values, device):
-    """Sum a list of Python numbers over all ranks, element by element."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def pick_dtype(name, device):
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"  # PyTorch's CPU kernels all support bf16; fast where the CPU has AVX512-BF16/AMX
-
-
-def deepspeed_config(args, world, dtype):
-    with open(args.ds_config, encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["train_micro_batch_size_per_gpu"] = args.batch_size
-    cfg["gradient_accumulation_steps"] = args.grad_accum
-    cfg["train_batch_size"] = args.batch_size * args.grad_accum * world
-    if args.zero_stage is not None:
-        cfg.setdefault("zero_optimization", {})["stage"] = args.zero_stage
-    cfg.setdefault("bf16", {})["enabled"] = dtype == "bf16"
-    cfg.setdefault("fp16", {})["enabled"] = dtype == "fp16"
-    return cfg
+    if args.offload == "optimizer" and args.zero_stage == 0:
+        p.error("--offload optimizer needs --zero-stage 1, 2 or 3 (ZeRO-Offload moves the partitioned optimizer)")
+    if args.offload == "all" and args.zero_stage != 3:
+        p.error("--offload all needs --zero-stage 3 (only stage 3 partitions the parameters)")
+    if args.dtype == "fp16" and not torch.cuda.is_available():
+        p.error("--dtype fp16 needs a GPU (DeepSpeed has no fp16 training on CPU); use bf16 or fp32")
+    if args.save_every < 0 or args.keep_checkpoints < 1:
+        p.error("--save-every must not be negative and --keep-checkpoints at least 1")
 
 
 def lr_lambda(warmup, total):
@@ -146,12 +169,61 @@ def lr_lambda(warmup, total):
     return f
 
 
-def load_tokenizer(args, records):
+def load_tokenizer(args, records, run_dir):
+    if args.resume:  # the tokenizer the run started with, not a retrained one
+        return Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
     if args.tokenizer:
         return Tokenizer.load(args.tokenizer)
     texts = [m["content"] for r in records for m in r["messages"]]
     train = Tokenizer.train_spm if args.tokenizer_trainer == "spm" else Tokenizer.train
     return train(texts, args.vocab_size)  # deterministic: every rank trains the same one
+
+
+def train_step(engine, micro, world, device, before_step=None):
+    """Forward and backward over this rank's micro-batches, then the optimizer step (before which
+    `before_step()` is called, if given). Returns the summed NLL, supervised tokens and real
+    tokens of the whole global batch.
+
+    NOTE: the loss is normalised by the supervised tokens of the whole global batch (all
+    micro-batches, all ranks). DeepSpeed divides each backward by the number of micro-batches and
+    averages gradients over the ranks, so multiplying by len(micro) * world undoes both: every
+    supervised token weighs the same, however the global batch is split (tests/test_zero.py)."""
+    n_sup, n_tok = all_sum([sum(b["loss_mask"].sum() for b in micro), sum((b["doc"] >= 0).sum() for b in micro)], device)
+    nll = 0.0
+    for i, b in enumerate(micro):
+        b = {k: v.to(device) for k, v in b.items()}
+        logits = engine(b["idx"], pos=b["pos"], doc=b["doc"])
+        s, _ = masked_nll(logits, b["targets"], b["loss_mask"])
+        engine.backward(s * (len(micro) * world) / max(n_sup, 1.0))
+        if before_step and i == len(micro) - 1:
+            before_step()
+        engine.step()  # only the last micro-batch's call steps the optimizer
+        nll += s.item()
+    return all_sum([nll], device)[0], n_sup, n_tok
+
+
+def record_memory(engine, args, n_params, world, run_dir):
+    """Measure what each rank holds after the backward pass of a step, with gradients, weights
+    and Adam's state all there, and write memory.json: measured bytes per rank next to the ZeRO
+    paper's estimate."""
+    per_rank = [None] * world
+    torch.distributed.all_gather_object(per_rank, measure_memory(engine))
+    report = {"zero_stage": args.zero_stage, "offload": args.offload, "dtype": args.dtype, "world_size": world,
+              "params": n_params, "per_rank": per_rank,
+              "estimate_per_rank": estimate_memory(n_params, args.zero_stage, world, args.dtype)}
+    if torch.distributed.get_rank() == 0:
+        write_json(os.path.join(run_dir, "memory.json"), report)
+        ms = [sum(dev["model_states"] for dev in r.values()) for r in per_rank]
+        print0(f"memory: model states {max(ms) / 2**20:.2f} MiB per rank (measured; "
+               f"ZeRO estimate {report['estimate_per_rank']['model_states'] / 2**20:.2f} MiB), see memory.json")
+
+
+def read_log(path, upto):
+    """The rows of an earlier train_log.csv up to step `upto` (a resumed run recomputes the rest)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.reader(f)][1:upto + 1]
 
 
 def main(args):
@@ -161,14 +233,17 @@ def main(args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     run_dir = args.out or os.path.join(HERE, "runs", time.strftime("%Y%m%d-%H%M%S"))
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
 
     # ---- data: validate, tokenize, render
     records = load_jsonl(args.data)
     if args.init_from:
         model, tok = load_model(args.init_from, attn_impl=args.attn_impl)
         model.train()
+        if args.resume:
+            tok = load_tokenizer(args, records, run_dir)
     else:
-        model, tok = None, load_tokenizer(args, records)
+        model, tok = None, load_tokenizer(args, records, run_dir)
     template = ChatTemplate(tok)
     row_len = args.max_seq_len + 1  # +1: inputs and targets are the row shifted by one
     samples, too_long = tokenize(records, template, row_len)
@@ -185,7 +260,7 @@ def main(args):
     evals = load_jsonl(args.eval_data, check_eval_record) if args.eval_data else []
 
     # ---- model and deepspeed
-    dtype = pick_dtype(args.dtype, device)
+    args.dtype = pick_dtype(args.dtype, device)
     if model is None:
         model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layer=args.n_layer,
                                         n_head=args.n_head, n_kv_head=args.n_kv_head,
@@ -193,19 +268,20 @@ def main(args):
     cfg = model.cfg
     if args.max_seq_len > cfg.max_seq_len:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {cfg.max_seq_len} positions")
+    model.grad_checkpointing = args.gradient_checkpointing
     n_params = model.num_params()  # counted now: under ZeRO-3 the module's own tensors become empty shards
-    rows = epoch_rows(samples, row_len, template.pad, args.seed, 0, rank, world)  # epoch 0, reshuffled each epoch
-    steps_per_epoch = len(rows["ids"]) / (args.batch_size * args.grad_accum)
+    batches = Batches(samples, row_len, template.pad, args.batch_size, args.seed, rank, world)
+    steps_per_epoch = len(batches.rows["ids"]) / (args.batch_size * args.grad_accum)
     total_steps = args.steps or max(math.ceil(args.epochs * steps_per_epoch), 1)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
-    ds_cfg = deepspeed_config(args, world, dtype)
+    ds_cfg = deepspeed_config(args.ds_base, world=world, micro_batch=args.batch_size, grad_accum=args.grad_accum,
+                              zero_stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
+                              grad_clip=args.grad_clip, pin_memory=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    print0(f"model: {n_params:,} parameters, {dtype}, ZeRO stage {engine.zero_optimization_stage()}, "
-           f"{world} rank(s) on {device.type}; {total_steps} steps of {ds_cfg['train_batch_size']} rows x {row_len} tokens")
+    print0(f"model: {n_params:,} parameters, {args.dtype}, ZeRO stage {args.zero_stage}"
+           + (f" offload {args.offload}" if args.offload != "none" else "")
+           + f", {world} rank(s) on {device.type}; {total_steps} steps of {ds_cfg['train_batch_size']} rows x {row_len} tokens")
 
     def val_loss():
         if val is None:
@@ -215,81 +291,88 @@ def main(args):
         engine.train()
         return loss_and_ppl(*all_sum([s, c], device))
 
-    before_loss, _ = val_loss()
-    if val is not None:
-        print0(f"step 0: val loss {before_loss:.4f}")
+    # ---- start, or pick up where a checkpoint left off
+    start = {"step": 0, "tokens": 0, "supervised_tokens": 0, "elapsed_s": 0.0}
+    if args.resume:
+        start = load_checkpoint(engine, ckpt_dir)
+        if start["world_size"] != world:
+            raise ValueError(f"{ckpt_dir}: the run used {start['world_size']} rank(s), not {world}: "
+                             "the data order depends on it; resume with the same launcher settings")
+        batches.load_state_dict(start["batches"])
+        random.setstate(start["rng"]["python"])
+        np.random.set_state(start["rng"]["numpy"])
+        torch.set_rng_state(start["rng"]["torch"])
+        before_loss = start["val_loss_before"]
+        print0(f"resumed {run_dir} at step {start['step']} (epoch {batches.epoch})")
+    else:
+        before_loss, _ = val_loss()
+        if val is not None:
+            print0(f"step 0: val loss {before_loss:.4f}")
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        saved_args = {k: v for k, v in vars(args).items() if k not in ("ds_base", "resume", "local_rank")}
+        write_json(os.path.join(run_dir, "args.json"), saved_args)
+        write_json(os.path.join(run_dir, "ds_config.json"), ds_cfg)
+        tok.save(os.path.join(run_dir, "tokenizer.model"))
 
     # ---- training
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        log_file = open(os.path.join(run_dir, "train_log.csv"), "w", newline="")
+        log_path = os.path.join(run_dir, "train_log.csv")
+        kept = read_log(log_path, start["step"])
+        log_file = open(log_path, "w", newline="")
         log = csv.writer(log_file)
-        log.writerow(["step", "loss", "lr", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s"])
-    epoch, cursor = 0, 0
-    tokens = sup_tokens = 0
-    pad_fracs = [padding_fraction(rows)]
-    t_train = time.time()
-    for step in range(1, total_steps + 1):
-        # the micro-batches of this optimizer step
-        micro = []
-        for _ in range(args.grad_accum):
-            if cursor + args.batch_size > len(rows["ids"]):
-                # the rows this epoch has left go first in the next one: none is skipped
-                epoch = epoch + 1
-                fresh = epoch_rows(samples, row_len, template.pad, args.seed, epoch, rank, world)
-                pad_fracs.append(padding_fraction(fresh))
-                rows = {k: np.concatenate([v[cursor:], fresh[k]]) for k, v in rows.items()}
-                cursor = 0
-            micro.append(to_batch(rows, slice(cursor, cursor + args.batch_size)))
-            cursor += args.batch_size
-        # NOTE: normalise by the supervised tokens of the whole global batch (all micro-batches,
-        # all ranks). deepspeed divides each backward by grad_accum and averages gradients over
-        # ranks, so multiplying by grad_accum * world undoes both and every token weighs the same.
-        n_sup, n_tok = all_sum([sum(b["loss_mask"].sum() for b in micro),
-                                sum((b["doc"] >= 0).sum() for b in micro)], device)
+        log.writerow(["step", "loss", "lr", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s",
+                      "skipped_steps", "loss_scale"])
+        log.writerows(kept)
+    tokens, sup_tokens = start["tokens"], start["supervised_tokens"]
+    t_train, tokens_at_start = time.time(), tokens
+    for step in range(start["step"] + 1, total_steps + 1):
+        micro = [batches.next() for _ in range(args.grad_accum)]
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        step_nll = 0.0
-        for b in micro:
-            b = {k: v.to(device) for k, v in b.items()}
-            logits = engine(b["idx"], pos=b["pos"], doc=b["doc"])
-            s, _ = masked_nll(logits, b["targets"], b["loss_mask"])
-            engine.backward(s * (args.grad_accum * world) / max(n_sup, 1.0))
-            engine.step()
-            step_nll += s.item()
+        # memory is measured at the second step: Adam's state appears at the first
+        measure = (lambda: record_memory(engine, args, n_params, world, run_dir)) if step == 2 else None
+        nll, n_sup, n_tok = train_step(engine, micro, world, device, measure)
+        loss = nll / max(n_sup, 1.0)
         tokens, sup_tokens = tokens + int(n_tok), sup_tokens + int(n_sup)
-        loss = all_sum([step_nll], device)[0] / max(n_sup, 1.0)
-        elapsed = time.time() - t_train
+        session = time.time() - t_train
+        elapsed = start["elapsed_s"] + session
+        tok_per_s = (tokens - tokens_at_start) / session
         if rank == 0:
-            log.writerow([step, f"{loss:.5f}", f"{lr:.6g}", tokens, sup_tokens,
-                          f"{tokens / elapsed:.1f}", f"{elapsed:.2f}"])
+            scale = loss_scale(engine)
+            log.writerow([step, f"{loss:.8g}", f"{lr:.6g}", tokens, sup_tokens, f"{tok_per_s:.1f}", f"{elapsed:.2f}",
+                          engine.skipped_steps, "" if scale is None else f"{scale:g}"])
         if step % args.log_every == 0 or step == total_steps:
             if rank == 0:
                 log_file.flush()
-            print0(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                   f"{tokens / elapsed:,.0f} tok/s  {elapsed:.0f}s")
+            skipped = f"  skipped {engine.skipped_steps} (fp16 overflow)" if engine.skipped_steps else ""
+            print0(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tok_per_s:,.0f} tok/s  "
+                   f"{elapsed:.0f}s{skipped}")
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            if rank == 0:
+                log_file.flush()
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+            save_checkpoint(engine, ckpt_dir, step, keep=args.keep_checkpoints, client_state={
+                "step": step, "batches": batches.state_dict(), "tokens": tokens, "supervised_tokens": sup_tokens,
+                "elapsed_s": elapsed, "val_loss_before": before_loss, "world_size": world, "rng": rng})
     train_time = time.time() - t_train
     if rank == 0:
         log_file.close()
 
     # ---- evaluate and save
     after_loss, after_ppl = val_loss()
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # gathers the shards; all ranks take part
-    else:
-        state = engine.module.state_dict()
+    state = full_state_dict(engine)  # fp32, gathered from the shards: every rank takes part
     if rank == 0:
         save_model(run_dir, state, cfg, tok)
         scores = {}
-        if evals:  # exact match of the saved weights, in fp32: what chat.py will load
+        if evals:  # exact match of the saved weights: what chat.py will load
             final, _ = load_model(run_dir, device)
             scores, _ = exact_match(final, template, evals)
-        write_json(os.path.join(run_dir, "ds_config.json"), ds_cfg)
         metrics = {"val_loss": after_loss, "val_ppl": after_ppl, "val_loss_before": before_loss,
-                   "exact_match": scores, "train_tokens_per_s": tokens / train_time,
+                   "exact_match": scores, "train_tokens_per_s": (tokens - tokens_at_start) / train_time,
                    "wall_time_s": time.time() - t_start, "train_time_s": train_time, "steps": total_steps,
-                   "tokens": tokens, "supervised_tokens": sup_tokens, "params": n_params,
-                   "dtype": dtype, "world_size": world, "padding_fraction": float(np.mean(pad_fracs)),
-                   "conversations_too_long": too_long}
+                   "skipped_steps": engine.skipped_steps, "tokens": tokens, "supervised_tokens": sup_tokens,
+                   "params": n_params, "dtype": args.dtype, "zero_stage": args.zero_stage, "world_size": world,
+                   "padding_fraction": float(np.mean(batches.padding)), "conversations_too_long": too_long}
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
         point_latest(run_dir)
         if val is not None:

@@ -173,3 +173,50 @@ def epoch_rows(samples, row_len, pad_id, seed, epoch, rank=0, world=1):
     order = list(range(len(samples)))
     random.Random(seed * 1000003 + epoch).shuffle(order)
     return shard(pack([samples[i] for i in order], row_len, pad_id), rank, world, pad_id)
+
+
+class Batches:
+    """This rank's micro-batches, epoch after epoch, without end. Every epoch re-packs the
+    conversations in its own seeded order (a fresh shuffle each epoch, the same on every rank so
+    the ranks' shares never overlap); the rows an epoch has left over, fewer than a micro-batch,
+    go first in the next epoch, so no row is skipped. The position is (epoch, cursor), which is
+    all a resumed run needs: load_state_dict replays the epochs' packing to get back there."""
+
+    def __init__(self, samples, row_len, pad_id, batch_size, seed, rank=0, world=1):
+        self.samples, self.row_len, self.pad_id = samples, row_len, pad_id
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self._start()
+
+    def _start(self):
+        self.epoch, self.cursor = 0, 0
+        self.rows = epoch_rows(self.samples, self.row_len, self.pad_id, self.seed, 0, self.rank, self.world)
+        self.padding = [padding_fraction(self.rows)]  # one per epoch
+
+    def _next_epoch(self):
+        self.epoch += 1
+        fresh = epoch_rows(self.samples, self.row_len, self.pad_id, self.seed, self.epoch, self.rank, self.world)
+        self.padding.append(padding_fraction(fresh))
+        self.rows = {k: np.concatenate([v[self.cursor:], fresh[k]]) for k, v in self.rows.items()}
+        self.cursor = 0
+
+    def _full(self):
+        return self.cursor + self.batch_size > len(self.rows["ids"])
+
+    def next(self):
+        while self._full():
+            self._next_epoch()
+        batch = to_batch(self.rows, slice(self.cursor, self.cursor + self.batch_size))
+        self.cursor += self.batch_size
+        return batch
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self._start()
+        while self.epoch < state["epoch"]:
+            # the cursor moves a micro-batch at a time, so this is where it stood when the epoch ran out
+            self.cursor = len(self.rows["ids"]) // self.batch_size * self.batch_size
+            self._next_epoch()
+        self.cursor = state["cursor"]
+

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from nanosft.attention import KVCache, causal_mask
 from nanosft.block import Block, RMSNorm
@@ -60,6 +61,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one matrix reads and writes tokens
+        # Activation checkpointing (train.py --gradient-checkpointing): keep only each block's input
+        # during the forward pass and recompute the block in the backward pass. About a third more
+        # compute for activation memory that no longer grows with depth.
+        self.grad_checkpointing = False
         self.apply(self._init_weights)
         # the projections that write into the residual stream start smaller, so the stream's
         # variance does not grow with depth (GPT-2's scaled init)
@@ -110,7 +115,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, C)
         cos, sin = self.rotary(pos, x.dtype)  # (B, 1, T, hd) each
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, cache, layer=i)  # (B, T, C)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)  # (B, T, C)
+            else:
+                x = block(x, cos, sin, mask, cache, layer=i)  # (B, T, C)
         if cache is not None:
             cache.len += T
         return self.lm_head(self.norm(x))  # (B, T, vocab_size)

@@ -1,0 +1,287 @@
+"""
+Running under DeepSpeed: the plumbing train.py needs, so that train.py itself can tell the story.
+
+    setup_distributed()         one code path for `python train.py` (a world of one) and the launcher
+    deepspeed_config(...)       the JSON DeepSpeed reads: configs/ds_config.json (or --ds-config) + flags
+    make_optimizer(...)         AdamW; DeepSpeed's CPU Adam when ZeRO-Offload moves the optimizer to CPU
+    full_state_dict(engine)     the fp32 weights, gathered from the ZeRO shards whatever the stage
+    save_checkpoint / load_checkpoint   everything needed to resume, with a `latest` that is never
+                                half-written
+    memory_report(engine)       the bytes of parameters, gradients and optimizer state this rank really
+                                holds, measured, next to the textbook estimate
+
+ZeRO in one paragraph (Rajbhandari et al., 2020): plain data parallelism keeps a full copy of the
+weights, the gradients and the optimizer state (Adam: two more tensors per weight) on every rank.
+Stage 1 splits the optimizer state across the ranks, stage 2 the gradients as well, stage 3 the
+weights too (they are gathered layer by layer just before use). Offload keeps the optimizer state
+(and with stage 3 the weights) in CPU memory. The maths does not change: tests/test_zero.py checks
+that every stage trains exactly like one rank without ZeRO.
+"""
+
+import copy
+import gc
+import os
+import shutil
+import socket
+
+import deepspeed
+import torch
+
+
+# -----------------------------------------------------------------------------
+# process group
+
+def setup_distributed():
+    """-> (device, rank, world). Under the deepspeed launcher RANK etc. are set; without it,
+    describe a world of one so that deepspeed does not go looking for MPI."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def is_rank0():
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def print0(*a, **k):
+    """Print on rank 0 only; every message of a run goes through here."""
+    if is_rank0():
+        print(*a, **k, flush=True)
+
+
+def all_sum(values, device):
+    """Sum a list of Python numbers over all ranks, element by element (float64, so token counts
+    stay exact)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+# -----------------------------------------------------------------------------
+# the DeepSpeed config
+
+def pick_dtype(name, device):
+    """--dtype auto: bf16 where the hardware has it; else fp16 on a GPU (with loss scaling) and
+    fp32 on a CPU (fp16 has no CPU kernels in DeepSpeed)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def deepspeed_config(base, *, world, micro_batch, grad_accum, zero_stage, offload, dtype, grad_clip, pin_memory):
+    """base (a DeepSpeed JSON as a dict) with the run's settings written over it."""
+    for key in ("optimizer", "scheduler"):
+        if key in base:
+            raise ValueError(f'the DeepSpeed config has an "{key}" section; train.py builds the optimizer '
+                             "and the schedule from --lr, --weight-decay and --warmup-steps, remove it")
+    cfg = copy.deepcopy(base)
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch * grad_accum * world
+    cfg["gradient_clipping"] = grad_clip
+    zero = cfg.setdefault("zero_optimization", {})
+    zero["stage"] = zero_stage
+    zero.pop("offload_optimizer", None)
+    zero.pop("offload_param", None)
+    if offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
+    if offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    cfg.setdefault("bf16", {})["enabled"] = dtype == "bf16"
+    cfg.setdefault("fp16", {})["enabled"] = dtype == "fp16"
+    return cfg
+
+
+def config_settings(base):
+    """The settings a DeepSpeed config already makes, in flag terms; flags given on the command line
+    win over these, and these over the built-in defaults."""
+    zero = base.get("zero_optimization", {})
+    offload = "all" if "offload_param" in zero else "optimizer" if "offload_optimizer" in zero else None
+    dtype = "bf16" if base.get("bf16", {}).get("enabled") else "fp16" if base.get("fp16", {}).get("enabled") else None
+    return {"batch_size": base.get("train_micro_batch_size_per_gpu"), "grad_accum": base.get("gradient_accumulation_steps"),
+            "zero_stage": zero.get("stage"), "offload": offload, "dtype": dtype, "grad_clip": base.get("gradient_clipping")}
+
+
+def make_optimizer(model, lr, weight_decay, offload):
+    """AdamW with no weight decay on norms (1-d tensors). With ZeRO-Offload the optimizer steps on
+    the CPU, where DeepSpeed's vectorized CPU Adam (compiled on first use) is much faster than
+    torch's; it computes the same AdamW update."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if offload != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=(0.9, 0.95), adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def base_optimizer(engine):
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, bf16)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def loss_scale(engine):
+    """fp16's current dynamic loss scale, None without fp16."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    return float(getattr(opt, "cur_scale", None) or opt.loss_scale)
+
+
+# -----------------------------------------------------------------------------
+# weights and checkpoints
+
+def full_state_dict(engine):
+    """{name: fp32 tensor on CPU} of the whole model, on every rank. With mixed precision the
+    module holds 16-bit copies; the fp32 master weights live in the (possibly sharded) optimizer
+    and are what we save. Under ZeRO-3 every rank must call this: gathering is collective."""
+    opt = engine.optimizer
+    # bf16/fp16 without ZeRO: the wrapper keeps one fp32 copy per parameter, group by group
+    unsharded = {id(p): q for low, high in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+                 for p, q in zip(low, high)}
+    state = {}
+    for name, p in engine.module.named_parameters():
+        full = unsharded.get(id(p))
+        if full is None:  # ZeRO (any stage, gathered) or bf16 with its own optimizer; None: fp32 module
+            full = deepspeed.utils.safe_get_full_fp32_param(p)
+        state[name] = (p.detach() if full is None else full).float().cpu().clone()
+    if "lm_head.weight" not in state:  # tied: named_parameters lists the shared matrix once
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
+
+
+def write_text_atomic(path, text):
+    """Write a small file so that a reader sees the old content or the new, never half of it."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2):
+    """A DeepSpeed checkpoint (module, optimizer with its ZeRO shards, LR schedule, loss scaler,
+    client_state) in ckpt_dir/step00000123/. `latest` names it only once every rank has written
+    its part, and is replaced atomically: a run killed at any moment leaves a `latest` that names
+    a complete checkpoint. The `keep` most recent checkpoints are kept."""
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    torch.distributed.barrier()
+    if is_rank0():
+        write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
+        old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step") and d != tag)
+        for d in old[:max(len(old) - keep + 1, 0)]:
+            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+    torch.distributed.barrier()
+
+
+def load_checkpoint(engine, ckpt_dir):
+    """Restore the checkpoint `latest` names; returns its client_state."""
+    latest = os.path.join(ckpt_dir, "latest")
+    if not os.path.exists(latest):
+        raise FileNotFoundError(f"{latest} not found: nothing to resume (checkpoints are written every --save-every steps)")
+    with open(latest, encoding="utf-8") as f:
+        tag = f.read().strip()
+    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if path is None:
+        raise ValueError(f"{os.path.join(ckpt_dir, tag)}: DeepSpeed could not load this checkpoint")
+    return client_state
+
+
+# -----------------------------------------------------------------------------
+# memory
+
+MODEL_STATES = ("parameters", "master_weights", "gradients", "optimizer_state")
+
+def _storages(tensors):
+    """{storage address: (device type, bytes)} of tensors; views of one storage count once."""
+    out = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            if s.nbytes():
+                out[(t.device.type, s.data_ptr())] = (t.device.type, s.nbytes())
+    return out
+
+
+def _tensors_in(obj, names):
+    """The tensors held, directly or in lists and dicts, by the attributes `names` of obj."""
+    stack = [getattr(obj, name, None) for name in names]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+
+
+# Where DeepSpeed's optimizer wrappers keep the fp32 master weights and the gradients (ZeRO 1/2,
+# ZeRO-3, bf16 without ZeRO), outside the torch optimizer's param_groups and .grad.
+MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
+GRAD_ATTRS = ("averaged_gradients", "grads_in_partition", "ipg_buffer", "grad_partitions_flat_buffer",
+              "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", "fp32_groups_gradients_flat")
+
+
+def measure_memory(engine):
+    """Bytes of the tensors alive on this rank, by kind and device. Every live tensor is found by
+    walking Python's objects (views counted once, by storage) and sorted into: optimizer state
+    (Adam's moments), master weights (the optimizer's own fp32 copy, where it keeps one),
+    parameters (the module's weights or, under ZeRO-3, its shard), gradients (.grad and ZeRO's
+    gradient buffers) and other (the batch, rotary tables, communication buffers). Call it while gradients exist (before the
+    optimizer step) to see the peak."""
+    base = base_optimizer(engine)
+    state = _storages(t for s in base.state.values() for t in s.values())
+    module_params = list(engine.module.parameters())
+    params = _storages([getattr(p, "ds_tensor", p) for p in module_params])
+    masters = [p for g in base.param_groups for p in g["params"]] + list(_tensors_in(engine.optimizer, MASTER_ATTRS))
+    master = _storages(masters)
+    grads = _storages([p.grad for p in module_params + masters] + list(_tensors_in(engine.optimizer, GRAD_ATTRS)))
+    alive = _storages(o for o in gc.get_objects() if issubclass(type(o), torch.Tensor))  # type(): no properties run
+    kinds = {"optimizer_state": state, "parameters": params, "master_weights": master, "gradients": grads}
+    seen = set()
+    report = {}
+    for kind, found in kinds.items():
+        for key, (dev, n) in found.items():
+            if key not in seen:
+                seen.add(key)
+                report.setdefault(dev, {}).setdefault(kind, 0)
+                report[dev][kind] += n
+    for key, (dev, n) in alive.items():
+        if key not in seen:
+            report.setdefault(dev, {}).setdefault("other", 0)
+            report[dev]["other"] += n
+    for dev in report:
+        for k in MODEL_STATES + ("other",):
+            report[dev].setdefault(k, 0)
+        report[dev]["model_states"] = sum(report[dev][k] for k in MODEL_STATES)
+    return report
+
+
+def estimate_memory(n_params, stage, world, dtype):
+    """The ZeRO paper's per-rank bytes of model states for n_params weights and Adam: per weight,
+    2 or 4 bytes of parameter and of gradient, 4 of fp32 master copy (mixed precision only) and 8
+    of Adam moments; stage 1 divides the master copy and the moments by the world size, stage 2
+    the gradients too, stage 3 the parameters too."""
+    half = dtype in ("bf16", "fp16")
+    per_weight = {"parameters": 2 if half else 4, "gradients": 2 if half else 4,
+                  "master_weights": 4 if half else 0, "optimizer_state": 8}
+    split_from = {"parameters": 3, "gradients": 2, "master_weights": 1, "optimizer_state": 1}
+    est = {k: n_params * b / (world if stage >= split_from[k] else 1) for k, b in per_weight.items()}
+    est["model_states"] = sum(est.values())
+    return est

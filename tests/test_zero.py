@@ -1,0 +1,259 @@
+"""What DeepSpeed gives a run, proven on CPU ranks (gloo) under the deepspeed launcher:
+
+- every ZeRO stage (1, 2, 3, and 2 with the optimizer offloaded to CPU) trains exactly like one
+  rank without ZeRO, given the same global batch: same losses, step for step;
+- the gradient of a step does not depend on how its global batch is cut into micro-batches;
+- a run killed with SIGKILL and resumed with --resume continues with exactly the losses of a run
+  that was never interrupted, and `latest` never names a half-written checkpoint;
+- ZeRO-3's sharded weights are gathered into one file that chat.py answers from like the
+  stage-0 run's;
+- the memory report measures what ZeRO saves: stage 3 holds about half of stage 0's model states
+  per rank on 2 ranks.
+
+These start real training processes, so they are marked slow (still part of `make test`)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import deepspeed
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DIST_VARS, ROOT, TINY, run, run_chat, run_train
+
+from nanosft.checkpoint import load_model
+from nanosft.data import epoch_rows, load_jsonl, to_batch, tokenize
+from nanosft.distributed import deepspeed_config, make_optimizer, save_checkpoint, setup_distributed
+from nanosft.model import ModelConfig, Transformer
+from nanosft.template import ChatTemplate
+from nanosft.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+sys.path.insert(0, ROOT)
+from train import train_step  # noqa: E402
+
+ZERO_TINY = list(TINY)  # the tiny model; batch flags are set per run below
+for flag in ("--batch-size", "--grad-accum"):
+    i = ZERO_TINY.index(flag)
+    del ZERO_TINY[i:i + 2]
+
+
+def launch(nproc, data_dir, out, *flags, steps=20):
+    """train.py on `nproc` CPU ranks under the deepspeed launcher (1: plain python)."""
+    common = ["--data", str(data_dir / "train.jsonl"), "--val-data", "", "--eval-data", "", "--out", str(out),
+              "--steps", str(steps), *ZERO_TINY, *flags]
+    if nproc == 1:
+        r = run_train(*common)
+    else:
+        launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        port = str(29600 + abs(hash(str(out))) % 300)
+        r = run([launcher, "--num_gpus", str(nproc), "--master_port", port, os.path.join(ROOT, "train.py"), *common])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def losses(out):
+    with open(out / "train_log.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+# The same global batch of 8 rows everywhere: 1 rank x 4 rows x 2 micro-batches, or 2 ranks x 2 x 2
+# (or 1 x 4 for stage 3). Ranks take every other row of the packed epoch, so the 8 rows are the same.
+RUNS = {
+    "stage1": (2, "--zero-stage", "1", "--batch-size", "2", "--grad-accum", "2", "--gradient-checkpointing"),
+    "stage2": (2, "--zero-stage", "2", "--batch-size", "2", "--grad-accum", "2"),
+    "stage3": (2, "--zero-stage", "3", "--batch-size", "1", "--grad-accum", "4"),
+    "stage2_offload": (2, "--zero-stage", "2", "--offload", "optimizer", "--batch-size", "2", "--grad-accum", "2"),
+}
+
+
+@pytest.fixture(scope="module")
+def stage0(tiny_data):
+    return launch(1, tiny_data, tiny_data / "zero" / "stage0", "--dtype", "fp32", "--batch-size", "4", "--grad-accum", "2")
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tiny_data):
+    return {name: launch(n, tiny_data, tiny_data / "zero" / name, "--dtype", "fp32", *flags)
+            for name, (n, *flags) in RUNS.items()}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_zero_stage_on_two_ranks_trains_like_stage0_on_one(name, stage0, zero_runs):
+    ref, got = losses(stage0), losses(zero_runs[name])
+    assert len(ref) == len(got) == 20
+    for step, (a, b) in enumerate(zip(ref, got), 1):
+        assert abs(a - b) <= 1e-4 * abs(a), f"step {step}: stage 0 loss {a}, {name} loss {b}"
+    assert ref[-1] < ref[0] - 1.0  # and it is training, not standing still
+    cfg = json.loads((zero_runs[name] / "ds_config.json").read_text())
+    assert cfg["train_batch_size"] == 8 and cfg["zero_optimization"]["stage"] == int(RUNS[name][2])
+    if name == "stage2_offload":
+        assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_zero3_gathered_weights_load_in_chat_and_answer_like_stage0(stage0, zero_runs, tiny_data, tmp_path):
+    ref, got = load_model(stage0)[0].state_dict(), load_model(zero_runs["stage3"])[0].state_dict()
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": r["messages"][:1]}) + "\n"
+                               for r in load_jsonl(tiny_data / "val.jsonl")[:12]))
+    replies = []
+    for run_dir in (stage0, zero_runs["stage3"]):
+        r = run_chat("--ckpt", str(run_dir), "--batch", str(prompts), "--max-new-tokens", "8")
+        assert r.returncode == 0, r.stderr[-2000:]
+        replies.append(r.stdout.splitlines())
+    assert len(replies[0]) == 12 and replies[0] == replies[1]
+
+
+def test_stage3_holds_at_most_055_of_stage0_model_states_per_rank(tiny_data):
+    """Measured in bf16 (mixed precision, the usual way to run ZeRO): stage 0 keeps per weight 2
+    bytes of bf16 weight, 2 of gradient, 4 of fp32 master copy and 8 of Adam moments on every
+    rank; stage 3 on 2 ranks keeps half of each."""
+    reports = {}
+    for stage in (0, 3):
+        out = launch(2, tiny_data, tiny_data / "zero" / f"memory{stage}", "--dtype", "bf16", "--zero-stage", str(stage),
+                     "--batch-size", "2", "--grad-accum", "1", steps=2)
+        reports[stage] = json.loads((out / "memory.json").read_text())
+    n = reports[0]["params"]
+    per_rank = {s: [r["cpu"] for r in rep["per_rank"]] for s, rep in reports.items()}
+    for r in per_rank[0]:  # stage 0: a full replica on each rank, byte for byte
+        assert r["parameters"] == 2 * n and r["master_weights"] == 4 * n and r["gradients"] == 2 * n
+        assert 8 * n <= r["optimizer_state"] <= 8 * n + 64 * 40  # + Adam's step counters
+    for r in per_rank[3]:
+        assert r["parameters"] <= 1.01 * n  # half of the bf16 weights (shards are padded a little)
+        ratio = r["model_states"] / per_rank[0][0]["model_states"]
+        assert ratio <= 0.55, f"stage 3 holds {ratio:.3f} of stage 0's model states"
+    assert reports[3]["estimate_per_rank"]["model_states"] == 8 * n  # (2 + 2 + 4 + 8) / 2 bytes per weight
+
+
+# -----------------------------------------------------------------------------
+# in-process: one CPU rank over gloo
+
+@pytest.fixture(scope="module")
+def one_rank():
+    setup_distributed()
+    yield
+
+
+def micro_batches(tiny_data, split):
+    """8 packed rows cut into `split` micro-batches; the rows are ordered so that the
+    micro-batches hold very different numbers of supervised tokens."""
+    records = load_jsonl(tiny_data / "train.jsonl")
+    tok = Tokenizer.train([m["content"] for r in records for m in r["messages"]], 300)
+    samples, _ = tokenize(records, ChatTemplate(tok), 129)
+    rows = epoch_rows(samples, 129, tok.pad_id, 7, 0)
+    by_supervision = sorted(range(len(rows["ids"])), key=lambda i: rows["mask"][i].sum())
+    chosen = by_supervision[:4] + by_supervision[-4:]
+    rows = {k: v[chosen] for k, v in rows.items()}
+    size = 8 // split
+    return [to_batch(rows, slice(i, i + size)) for i in range(0, 8, size)], tok.vocab_size
+
+
+def step_gradient(micro, vocab):
+    """train.py's train_step through a DeepSpeed engine; the gradient it hands the optimizer."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=vocab, dim=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=128))
+    cfg = deepspeed_config({"zero_allow_untested_optimizer": True}, world=1, micro_batch=len(micro[0]["idx"]),
+                           grad_accum=len(micro), zero_stage=0, offload="none", dtype="fp32", grad_clip=0.0,
+                           pin_memory=False)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, 1e-3, 0.0, "none"), config=cfg)
+    grads = {}
+    train_step(engine, micro, 1, torch.device("cpu"),
+               before_step=lambda: grads.update({n: p.grad.clone() for n, p in engine.module.named_parameters()}))
+    return grads
+
+
+def test_gradient_does_not_depend_on_how_the_global_batch_is_split(tiny_data, one_rank):
+    whole, vocab = micro_batches(tiny_data, 1)
+    # the reference, plain autograd on the whole batch: summed token losses / supervised tokens
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=vocab, dim=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=128))
+    b = whole[0]
+    logits = model(b["idx"], pos=b["pos"], doc=b["doc"])
+    nll = F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten(), reduction="none")
+    (nll * b["loss_mask"].flatten()).sum().div(b["loss_mask"].sum()).backward()
+    reference = {n: p.grad for n, p in model.named_parameters()}
+    for split in (1, 2, 4):  # 1 x 8, 2 x 4, 4 x 2 rows
+        micro, _ = micro_batches(tiny_data, split)
+        counts = [int(m["loss_mask"].sum()) for m in micro]
+        assert split == 1 or max(counts) > 2 * min(counts)  # unequal supervised tokens per micro-batch
+        grads = step_gradient(micro, vocab)
+        for n, g in reference.items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7, msg=f"{split} micro-batches: {n}")
+
+
+class FailingEngine:
+    """Dies half-way through writing a checkpoint, as a killed process would."""
+    def save_checkpoint(self, save_dir, tag, **kw):
+        os.makedirs(os.path.join(save_dir, tag))
+        open(os.path.join(save_dir, tag, "half_written.pt"), "w").close()
+        raise KeyboardInterrupt
+
+
+class WritingEngine:
+    def save_checkpoint(self, save_dir, tag, **kw):
+        os.makedirs(os.path.join(save_dir, tag))
+
+
+def test_latest_names_a_checkpoint_only_once_it_is_complete(tmp_path, one_rank):
+    for step in (10, 20, 30):
+        save_checkpoint(WritingEngine(), str(tmp_path), step, {}, keep=2)
+    assert (tmp_path / "latest").read_text() == "step00000030"
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step00000020", "step00000030"]  # keep=2
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(FailingEngine(), str(tmp_path), 40, {})
+    assert (tmp_path / "latest").read_text() == "step00000030"  # not the half-written step 40
+    assert not (tmp_path / "latest.tmp").exists()
+
+
+# -----------------------------------------------------------------------------
+# resume
+
+def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_path):
+    # 80 steps of 4 rows: the epoch (~200 rows) ends near step 50, so the resumed position
+    # (a checkpoint every 8 steps) lies in the second epoch, after the rows carried over
+    flags = ["--data", str(tiny_data / "train.jsonl"), "--val-data", str(tiny_data / "val.jsonl"), "--eval-data", "",
+             "--steps", "80", "--dtype", "fp32", "--save-every", "8", "--log-every", "1", *TINY]
+    whole = tmp_path / "whole"
+    r = run_train(*flags, "--out", str(whole))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", str(killed)], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in p.stdout:
+        if line.startswith("step 62/"):
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait()
+    assert p.returncode == -signal.SIGKILL and not (killed / "metrics.json").exists()
+    tag = (killed / "checkpoints" / "latest").read_text()
+    assert tag >= "step00000056"
+
+    r = run_train("--out", str(killed), "--resume")  # the settings come from the run's args.json
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"resumed {killed} at step {int(tag[4:])} (epoch 1)" in r.stdout
+    with open(whole / "train_log.csv") as f:
+        want = [(row["step"], row["loss"], row["lr"], row["tokens"]) for row in csv.DictReader(f)]
+    with open(killed / "train_log.csv") as f:
+        got = [(row["step"], row["loss"], row["lr"], row["tokens"]) for row in csv.DictReader(f)]
+    assert got == want  # every step once, each loss to the last printed digit
+    a, b = load_model(whole)[0].state_dict(), load_model(killed)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    m = json.loads((killed / "metrics.json").read_text())
+    assert m["val_loss_before"] == json.loads((whole / "metrics.json").read_text())["val_loss_before"]
+
+
+def test_resume_refuses_changed_settings(tiny_run):
+    _, out = tiny_run
+    r = run_train("--out", str(out), "--resume", "--lr", "0.5")
+    assert r.returncode != 0 and "--lr 0.01 (given 0.5)" in r.stderr and "Traceback" not in r.stderr
+    r = run_train("--out", str(out), "--resume")
+    assert r.returncode != 0 and "nothing to resume" in r.stderr and "Traceback" not in r.stderr
