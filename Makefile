@@ -4,6 +4,12 @@ ARGS   ?=
 RUN    ?= runs/latest
 INIT   ?=
 DATA   ?=
+NGPUS  ?=
+NPROC  ?=
+
+# one process by default; NGPUS=N: the deepspeed launcher on N GPUs; NPROC=N: N CPU ranks (gloo),
+# to try ZeRO on a laptop. The launcher passes --local_rank; train.py reads its rank from the env.
+LAUNCH := $(if $(NGPUS),.venv/bin/deepspeed --num_gpus $(NGPUS),$(if $(NPROC),CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu .venv/bin/deepspeed --num_gpus $(NPROC),$(PY)))
 
 .PHONY: install train chat test data clean
 
@@ -28,9 +34,11 @@ data/train.jsonl: data/generate.py
 data: data/train.jsonl
 
 # make train                                 the default run on the built-in data
+# make train NGPUS=4 ARGS="--zero-stage 3"    the same on 4 GPUs, ZeRO-3
+# make train NPROC=2 ARGS="--zero-stage 2"    2 CPU ranks
 # make train INIT=path/to/hf_model DATA=my.jsonl   fine-tune a Llama-family model on your data
 train: install data
-	$(PY) train.py $(if $(INIT),--init-from $(INIT)) $(if $(DATA),--data $(DATA) --val-data '' --eval-data '') $(ARGS)
+	$(LAUNCH) train.py $(if $(INIT),--init-from $(INIT)) $(if $(DATA),--data $(DATA) --val-data '' --eval-data '') $(ARGS)
 
 chat: install
 	$(PY) chat.py --ckpt $(RUN)

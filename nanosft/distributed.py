@@ -135,10 +135,7 @@ def base_optimizer(engine):
 
 def loss_scale(engine):
     """fp16's current dynamic loss scale, None without fp16."""
-    if not engine.fp16_enabled():
-        return None
-    opt = engine.optimizer
-    return float(getattr(opt, "cur_scale", None) or opt.loss_scale)
+    return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else None  # every DeepSpeed fp16 wrapper has it
 
 
 # -----------------------------------------------------------------------------

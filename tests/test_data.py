@@ -1,14 +1,16 @@
 """data.py promises: bad JSONL lines are reported with file, line and reason (all of them, nothing
 skipped in silence); packing keeps every conversation whole, restarts positions per conversation,
-and loses no token."""
+and loses no token; the batch stream reshuffles every epoch, skips no row at an epoch's end, and
+can be stopped and restarted at any micro-batch."""
 
 import json
 import random
 
 import numpy as np
 import pytest
+import torch
 
-from nanosft.data import epoch_rows, load_jsonl, pack, padding_fraction, to_batch
+from nanosft.data import Batches, epoch_rows, load_jsonl, pack, padding_fraction, to_batch
 
 
 def write(tmp_path, lines):
@@ -102,6 +104,32 @@ def test_epochs_reshuffle_and_ranks_split_rows_evenly():
     rows = [tuple(r) for s in shards for r, d in zip(s["ids"], s["doc"]) if (d >= 0).any()]
     assert sorted(rows) == sorted(map(tuple, e0["ids"])) and len(set(rows)) == len(rows)
     assert sum(int(s["mask"].sum()) for s in shards) == int(e0["mask"].sum())
+
+
+def test_batch_stream_trains_every_row_and_carries_an_epochs_leftover_into_the_next():
+    samples = random_samples(200)
+    per_epoch = [epoch_rows(samples, 128, 0, seed=1, epoch=e) for e in range(4)]
+    stream = Batches(samples, 128, 0, batch_size=7, seed=1)
+    n = sum(len(e["ids"]) for e in per_epoch[:3]) // 7  # micro-batches in three epochs' rows
+    got = np.concatenate([np.concatenate([b["idx"], b["targets"][:, -1:]], 1) for b in (stream.next() for _ in range(n))])
+    want = np.concatenate([e["ids"] for e in per_epoch[:3]])
+    assert stream.epoch == 2 and len(per_epoch[0]["ids"]) % 7  # an epoch did end mid-batch
+    assert np.array_equal(got, want[:len(got)])  # the epochs' rows in order, none skipped at the seams
+    assert len(want) - len(got) < 7
+
+
+def test_batch_stream_resumes_at_the_same_micro_batch():
+    samples = random_samples(150)
+    a = Batches(samples, 128, 0, batch_size=5, seed=3)
+    for _ in range(37):  # past the end of the first epoch
+        a.next()
+    state = a.state_dict()
+    assert state["epoch"] >= 1
+    b = Batches(samples, 128, 0, batch_size=5, seed=3)
+    b.load_state_dict(state)
+    for _ in range(30):
+        x, y = a.next(), b.next()
+        assert all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_prompt_files_must_end_with_a_user_turn(tmp_path):

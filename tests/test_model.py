@@ -72,3 +72,22 @@ def test_tied_embeddings_share_one_matrix_and_untied_do_not():
     assert tied.lm_head.weight is tied.embed_tokens.weight
     assert untied.lm_head.weight is not untied.embed_tokens.weight
     assert untied.num_params() - tied.num_params() == 97 * 32
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+    from nanosft.block import Block
+    runs = []  # decoder-block forward passes, counted
+    forward = Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, *a, **k: (runs.append(1), forward(self, *a, **k))[1])
+    idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    grads, calls = [], []
+    for ckpt in (False, True):
+        model = tiny().train()
+        model.grad_checkpointing = ckpt
+        runs.clear()
+        model(idx).logsumexp(-1).mean().backward()
+        calls.append(len(runs))
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert calls == [2, 4]  # checkpointed: each of the 2 blocks ran again in the backward pass
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)

@@ -72,7 +72,8 @@ def test_single_rank_deepspeed_run_equals_plain_pytorch_loop(tiny_run):
 
 def test_run_directory_has_weights_tokenizer_config_metrics_and_log(tiny_run):
     _, out = tiny_run
-    for f in ("model.safetensors", "config.json", "tokenizer.model", "ds_config.json", "metrics.json", "train_log.csv"):
+    for f in ("model.safetensors", "config.json", "tokenizer.model", "ds_config.json", "metrics.json", "train_log.csv",
+              "args.json", "memory.json"):
         assert (out / f).exists(), f
     m = json.loads((out / "metrics.json").read_text())
     for k in ("val_loss", "val_ppl", "exact_match", "train_tokens_per_s", "wall_time_s"):
@@ -84,7 +85,8 @@ def test_run_directory_has_weights_tokenizer_config_metrics_and_log(tiny_run):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
     tokens = [int(r["tokens"]) for r in rows]
     assert all(b > a for a, b in zip(tokens, tokens[1:]))  # cumulative
-    assert {"step", "loss", "lr", "tokens"} <= set(rows[0])
+    assert {"step", "loss", "lr", "tokens", "skipped_steps", "loss_scale"} <= set(rows[0])
+    assert rows[-1]["skipped_steps"] == "0" and rows[-1]["loss_scale"] == ""  # no fp16: nothing skipped or scaled
     assert os.path.realpath(out.parent / "latest") == str(out)
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 4 and ds["gradient_accumulation_steps"] == 2
@@ -118,10 +120,35 @@ def test_malformed_jsonl_stops_with_file_line_and_reason(tmp_path):
     (["--dim", "30"], "--dim 30 must split into --n-head 4 heads"),
     (["--n-kv-head", "3"], "must be a multiple of --n-kv-head 3"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--offload", "optimizer"], "--offload optimizer needs --zero-stage 1, 2 or 3"),
+    (["--zero-stage", "2", "--offload", "all"], "--offload all needs --zero-stage 3"),
+    (["--dtype", "fp16"], "--dtype fp16 needs a GPU"),
 ])
 def test_impossible_flags_are_refused_by_name(flags, complaint):
     r = run_train(*TINY, *flags)
     assert r.returncode == 2 and complaint in r.stderr and "Traceback" not in r.stderr
+
+
+def test_flags_win_over_the_ds_config_which_wins_over_the_defaults(tmp_path):
+    from train import parse_args
+    from nanosft.distributed import deepspeed_config
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "gradient_clipping": 0.5, "bf16": {"enabled": True},
+                                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"},
+                                                      "reduce_bucket_size": 1000}}))
+    args = parse_args(["--ds-config", str(mine), "--zero-stage", "3", "--grad-accum", "4"])
+    assert (args.zero_stage, args.grad_accum) == (3, 4)  # the flags
+    assert (args.batch_size, args.grad_clip, args.dtype, args.offload) == (3, 0.5, "bf16", "optimizer")  # the file
+    assert parse_args([]).batch_size == 16 and parse_args([]).offload == "none"  # the defaults
+    cfg = deepspeed_config(args.ds_base, world=2, micro_batch=args.batch_size, grad_accum=args.grad_accum,
+                           zero_stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
+                           grad_clip=args.grad_clip, pin_memory=False)
+    assert cfg["train_batch_size"] == 24 and cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 1000  # what no flag touches stays as written
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    with pytest.raises(ValueError, match='"optimizer" section'):
+        deepspeed_config({"optimizer": {"type": "Adam"}}, world=1, micro_batch=1, grad_accum=1, zero_stage=0,
+                         offload="none", dtype="fp32", grad_clip=1.0, pin_memory=False)
 
 
 def test_fine_tunes_a_hugging_face_llama_directory_and_chat_talks_to_it(tiny_data, tmp_path, sp_tokenizer):

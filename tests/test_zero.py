@@ -32,9 +32,9 @@ from nanosft.model import ModelConfig, Transformer
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
+from train import train_step
+
 pytestmark = pytest.mark.slow
-sys.path.insert(0, ROOT)
-from train import train_step  # noqa: E402
 
 ZERO_TINY = list(TINY)  # the tiny model; batch flags are set per run below
 for flag in ("--batch-size", "--grad-accum"):
