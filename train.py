@@ -101,6 +101,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume:
         args = resumed_args(args, given_flags(argv))
+    if not os.path.isfile(args.ds_config):
+        p.error(f"--ds-config {args.ds_config}: no such file")
     with open(args.ds_config, encoding="utf-8") as f:
         try:
             ds_base = json.load(f)
@@ -237,13 +239,12 @@ def main(args):
 
     # ---- data: validate, tokenize, render
     records = load_jsonl(args.data)
+    model = None
     if args.init_from:
         model, tok = load_model(args.init_from, attn_impl=args.attn_impl)
         model.train()
-        if args.resume:
-            tok = load_tokenizer(args, records, run_dir)
-    else:
-        model, tok = None, load_tokenizer(args, records, run_dir)
+    if args.resume or not args.init_from:
+        tok = load_tokenizer(args, records, run_dir)
     template = ChatTemplate(tok)
     row_len = args.max_seq_len + 1  # +1: inputs and targets are the row shifted by one
     samples, too_long = tokenize(records, template, row_len)
