@@ -28,9 +28,9 @@ import torch
 
 from nanosft.checkpoint import load_model, point_latest, save_model, write_json
 from nanosft.data import Batches, load_jsonl, pack, shard, tokenize
-from nanosft.distributed import (all_sum, config_settings, deepspeed_config, estimate_memory,
-                                 full_state_dict, load_checkpoint, loss_scale, make_optimizer, measure_memory,
-                                 pick_dtype, print0, save_checkpoint, setup_distributed)
+from nanosft.distributed import (all_sum, config_settings, current_loss_scale, deepspeed_config, estimate_memory,
+                                 full_state_dict, load_checkpoint, make_optimizer, measure_memory, pick_dtype,
+                                 print0, rng_state, save_checkpoint, set_rng_state, setup_distributed)
 from nanosft.evaluate import check_eval_record, exact_match, format_scores, loss_and_ppl, validation_loss
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
@@ -44,6 +44,7 @@ CONFIG_DEFAULTS = {"batch_size": 16, "grad_accum": 1, "zero_stage": 0, "offload"
                    "grad_clip": 1.0}
 # Flags that may change when a run is resumed; any other must stay as the run started.
 RESUME_MAY_CHANGE = {"resume", "out", "local_rank", "log_every", "save_every", "keep_checkpoints"}
+PATH_FLAGS = {"data", "val_data", "eval_data", "init_from", "tokenizer", "ds_config"}
 
 
 def build_parser():
@@ -133,7 +134,10 @@ def resumed_args(args, given):
         raise SystemExit(f"error: {path} not found: {args.out} is not a run started by train.py")
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
-    changed = [k for k in given - RESUME_MAY_CHANGE if k in saved and getattr(args, k) != saved[k]]
+    def same(k):
+        a, b = getattr(args, k), saved[k]
+        return os.path.abspath(a) == os.path.abspath(b) if k in PATH_FLAGS and a and b else a == b
+    changed = [k for k in given - RESUME_MAY_CHANGE if k in saved and not same(k)]
     if changed:
         raise SystemExit("error: --resume continues the run as it started; these flags differ from "
                          f"{path}: " + ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (given {getattr(args, k)!r})"
@@ -220,12 +224,24 @@ def record_memory(engine, args, n_params, world, run_dir):
                f"ZeRO estimate {report['estimate_per_rank']['model_states'] / 2**20:.2f} MiB), see memory.json")
 
 
-def read_log(path, upto):
-    """The rows of an earlier train_log.csv up to step `upto` (a resumed run recomputes the rest)."""
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return [r for r in csv.reader(f)][1:upto + 1]
+LOG_COLUMNS = ["step", "loss", "lr", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s", "skipped_steps",
+               "loss_scale"]
+
+
+def open_log(path, upto):
+    """train_log.csv for appending, holding the rows of steps 1..upto of an earlier run (a resumed
+    run recomputes the rest). Rewritten atomically: a kill now cannot lose those rows."""
+    kept = []
+    if upto and os.path.exists(path):
+        with open(path, newline="") as f:
+            kept = list(csv.reader(f))[1:upto + 1]
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows([LOG_COLUMNS] + kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    log_file = open(path, "a", newline="")
+    return log_file, csv.writer(log_file)
 
 
 def main(args):
@@ -234,7 +250,9 @@ def main(args):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    run_dir = args.out or os.path.join(HERE, "runs", time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = [args.out or os.path.join(HERE, "runs", time.strftime("%Y%m%d-%H%M%S"))]
+    torch.distributed.broadcast_object_list(run_dir, src=0)  # rank 0's clock names it for all
+    run_dir = run_dir[0]
     ckpt_dir = os.path.join(run_dir, "checkpoints")
 
     # ---- data: validate, tokenize, render
@@ -272,7 +290,7 @@ def main(args):
     model.grad_checkpointing = args.gradient_checkpointing
     n_params = model.num_params()  # counted now: under ZeRO-3 the module's own tensors become empty shards
     batches = Batches(samples, row_len, template.pad, args.batch_size, args.seed, rank, world)
-    steps_per_epoch = len(batches.rows["ids"]) / (args.batch_size * args.grad_accum)
+    steps_per_epoch = batches.rows_per_epoch / (args.batch_size * args.grad_accum)
     total_steps = args.steps or max(math.ceil(args.epochs * steps_per_epoch), 1)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
@@ -300,9 +318,7 @@ def main(args):
             raise ValueError(f"{ckpt_dir}: the run used {start['world_size']} rank(s), not {world}: "
                              "the data order depends on it; resume with the same launcher settings")
         batches.load_state_dict(start["batches"])
-        random.setstate(start["rng"]["python"])
-        np.random.set_state(start["rng"]["numpy"])
-        torch.set_rng_state(start["rng"]["torch"])
+        set_rng_state(start["rng"])
         before_loss = start["val_loss_before"]
         print0(f"resumed {run_dir} at step {start['step']} (epoch {batches.epoch})")
     else:
@@ -318,13 +334,7 @@ def main(args):
 
     # ---- training
     if rank == 0:
-        log_path = os.path.join(run_dir, "train_log.csv")
-        kept = read_log(log_path, start["step"])
-        log_file = open(log_path, "w", newline="")
-        log = csv.writer(log_file)
-        log.writerow(["step", "loss", "lr", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s",
-                      "skipped_steps", "loss_scale"])
-        log.writerows(kept)
+        log_file, log = open_log(os.path.join(run_dir, "train_log.csv"), start["step"])
     tokens, sup_tokens = start["tokens"], start["supervised_tokens"]
     t_train, tokens_at_start = time.time(), tokens
     for step in range(start["step"] + 1, total_steps + 1):
@@ -339,7 +349,7 @@ def main(args):
         elapsed = start["elapsed_s"] + session
         tok_per_s = (tokens - tokens_at_start) / session
         if rank == 0:
-            scale = loss_scale(engine)
+            scale = current_loss_scale(engine)
             log.writerow([step, f"{loss:.8g}", f"{lr:.6g}", tokens, sup_tokens, f"{tok_per_s:.1f}", f"{elapsed:.2f}",
                           engine.skipped_steps, "" if scale is None else f"{scale:g}"])
         if step % args.log_every == 0 or step == total_steps:
@@ -351,17 +361,16 @@ def main(args):
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             if rank == 0:
                 log_file.flush()
-            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
             save_checkpoint(engine, ckpt_dir, step, keep=args.keep_checkpoints, client_state={
                 "step": step, "batches": batches.state_dict(), "tokens": tokens, "supervised_tokens": sup_tokens,
-                "elapsed_s": elapsed, "val_loss_before": before_loss, "world_size": world, "rng": rng})
+                "elapsed_s": elapsed, "val_loss_before": before_loss, "world_size": world, "rng": rng_state()})
     train_time = time.time() - t_train
     if rank == 0:
         log_file.close()
 
     # ---- evaluate and save
     after_loss, after_ppl = val_loss()
-    state = full_state_dict(engine)  # fp32, gathered from the shards: every rank takes part
+    state = full_state_dict(engine)  # fp32, gathered from the shards: every rank takes part, rank 0 keeps it
     if rank == 0:
         save_model(run_dir, state, cfg, tok)
         scores = {}

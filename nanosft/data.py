@@ -199,11 +199,15 @@ class Batches:
         self.rows = {k: np.concatenate([v[self.cursor:], fresh[k]]) for k, v in self.rows.items()}
         self.cursor = 0
 
-    def _full(self):
+    def _exhausted(self):  # fewer rows left than a micro-batch
         return self.cursor + self.batch_size > len(self.rows["ids"])
 
+    @property
+    def rows_per_epoch(self):
+        return len(self.rows["ids"])  # of the current epoch, this rank's share
+
     def next(self):
-        while self._full():
+        while self._exhausted():
             self._next_epoch()
         batch = to_batch(self.rows, slice(self.cursor, self.cursor + self.batch_size))
         self.cursor += self.batch_size

@@ -6,9 +6,9 @@ Running under DeepSpeed: the plumbing train.py needs, so that train.py itself ca
     make_optimizer(...)         AdamW; DeepSpeed's CPU Adam when ZeRO-Offload moves the optimizer to CPU
     full_state_dict(engine)     the fp32 weights, gathered from the ZeRO shards whatever the stage
     save_checkpoint / load_checkpoint   everything needed to resume, with a `latest` that is never
-                                half-written
-    memory_report(engine)       the bytes of parameters, gradients and optimizer state this rank really
-                                holds, measured, next to the textbook estimate
+                                half-written; rng_state / set_rng_state for what they carry
+    measure_memory(engine)      the bytes of parameters, gradients and optimizer state this rank really
+    estimate_memory(...)        holds, found tensor by tensor, and the ZeRO paper's estimate of them
 
 ZeRO in one paragraph (Rajbhandari et al., 2020): plain data parallelism keeps a full copy of the
 weights, the gradients and the optimizer state (Adam: two more tensors per weight) on every rank.
@@ -21,10 +21,12 @@ that every stage trains exactly like one rank without ZeRO.
 import copy
 import gc
 import os
+import random
 import shutil
 import socket
 
 import deepspeed
+import numpy as np
 import torch
 
 
@@ -94,23 +96,27 @@ def deepspeed_config(base, *, world, micro_batch, grad_accum, zero_stage, offloa
     cfg["gradient_clipping"] = grad_clip
     zero = cfg.setdefault("zero_optimization", {})
     zero["stage"] = zero_stage
-    zero.pop("offload_optimizer", None)
-    zero.pop("offload_param", None)
-    if offload in ("optimizer", "all"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
-    if offload == "all":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    if offload != config_settings(base)["offload"]:  # the flag changed it (else keep the file's, NVMe and all)
+        zero.pop("offload_optimizer", None)
+        zero.pop("offload_param", None)
+        if offload in ("optimizer", "all"):
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
+        if offload == "all":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
     cfg.setdefault("bf16", {})["enabled"] = dtype == "bf16"
     cfg.setdefault("fp16", {})["enabled"] = dtype == "fp16"
     return cfg
 
 
 def config_settings(base):
-    """The settings a DeepSpeed config already makes, in flag terms; flags given on the command line
-    win over these, and these over the built-in defaults."""
+    """The settings a DeepSpeed config already makes, in flag terms (None: it says nothing); flags
+    given on the command line win over these, and these over the built-in defaults. A config
+    that lists both a bf16 and an fp16 section, neither enabled, asks for fp32."""
     zero = base.get("zero_optimization", {})
-    offload = "all" if "offload_param" in zero else "optimizer" if "offload_optimizer" in zero else None
-    dtype = "bf16" if base.get("bf16", {}).get("enabled") else "fp16" if base.get("fp16", {}).get("enabled") else None
+    offloaded = lambda key: zero.get(key, {}).get("device", "none") != "none"  # noqa: E731
+    offload = "all" if offloaded("offload_param") else "optimizer" if offloaded("offload_optimizer") else None
+    bf16, fp16 = base.get("bf16", {}).get("enabled"), base.get("fp16", {}).get("enabled")
+    dtype = "bf16" if bf16 else "fp16" if fp16 else "fp32" if "bf16" in base and "fp16" in base else None
     return {"batch_size": base.get("train_micro_batch_size_per_gpu"), "grad_accum": base.get("gradient_accumulation_steps"),
             "zero_stage": zero.get("stage"), "offload": offload, "dtype": dtype, "grad_clip": base.get("gradient_clipping")}
 
@@ -133,8 +139,9 @@ def base_optimizer(engine):
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
-def loss_scale(engine):
-    """fp16's current dynamic loss scale, None without fp16."""
+def current_loss_scale(engine):
+    """fp16's current dynamic loss scale, None without fp16. (engine.loss_scale() is the configured
+    one: 0 for dynamic.)"""
     return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else None  # every DeepSpeed fp16 wrapper has it
 
 
@@ -142,9 +149,9 @@ def loss_scale(engine):
 # weights and checkpoints
 
 def full_state_dict(engine):
-    """{name: fp32 tensor on CPU} of the whole model, on every rank. With mixed precision the
-    module holds 16-bit copies; the fp32 master weights live in the (possibly sharded) optimizer
-    and are what we save. Under ZeRO-3 every rank must call this: gathering is collective."""
+    """{name: fp32 tensor on CPU} of the whole model on rank 0 ({} elsewhere). With mixed precision
+    the module holds 16-bit copies; the fp32 master weights live in the (possibly sharded)
+    optimizer and are what we save. Every rank must call this: gathering ZeRO shards is collective."""
     opt = engine.optimizer
     # bf16/fp16 without ZeRO: the wrapper keeps one fp32 copy per parameter, group by group
     unsharded = {id(p): q for low, high in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
@@ -154,8 +161,9 @@ def full_state_dict(engine):
         full = unsharded.get(id(p))
         if full is None:  # ZeRO (any stage, gathered) or bf16 with its own optimizer; None: fp32 module
             full = deepspeed.utils.safe_get_full_fp32_param(p)
-        state[name] = (p.detach() if full is None else full).float().cpu().clone()
-    if "lm_head.weight" not in state:  # tied: named_parameters lists the shared matrix once
+        if is_rank0():  # the other ranks took part in the gather; they need not keep a copy
+            state[name] = (p.detach() if full is None else full).float().cpu().clone()
+    if state and "lm_head.weight" not in state:  # tied: named_parameters lists the shared matrix once
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state
 
@@ -180,10 +188,30 @@ def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2):
     torch.distributed.barrier()
     if is_rank0():
         write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
-        old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step") and d != tag)
-        for d in old[:max(len(old) - keep + 1, 0)]:
+        # older ones beyond `keep`, and any later ones: left by a run that was killed and resumed
+        # from before them, they belong to a past that did not happen
+        tags = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step") and d != tag)
+        older = [d for d in tags if d < tag]
+        for d in older[:max(len(older) - keep + 1, 0)] + [d for d in tags if d > tag]:
             shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
     torch.distributed.barrier()
+
+
+def rng_state():
+    """Every random number generator a run touches. (Training draws none today: data order is
+    seeded per epoch and there is no dropout. Saved so that a change that adds some resumes right.)"""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_checkpoint(engine, ckpt_dir):
@@ -267,6 +295,9 @@ def measure_memory(engine):
         for k in MODEL_STATES + ("other",):
             report[dev].setdefault(k, 0)
         report[dev]["model_states"] = sum(report[dev][k] for k in MODEL_STATES)
+    if "cuda" in report:  # what the caching allocator says, activations and NCCL buffers included
+        report["cuda"]["allocator_peak"] = torch.cuda.max_memory_allocated()
+        report["cuda"]["allocator_reserved"] = torch.cuda.memory_reserved()
     return report
 
 

@@ -131,7 +131,7 @@ def test_impossible_flags_are_refused_by_name(flags, complaint):
 
 def test_flags_win_over_the_ds_config_which_wins_over_the_defaults(tmp_path):
     from train import parse_args
-    from nanosft.distributed import deepspeed_config
+    from nanosft.distributed import config_settings, deepspeed_config
     mine = tmp_path / "mine.json"
     mine.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "gradient_clipping": 0.5, "bf16": {"enabled": True},
                                 "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"},
@@ -146,6 +146,15 @@ def test_flags_win_over_the_ds_config_which_wins_over_the_defaults(tmp_path):
     assert cfg["train_batch_size"] == 24 and cfg["zero_optimization"]["stage"] == 3
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 1000  # what no flag touches stays as written
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    # a config's own offload section (NVMe here) stays as written unless a flag changes it
+    nvme = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}},
+            "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    assert config_settings(nvme)["offload"] == "optimizer" and config_settings(nvme)["dtype"] == "fp32"
+    kept = deepspeed_config(nvme, world=1, micro_batch=1, grad_accum=1, zero_stage=3, offload="optimizer",
+                            dtype="fp32", grad_clip=1.0, pin_memory=False)
+    assert kept["zero_optimization"]["offload_optimizer"]["nvme_path"] == "/nvme"
+    off = {"zero_optimization": {"offload_optimizer": {"device": "none"}}, "bf16": {"enabled": False}}
+    assert config_settings(off)["offload"] is None and config_settings(off)["dtype"] is None  # auto
     with pytest.raises(ValueError, match='"optimizer" section'):
         deepspeed_config({"optimizer": {"type": "Adam"}}, world=1, micro_batch=1, grad_accum=1, zero_stage=0,
                          offload="none", dtype="fp32", grad_clip=1.0, pin_memory=False)
