@@ -27,14 +27,15 @@ import numpy as np
 import torch
 
 from nanosft.checkpoint import load_model, point_latest, save_model, write_json
-from nanosft.data import Batches, load_jsonl, pack, shard, tokenize
+from nanosft.data import Batches, error_list, load_conversations, load_jsonl, pack, shard, tokenize
+from nanosft.formats import FORMATS
 from nanosft.distributed import (all_sum, config_settings, current_loss_scale, deepspeed_config, estimate_memory,
                                  full_state_dict, load_checkpoint, make_optimizer, measure_memory, pick_dtype,
                                  print0, rng_state, save_checkpoint, set_rng_state, setup_distributed)
 from nanosft.evaluate import check_eval_record, exact_match, format_scores, loss_and_ppl, validation_loss
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
-from nanosft.template import ChatTemplate
+from nanosft.template import TRAIN_ON, ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,7 +55,14 @@ def build_parser():
     p.add_argument("--val-data", default=os.path.join(HERE, "data/val.jsonl"), help="validation chat JSONL ('' to skip)")
     p.add_argument("--eval-data", default=os.path.join(HERE, "data/eval.jsonl"),
                    help="held-out prompts with answers for exact match ('' to skip)")
-    p.add_argument("--max-seq-len", type=int, default=256, help="tokens per packed row (the context length)")
+    p.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
+                   help="data format (auto: recognised per record by its keys; see nanosft/formats.py)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="leave out invalid records (reported and counted) instead of stopping")
+    p.add_argument("--train-on", default="all-assistant", choices=TRAIN_ON,
+                   help="which assistant turns the loss covers; system and user turns never")
+    p.add_argument("--max-seq-len", type=int, default=256, help="tokens per packed row (the context length); "
+                   "longer conversations lose their oldest whole exchanges")
     p.add_argument("--init-from", default="", help="start from this run or Hugging Face Llama-family directory "
                    "(its model shape and tokenizer replace the model and tokenizer flags)")
     p.add_argument("--tokenizer", default="", help="a .model file to use instead of training one")
@@ -185,6 +193,21 @@ def load_tokenizer(args, records, run_dir):
     return train(texts, args.vocab_size)  # deterministic: every rank trains the same one
 
 
+def read_data(path, args):
+    """Validated conversations of a training or validation file -> (records, number skipped).
+    The same validation as `python -m nanosft.data check`."""
+    records, errors = load_conversations(path, args.format, args.skip_invalid)
+    if errors:
+        print0(f"{path}: {len(errors)} invalid record(s) left out (--skip-invalid):\n" + error_list(path, errors))
+    return records, len(errors)
+
+
+def fit_note(counts, row_len):
+    notes = [f"{counts['truncated']} lost their oldest exchanges to fit {row_len} tokens" if counts["truncated"] else "",
+             f"{counts['dropped']} left out (their last exchange alone is longer)" if counts["dropped"] else ""]
+    return "".join(f"; {n}" for n in notes if n)
+
+
 def train_step(engine, micro, world, device, before_step=None):
     """Forward and backward over this rank's micro-batches, then the optimizer step (before which
     `before_step()` is called, if given). Returns the summed NLL, supervised tokens and real
@@ -256,7 +279,7 @@ def main(args):
     ckpt_dir = os.path.join(run_dir, "checkpoints")
 
     # ---- data: validate, tokenize, render
-    records = load_jsonl(args.data)
+    records, bad = read_data(args.data, args)
     model = None
     if args.init_from:
         model, tok = load_model(args.init_from, attn_impl=args.attn_impl)
@@ -265,16 +288,15 @@ def main(args):
         tok = load_tokenizer(args, records, run_dir)
     template = ChatTemplate(tok)
     row_len = args.max_seq_len + 1  # +1: inputs and targets are the row shifted by one
-    samples, too_long = tokenize(records, template, row_len)
-    print0(f"data: {len(samples)} conversations from {args.data}, vocab {tok.vocab_size}"
-           + (f"; {too_long} longer than {row_len} tokens left out" if too_long else ""))
+    samples, counts = tokenize(records, template, row_len, args.train_on)
+    print0(f"data: {len(samples)} conversations from {args.data}, vocab {tok.vocab_size}" + fit_note(counts, row_len))
     if not samples:
         raise SystemExit(f"{args.data}: no conversation fits in --max-seq-len {args.max_seq_len}")
     val = None
     if args.val_data:
-        val_samples, val_too_long = tokenize(load_jsonl(args.val_data), template, row_len)
-        print0(f"validation: {len(val_samples)} conversations from {args.val_data}"
-               + (f"; {val_too_long} longer than {row_len} tokens left out" if val_too_long else ""))
+        val_records, _ = read_data(args.val_data, args)
+        val_samples, val_counts = tokenize(val_records, template, row_len, args.train_on)
+        print0(f"validation: {len(val_samples)} conversations from {args.val_data}" + fit_note(val_counts, row_len))
         val = shard(pack(val_samples, row_len, template.pad), rank, world, template.pad)
     evals = load_jsonl(args.eval_data, check_eval_record) if args.eval_data else []
 
@@ -382,7 +404,8 @@ def main(args):
                    "wall_time_s": time.time() - t_start, "train_time_s": train_time, "steps": total_steps,
                    "skipped_steps": engine.skipped_steps, "tokens": tokens, "supervised_tokens": sup_tokens,
                    "params": n_params, "dtype": args.dtype, "zero_stage": args.zero_stage, "world_size": world,
-                   "padding_fraction": float(np.mean(batches.padding)), "conversations_too_long": too_long}
+                   "padding_fraction": float(np.mean(batches.padding)), "invalid_records_skipped": bad,
+                   "conversations_truncated": counts["truncated"], "conversations_dropped": counts["dropped"]}
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
         point_latest(run_dir)
         if val is not None:

@@ -12,12 +12,14 @@ to restart rotary positions, so a packed row trains exactly like separate padded
 paying for the padding. Rows are re-packed from a fresh shuffle every epoch.
 """
 
-import json
+import os
 import random
+from collections import Counter
 
 import numpy as np
 import torch
 
+from nanosft.formats import FormatError, read_records, to_messages
 from nanosft.template import ROLES
 
 
@@ -42,10 +44,16 @@ def _check_messages(rec):
 
 
 def check_conversation(rec):
-    """Validator for training data: a conversation with at least one assistant turn to learn from."""
+    """Validator for training data: every assistant turn says something, and the conversation ends
+    with one (a trailing user turn would be a question nobody answers: nothing to learn from it)."""
     reason = _check_messages(rec)
-    if reason is None and not any(m["role"] == "assistant" and m["content"] for m in rec["messages"]):
-        reason = "no non-empty assistant turn: nothing to train on"
+    if reason is None:
+        msgs = rec["messages"]
+        empty = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and not m["content"].strip()]
+        if empty:
+            reason = f"messages[{empty[0]}] is an empty assistant turn"
+        elif msgs[-1]["role"] != "assistant":
+            reason = f"the conversation ends with a {msgs[-1]['role']} turn, not an assistant turn"
     return reason
 
 
@@ -57,49 +65,87 @@ def check_prompt(rec):
     return reason
 
 
-def load_jsonl(path, check=check_conversation):
-    """All records of a JSONL file; raises ValueError listing every bad line as path:line: reason."""
+def error_list(path, errors):
+    shown = "\n  ".join(errors[:20])
+    more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+    return f"{len(errors)} bad line(s) in {path}:\n  {shown}{more}"
+
+
+def read_file(path, check, convert=None, skip_invalid=False):
+    """-> (records, errors): the records that pass `check` (after `convert`, which may raise
+    FormatError), and "path:line: reason" for every one that does not. Unless skip_invalid, any
+    error raises ValueError listing them (the first 20 shown, all counted)."""
     records, errors = [], []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+    for lineno, rec, reason in read_records(path):
+        if reason is None:
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                errors.append(f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            reason = check(rec)
-            if reason:
-                errors.append(f"{path}:{lineno}: {reason}")
-            else:
-                records.append(rec)
-    if errors:
-        shown = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ValueError(f"{len(errors)} bad line(s) in {path}:\n  {shown}{more}")
-    return records
+                rec = convert(rec) if convert else rec
+                reason = check(rec)
+            except FormatError as e:
+                reason = str(e)
+        if reason:
+            errors.append(f"{path}:{lineno}: {reason}")
+        else:
+            records.append(rec)
+    if errors and not skip_invalid:
+        raise ValueError(error_list(path, errors))
+    return records, errors
+
+
+def load_conversations(path, fmt="auto", skip_invalid=False):
+    """Training conversations from a file in any format of formats.py -> (records, errors), each
+    record {"messages": [...], "format": name}."""
+    def convert(rec):
+        msgs, found = to_messages(rec, fmt)
+        return {"messages": msgs, "format": found}
+    return read_file(path, check_conversation, convert, skip_invalid)
+
+
+def load_jsonl(path, check=check_conversation):
+    """All records of a chat JSONL file (the messages format); raises ValueError listing every
+    bad line as path:line: reason."""
+    return read_file(path, check)[0]
 
 
 # -----------------------------------------------------------------------------
 # tokenizing and packing
 
-def tokenize(records, template, max_len):
-    """Render every conversation; returns (samples, n_too_long). A sample is (ids, mask) int arrays.
-    Conversations longer than max_len tokens are left out and counted, never cut mid-turn."""
-    samples, too_long = [], 0
+def _exchanges(messages):
+    """Split a conversation into its leading system messages and its exchanges: each exchange
+    starts at a user turn and holds the replies that follow it."""
+    n_sys = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    starts = [i for i in range(n_sys, len(messages)) if messages[i]["role"] == "user" or i == n_sys]
+    return messages[:n_sys], [messages[a:b] for a, b in zip(starts, starts[1:] + [len(messages)])]
+
+
+def render_within(template, messages, max_len, train_on="all-assistant"):
+    """(ids, mask, n_dropped_exchanges) of the conversation, dropping its oldest whole exchanges
+    (never the system prompt, never part of a turn) until it fits in max_len tokens; None when
+    even the last exchange alone does not fit."""
+    system, exchanges = _exchanges(messages)
+    for drop in range(len(exchanges)):
+        ids, mask = template.render(system + [m for ex in exchanges[drop:] for m in ex], train_on)
+        if len(ids) <= max_len:
+            return ids, mask, drop
+    return None
+
+
+def tokenize(records, template, max_len, train_on="all-assistant"):
+    """Render every conversation -> (samples, counts). A sample is (ids, mask) int arrays.
+    A conversation longer than max_len tokens loses its oldest exchanges (counted as truncated);
+    one whose last exchange alone is too long is left out (counted as dropped). Never cut mid-turn."""
+    samples, counts = [], {"truncated": 0, "dropped": 0}
     for rec in records:
-        ids, mask = template.render(rec["messages"])
+        ids, mask = template.render(rec["messages"], train_on)
         if len(ids) > max_len:
-            too_long += 1
-            continue
+            fitted = render_within(template, rec["messages"], max_len, train_on)
+            if fitted is None:
+                counts["dropped"] += 1
+                continue
+            ids, mask, _ = fitted
+            counts["truncated"] += 1
         samples.append((np.array(ids, dtype=np.int32), np.array(mask, dtype=np.int8)))
-    return samples, too_long
+    return samples, counts
 
 
 def pack(samples, row_len, pad_id, open_rows=8):
@@ -223,4 +269,44 @@ class Batches:
             self.cursor = len(self.rows["ids"]) // self.batch_size * self.batch_size
             self._next_epoch()
         self.cursor = state["cursor"]
+
+
+# -----------------------------------------------------------------------------
+# python -m nanosft.data check FILE...: the validation train.py runs, on its own
+
+def check_files(paths, fmt="auto"):
+    """Validate training files as train.py does -> (report, number of bad records). The report is
+    one line when all is well, else the bad records of each file."""
+    lines, bad, formats = [], 0, Counter()
+    for path in paths:
+        records, errors = load_conversations(path, fmt, skip_invalid=True)
+        formats.update(r["format"] for r in records)
+        bad += len(errors)
+        if errors:
+            lines.append(error_list(path, errors))
+    kinds = ", ".join(f"{n} {f}" for f, n in sorted(formats.items())) or "none"
+    summary = f"{sum(formats.values())} good conversation(s) in {len(paths)} file(s) ({kinds})"
+    lines.append(f"{summary}, {bad} bad record(s)" if bad else f"ok: {summary}")
+    return "\n".join(lines), bad
+
+
+def main(argv=None):
+    import argparse
+    from nanosft.formats import FORMATS
+    p = argparse.ArgumentParser(prog="python -m nanosft.data", description="check training data files")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="validate files exactly as train.py does; exit 1 if anything is invalid")
+    c.add_argument("files", nargs="+")
+    c.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    args = p.parse_args(argv)
+    for f in args.files:
+        if not os.path.isfile(f):
+            p.error(f"{f}: no such file")
+    report, bad = check_files(args.files, args.format)
+    print(report)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
 

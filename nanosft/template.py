@@ -15,6 +15,7 @@ chat.py (prompts ending in "<|assistant|>").
 """
 
 ROLES = ("system", "user", "assistant")
+TRAIN_ON = ("all-assistant", "last-assistant")
 
 
 class ChatTemplate:
@@ -30,12 +31,17 @@ class ChatTemplate:
         # that is not its own, so that ends the reply too
         self.stop_ids = {self.end, self.bos, tokenizer.eos_id, *self.header.values()} - {-1}
 
-    def render(self, messages):
-        """Whole conversation -> (ids, mask), two lists of equal length."""
+    def render(self, messages, train_on="all-assistant"):
+        """Whole conversation -> (ids, mask), two lists of equal length. train_on: "all-assistant"
+        supervises every assistant turn, "last-assistant" only the final one (the earlier ones are
+        then context, like the user's turns)."""
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         ids, mask = ([self.bos], [0]) if self.bos >= 0 else ([], [])
-        for m in messages:
+        for i, m in enumerate(messages):
             content = self.tok.encode(m["content"])
-            supervised = int(m["role"] == "assistant")
+            supervised = int(m["role"] == "assistant" and (train_on == "all-assistant" or i == last))
             ids += [self.header[m["role"]]] + content + [self.end]
             mask += [0] + [supervised] * (len(content) + 1)  # content and its <|end|>
         return ids, mask

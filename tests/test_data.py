@@ -47,7 +47,7 @@ def test_every_bad_line_is_reported_with_file_line_and_reason(tmp_path):
     msg = str(e.value)
     assert msg.startswith("7 bad line(s)")
     for line, reason in [(2, "invalid JSON"), (3, "expected a JSON object"), (4, "messages[0] has role 'robot'"),
-                         (5, "messages[0] content is not a string"), (6, "no non-empty assistant turn"),
+                         (5, "messages[0] content is not a string"), (6, "the conversation ends with a user turn"),
                          (7, "invalid UTF-8"), (8, 'missing "messages"')]:
         assert f"{p}:{line}: {reason}" in msg, (line, msg)
     assert f"{p}:1:" not in msg and f"{p}:9:" not in msg

@@ -1,0 +1,159 @@
+"""
+The chat-data formats users arrive with, turned into the one data.py trains on:
+
+    messages  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}   (OpenAI, TRL)
+    sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}    (ShareGPT, Vicuna)
+    alpaca    {"instruction": "...", "input": "...", "output": "..."}                      (Stanford Alpaca)
+    dschat    {"prompt": " Human: ... Assistant:", "chosen": "..."}                        (DeepSpeed-Chat)
+
+Each record is recognised by its keys (or forced with --format), so one file may even mix them.
+A file is JSONL (one record per line) or, as Alpaca ships, one JSON array of records; either way
+every record keeps the line it starts on, so an error can name it.
+"""
+
+import json
+import re
+
+FORMATS = ("messages", "sharegpt", "alpaca", "dschat")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+class FormatError(ValueError):
+    """A record that cannot become a conversation; the message is the reason."""
+
+
+def detect(rec):
+    """The format of one record, by its keys; None when it matches none."""
+    if "messages" in rec:
+        return "messages"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if "prompt" in rec and "chosen" in rec:
+        return "dschat"
+    return None
+
+
+def _text(rec, key, where=None):
+    v = rec.get(key, "")
+    if not isinstance(v, str):
+        raise FormatError(f"{where or key} is not a string")
+    return v
+
+
+def from_sharegpt(rec):
+    turns = rec["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise FormatError('"conversations" must be a non-empty list of {"from", "value"} objects')
+    msgs = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise FormatError(f"conversations[{i}] is not an object")
+        role = SHAREGPT_ROLES.get(t.get("from"))
+        if role is None:
+            raise FormatError(f"conversations[{i}] has from {t.get('from')!r}; expected one of "
+                              + ", ".join(sorted(SHAREGPT_ROLES)))
+        msgs.append({"role": role, "content": _text(t, "value", f"conversations[{i}] value")})
+    return msgs
+
+
+def from_alpaca(rec):
+    """The instruction, then the input below it if there is one, is the user turn."""
+    instruction, extra, output = _text(rec, "instruction"), _text(rec, "input"), _text(rec, "output")
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    msgs = [{"role": "system", "content": _text(rec, "system")}] if rec.get("system") else []
+    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+DSCHAT_MARKER = re.compile(r"\s*\b(Human|Assistant):\s*")
+
+
+def from_dschat(rec):
+    """DeepSpeed-Chat writes turns inline: " Human: q1 Assistant: a1 Human: q2 Assistant:" and the
+    reply to the last one in "chosen". Its markers become turns; a prompt without any is one user turn."""
+    prompt, chosen = _text(rec, "prompt"), _text(rec, "chosen")
+    parts = DSCHAT_MARKER.split(prompt)  # [before, role, text, role, text, ...]
+    if len(parts) == 1:
+        return [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": chosen.strip()}]
+    if parts[0].strip():
+        raise FormatError('"prompt" has text before its first "Human:" marker')
+    msgs = [{"role": "user" if role == "Human" else "assistant", "content": text.strip()}
+            for role, text in zip(parts[1::2], parts[2::2])]
+    if msgs[-1]["role"] != "assistant" or msgs[-1]["content"]:
+        raise FormatError('"prompt" must end with "Assistant:" (the reply is in "chosen")')
+    msgs[-1]["content"] = chosen.strip()
+    return msgs
+
+
+def to_messages(rec, fmt="auto"):
+    """One record of any format -> (list of {"role", "content"}, its format). Raises FormatError."""
+    if not isinstance(rec, dict):
+        raise FormatError(f"expected a JSON object, got {type(rec).__name__}")
+    found = detect(rec) if fmt == "auto" else fmt
+    if found is None:
+        keys = ", ".join(sorted(rec)[:6]) or "none"
+        raise FormatError(f"unknown format (keys: {keys}); expected messages, conversations, "
+                          "instruction/output or prompt/chosen")
+    if found != "messages" and detect(rec) != found:
+        raise FormatError(f"not a {found} record (keys: {', '.join(sorted(rec)[:6])})")
+    if found == "messages":
+        return rec["messages"], found
+    return {"sharegpt": from_sharegpt, "alpaca": from_alpaca, "dschat": from_dschat}[found](rec), found
+
+
+def read_records(path):
+    """Yield (line, record or None, reason or None) for every record of a JSONL file or a JSON
+    array file. Blank lines are skipped; nothing else is: a line that cannot be read is yielded
+    with its reason (invalid UTF-8, a byte-order mark, invalid JSON, a last line cut short)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        bom = head.startswith(b"\xef\xbb\xbf")  # what line 1 holds is then refused, not guessed at
+        f.seek(3 if bom else 0)
+        if bom:
+            yield 1, None, "the file starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without BOM"
+        if head[3 if bom else 0:].lstrip()[:1] == b"[":
+            yield from ((n, r, why) for n, r, why in _read_array(f.read()) if not (bom and n == 1))
+            return
+        for lineno, raw in enumerate(f, 1):
+            if bom and lineno == 1:
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, f"invalid UTF-8 ({e.reason} at byte {e.start})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line), None
+            except json.JSONDecodeError as e:
+                cut = not raw.endswith(b"\n")  # the file ends inside this line
+                yield lineno, None, (f"truncated last line (no newline at the end of the file, and {e.msg} at "
+                                     f"column {e.colno}): the file was probably cut off" if cut
+                                     else f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _read_array(data):
+    """The records of a file holding one JSON array, each with the line it starts on."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield data.count(b"\n", 0, e.start) + 1, None, f"invalid UTF-8 ({e.reason} at byte {e.start})"
+        return
+    decoder, i = json.JSONDecoder(), text.index("[") + 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            if i >= len(text):
+                yield text.count("\n") + 1, None, "truncated JSON array (no closing ']'): the file was probably cut off"
+            return
+        line = text.count("\n", 0, i) + 1
+        try:
+            rec, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            yield e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno}); the rest of the array is unreadable"
+            return
+        yield line, rec, None

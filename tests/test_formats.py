@@ -1,0 +1,159 @@
+"""formats.py and data.py promise: the same conversation written as chat messages, ShareGPT,
+Alpaca (JSONL or a JSON array) or DeepSpeed-Chat trains on exactly the same tokens, with the
+loss on the assistant turns' contents and their <|end|> only (or the last one only with
+last-assistant); a conversation too long for a row loses its oldest whole exchanges, never part of
+a turn; and every bad record is reported with file, line and reason, by `python -m nanosft.data
+check` and by train.py alike, or, with --skip-invalid, counted exactly while the good ones train."""
+
+import json
+
+import pytest
+from conftest import TINY, run_train
+
+from nanosft.data import load_conversations, main as data_main, render_within, tokenize
+from nanosft.template import ChatTemplate
+from nanosft.tokenizer import Tokenizer
+
+SYSTEM = "You answer in one word."
+TURNS = [("What colour is the sky?", "Blue."), ("And grass?", "Green."), ("你好吗？", "很好。")]
+MESSAGES = [{"role": "system", "content": SYSTEM}] + [
+    {"role": role, "content": text} for q, a in TURNS for role, text in (("user", q), ("assistant", a))]
+
+
+def dschat_prompt():
+    history = "".join(f" Human: {q} Assistant: {a}" for q, a in TURNS[:-1])
+    return {"prompt": f"{history} Human: {TURNS[-1][0]} Assistant:", "chosen": f" {TURNS[-1][1]}"}
+
+
+FIXTURES = {  # file name -> content; each holds the same conversation
+    "messages.jsonl": json.dumps({"messages": MESSAGES}, ensure_ascii=False) + "\n",
+    "sharegpt.jsonl": json.dumps({"conversations": [{"from": "system", "value": SYSTEM}] + [
+        {"from": who, "value": text} for q, a in TURNS for who, text in (("human", q), ("gpt", a))]},
+        ensure_ascii=False) + "\n",
+    "dschat.jsonl": json.dumps(dschat_prompt(), ensure_ascii=False) + "\n",
+}
+ALPACA = [{"instruction": "Name the colour of the sky.", "input": "", "output": "Blue."},
+          {"instruction": "Translate to Chinese.", "input": "good", "output": "很好。"}]
+
+
+@pytest.fixture(scope="module")
+def template():
+    texts = [m["content"] for m in MESSAGES] + ["Name the colour Translate to Chinese good"] * 3
+    return ChatTemplate(Tokenizer.train(texts, 300))
+
+
+def write(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return p
+
+
+def supervised_spans(ids, mask):
+    """The runs of consecutive supervised tokens."""
+    spans, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    return spans + ([cur] if cur else [])
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_every_chat_format_becomes_the_same_conversation(tmp_path, name, template):
+    records, errors = load_conversations(write(tmp_path, name, FIXTURES[name]))
+    assert errors == [] and len(records) == 1
+    msgs = records[0]["messages"]
+    want = MESSAGES[1:] if name == "dschat.jsonl" else MESSAGES  # DeepSpeed-Chat has no system prompt
+    assert msgs == want and records[0]["format"] == name.split(".")[0]
+    ids, mask = template.render(msgs)
+    # the loss covers exactly each assistant content followed by <|end|>: nothing of system or user
+    assert supervised_spans(ids, mask) == [template.tok.encode(a) + [template.end] for _, a in TURNS]
+    ids, mask = template.render(msgs, train_on="last-assistant")
+    assert supervised_spans(ids, mask) == [template.tok.encode(TURNS[-1][1]) + [template.end]]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "array"])
+def test_alpaca_as_jsonl_or_as_one_json_array(tmp_path, layout, template):
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA) if layout == "jsonl" else \
+        json.dumps(ALPACA, ensure_ascii=False, indent=2)
+    records, _ = load_conversations(write(tmp_path, "alpaca.json", text))
+    assert [r["messages"] for r in records] == [
+        [{"role": "user", "content": "Name the colour of the sky."}, {"role": "assistant", "content": "Blue."}],
+        [{"role": "user", "content": "Translate to Chinese.\n\ngood"}, {"role": "assistant", "content": "很好。"}]]
+
+
+def test_a_long_conversation_loses_its_oldest_whole_exchanges(template):
+    ids, _ = template.render(MESSAGES)
+    system_and_last = [MESSAGES[0]] + MESSAGES[-2:]
+    short, _ = template.render(system_and_last)
+    samples, counts = tokenize([{"messages": MESSAGES}], template, len(short))
+    assert counts == {"truncated": 1, "dropped": 0}
+    got_ids, got_mask = (a.tolist() for a in samples[0])
+    assert (got_ids, got_mask) == tuple(template.render(system_and_last))  # system kept, last exchange whole
+    assert got_ids[-1] == template.end and got_mask[-1] == 1
+    assert render_within(template, MESSAGES, len(ids))[2] == 0  # fits: nothing dropped
+    # too short for even the last exchange: left out and counted, never cut
+    samples, counts = tokenize([{"messages": MESSAGES}], template, len(short) - 1)
+    assert samples == [] and counts == {"truncated": 0, "dropped": 1}
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+BAD = {  # case -> (file content, line, reason)
+    "invalid JSON": (GOOD + '\n{"messages": [\n' + GOOD + "\n", 2, "invalid JSON"),
+    "not an object": ("[1, 2]\n", 1, "expected a JSON object, got int"),  # read as a JSON array of 2 records
+    "unknown format": ('{"text": "hello"}\n', 1, "unknown format (keys: text)"),
+    "missing role": ('{"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}\n', 1,
+                     "messages[0] has role None"),
+    "unknown role": ('{"conversations": [{"from": "robot", "value": "x"}]}\n', 1, "conversations[0] has from 'robot'"),
+    "non-string content": ('{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}\n',
+                           1, "messages[0] content is not a string"),
+    "empty assistant turn": ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}\n',
+                             1, "messages[1] is an empty assistant turn"),
+    "not ending with assistant": ('{"messages": [{"role": "user", "content": "hi"}]}\n', 1,
+                                  "the conversation ends with a user turn"),
+    "invalid UTF-8": (b'{"messages": "\xff"}\n', 1, "invalid UTF-8"),
+    "BOM": (b"\xef\xbb\xbf" + GOOD.encode() + b"\n", 1, "the file starts with a UTF-8 byte-order mark"),
+    "truncated last line": (GOOD + "\n" + GOOD[:30], 2, "truncated last line"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_each_bad_record_is_named_by_file_line_and_reason(tmp_path, capsys, case):
+    content, line, reason = BAD[case]
+    p = write(tmp_path, "bad.jsonl", content)
+    assert data_main(["check", str(p)]) == 1
+    out = capsys.readouterr().out
+    assert f"{p}:{line}: {reason}" in out, out
+    with pytest.raises(ValueError, match="bad line"):  # strict, as train.py reads it
+        load_conversations(p)
+
+
+def test_check_says_one_line_when_all_is_well(tmp_path, capsys):
+    files = [str(write(tmp_path, name, text)) for name, text in FIXTURES.items()]
+    assert data_main(["check", *files]) == 0
+    assert capsys.readouterr().out == "ok: 3 good conversation(s) in 3 file(s) (1 dschat, 1 messages, 1 sharegpt)\n"
+
+
+def all_bad_cases(tmp_path, n_good=40):
+    """One file: n_good good conversations, then a line of each bad kind that fits on a line."""
+    good = [json.dumps({"messages": [{"role": "user", "content": f"what is {i} + 1?"},
+                                     {"role": "assistant", "content": str(i + 1)}]}).encode() + b"\n" for i in range(n_good)]
+    bad = [BAD[c][0] for c in BAD if c not in ("BOM", "truncated last line", "invalid JSON")] + ['{"messages": [\n']
+    p = tmp_path / "mixed.jsonl"
+    p.write_bytes(b"".join(good + [b if isinstance(b, bytes) else b.encode() for b in bad]))
+    return p, n_good, len(bad)
+
+
+def test_train_stops_on_bad_records_or_skips_and_counts_them(tmp_path):
+    p, n_good, n_bad = all_bad_cases(tmp_path)
+    r = run_train("--data", str(p), "--val-data", "", "--eval-data", "", "--out", str(tmp_path / "strict"), *TINY)
+    assert r.returncode != 0 and f"{n_bad} bad line(s) in {p}" in r.stderr and "Traceback" not in r.stderr
+    out = tmp_path / "skip"
+    r = run_train("--data", str(p), "--val-data", "", "--eval-data", "", "--out", str(out), "--skip-invalid",
+                  "--steps", "2", "--dtype", "fp32", *TINY)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"{n_bad} invalid record(s) left out" in r.stdout and f"data: {n_good} conversations" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["invalid_records_skipped"] == n_bad
