@@ -16,6 +16,7 @@ The DeepSpeed plumbing (config, optimizer, checkpoints, memory report) is in nan
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -27,11 +28,12 @@ import numpy as np
 import torch
 
 from nanosft.checkpoint import load_model, point_latest, save_model, write_json
-from nanosft.data import Batches, error_list, load_conversations, load_jsonl, pack, shard, tokenize
+from nanosft.data import (Batches, cache_path, error_list, file_digest, load_conversations, load_jsonl, load_samples,
+                          pack, save_samples, shard, tokenize)
 from nanosft.formats import FORMATS
 from nanosft.distributed import (all_sum, config_settings, current_loss_scale, deepspeed_config, estimate_memory,
-                                 full_state_dict, load_checkpoint, make_optimizer, measure_memory, pick_dtype,
-                                 print0, rng_state, save_checkpoint, set_rng_state, setup_distributed)
+                                 full_state_dict, is_rank0, load_checkpoint, make_optimizer, measure_memory,
+                                 pick_dtype, print0, rng_state, save_checkpoint, set_rng_state, setup_distributed)
 from nanosft.evaluate import check_eval_record, exact_match, format_scores, loss_and_ppl, validation_loss
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
@@ -44,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DEFAULTS = {"batch_size": 16, "grad_accum": 1, "zero_stage": 0, "offload": "none", "dtype": "auto",
                    "grad_clip": 1.0}
 # Flags that may change when a run is resumed; any other must stay as the run started.
-RESUME_MAY_CHANGE = {"resume", "out", "local_rank", "log_every", "save_every", "keep_checkpoints"}
+RESUME_MAY_CHANGE = {"resume", "out", "local_rank", "log_every", "save_every", "keep_checkpoints", "cache_dir"}
 PATH_FLAGS = {"data", "val_data", "eval_data", "init_from", "tokenizer", "ds_config"}
 
 
@@ -61,6 +63,8 @@ def build_parser():
                    help="leave out invalid records (reported and counted) instead of stopping")
     p.add_argument("--train-on", default="all-assistant", choices=TRAIN_ON,
                    help="which assistant turns the loss covers; system and user turns never")
+    p.add_argument("--cache-dir", default=os.path.join(HERE, "data", "cache"),
+                   help="tokenized data and trained tokenizers, keyed by content hashes ('' for none)")
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens per packed row (the context length); "
                    "longer conversations lose their oldest whole exchanges")
     p.add_argument("--init-from", default="", help="start from this run or Hugging Face Llama-family directory "
@@ -183,23 +187,62 @@ def lr_lambda(warmup, total):
     return f
 
 
-def load_tokenizer(args, records, run_dir):
+def load_tokenizer(args, data, run_dir):
     if args.resume:  # the tokenizer the run started with, not a retrained one
         return Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
     if args.tokenizer:
         return Tokenizer.load(args.tokenizer)
-    texts = [m["content"] for r in records for m in r["messages"]]
+    # deterministic: the same data and settings give the same tokenizer, on every rank, every time
+    cached = args.cache_dir and cache_path(args.cache_dir, "tokenizer", data.digest, args.vocab_size,
+                                           args.tokenizer_trainer, args.format, args.skip_invalid, ext=".model")
+    if cached and os.path.exists(cached):
+        return Tokenizer.load(cached)
+    texts = [m["content"] for r in data.records() for m in r["messages"]]
     train = Tokenizer.train_spm if args.tokenizer_trainer == "spm" else Tokenizer.train
-    return train(texts, args.vocab_size)  # deterministic: every rank trains the same one
+    tok = train(texts, args.vocab_size)
+    if cached and is_rank0():
+        os.makedirs(args.cache_dir, exist_ok=True)
+        tok.save(cached + ".tmp")
+        os.replace(cached + ".tmp", cached)
+    return tok
 
 
-def read_data(path, args):
-    """Validated conversations of a training or validation file -> (records, number skipped).
-    The same validation as `python -m nanosft.data check`."""
-    records, errors = load_conversations(path, args.format, args.skip_invalid)
-    if errors:
-        print0(f"{path}: {len(errors)} invalid record(s) left out (--skip-invalid):\n" + error_list(path, errors))
-    return records, len(errors)
+class DataFile:
+    """A training or validation file: read and validated at most once, and only if needed (with
+    the tokenizer and the token ids in the cache it is not), tokenized through the cache."""
+
+    def __init__(self, path, args):
+        self.path, self.args = path, args
+        self.digest = file_digest(path)
+        self._records, self.skipped = None, 0
+
+    def records(self):
+        """The validated conversations; invalid ones stop the run, or with --skip-invalid are
+        listed and counted. The same validation as `python -m nanosft.data check`."""
+        if self._records is None:
+            self._records, errors = load_conversations(self.path, self.args.format, self.args.skip_invalid)
+            self.skipped = len(errors)
+            if errors:
+                print0(f"{self.path}: {len(errors)} invalid record(s) left out (--skip-invalid):\n"
+                       + error_list(self.path, errors))
+        return self._records
+
+    def samples(self, tok, template, row_len):
+        """-> (samples, counts) as data.tokenize gives them, from the cache when this file was
+        tokenized before with the same tokenizer and settings."""
+        a = self.args
+        cached = a.cache_dir and cache_path(a.cache_dir, "samples", self.digest, hashlib.sha256(tok.to_bytes()).hexdigest(),
+                                            row_len, a.train_on, a.format, a.skip_invalid)
+        if cached and os.path.exists(cached):
+            samples, meta = load_samples(cached)
+            self.skipped = meta["skipped"]
+            print0(f"{self.path}: tokenized conversations from the cache ({cached})"
+                   + (f"; {self.skipped} invalid record(s) left out" if self.skipped else ""))
+            return samples, meta["counts"]
+        samples, counts = tokenize(self.records(), template, row_len, a.train_on)
+        if cached and is_rank0():
+            save_samples(cached, samples, {"counts": counts, "skipped": self.skipped})
+        return samples, counts
 
 
 def fit_note(counts, row_len):
@@ -278,24 +321,25 @@ def main(args):
     run_dir = run_dir[0]
     ckpt_dir = os.path.join(run_dir, "checkpoints")
 
-    # ---- data: validate, tokenize, render
-    records, bad = read_data(args.data, args)
+    # ---- data: validate, tokenize, render (or find it all in the cache)
+    t_data = time.time()
+    data = DataFile(args.data, args)
     model = None
     if args.init_from:
         model, tok = load_model(args.init_from, attn_impl=args.attn_impl)
         model.train()
     if args.resume or not args.init_from:
-        tok = load_tokenizer(args, records, run_dir)
+        tok = load_tokenizer(args, data, run_dir)
     template = ChatTemplate(tok)
     row_len = args.max_seq_len + 1  # +1: inputs and targets are the row shifted by one
-    samples, counts = tokenize(records, template, row_len, args.train_on)
-    print0(f"data: {len(samples)} conversations from {args.data}, vocab {tok.vocab_size}" + fit_note(counts, row_len))
+    samples, counts = data.samples(tok, template, row_len)
+    print0(f"data: {len(samples)} conversations from {args.data}, vocab {tok.vocab_size}" + fit_note(counts, row_len)
+           + f" ({time.time() - t_data:.1f}s)")
     if not samples:
         raise SystemExit(f"{args.data}: no conversation fits in --max-seq-len {args.max_seq_len}")
     val = None
     if args.val_data:
-        val_records, _ = read_data(args.val_data, args)
-        val_samples, val_counts = tokenize(val_records, template, row_len, args.train_on)
+        val_samples, val_counts = DataFile(args.val_data, args).samples(tok, template, row_len)
         print0(f"validation: {len(val_samples)} conversations from {args.val_data}" + fit_note(val_counts, row_len))
         val = shard(pack(val_samples, row_len, template.pad), rank, world, template.pad)
     evals = load_jsonl(args.eval_data, check_eval_record) if args.eval_data else []
@@ -404,7 +448,7 @@ def main(args):
                    "wall_time_s": time.time() - t_start, "train_time_s": train_time, "steps": total_steps,
                    "skipped_steps": engine.skipped_steps, "tokens": tokens, "supervised_tokens": sup_tokens,
                    "params": n_params, "dtype": args.dtype, "zero_stage": args.zero_stage, "world_size": world,
-                   "padding_fraction": float(np.mean(batches.padding)), "invalid_records_skipped": bad,
+                   "padding_fraction": float(np.mean(batches.padding)), "invalid_records_skipped": data.skipped,
                    "conversations_truncated": counts["truncated"], "conversations_dropped": counts["dropped"]}
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
         point_latest(run_dir)

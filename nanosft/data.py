@@ -12,6 +12,8 @@ to restart rotary positions, so a packed row trains exactly like separate padded
 paying for the padding. Rows are re-packed from a fresh shuffle every epoch.
 """
 
+import hashlib
+import json
 import os
 import random
 from collections import Counter
@@ -195,9 +197,11 @@ def padding_fraction(packed):
 
 def to_batch(packed, index):
     """Rows `index` of a packed dict -> model inputs and targets, each (B, T) with T = row_len - 1.
-    The mask is shifted with the targets: mask[t] says whether token t+1 is supervised."""
+    The mask is shifted with the targets: mask[t] says whether token t+1 is supervised, and never
+    is when token t+1 opens the next conversation (no predicting across a seam of a packed row)."""
     rows = {k: torch.from_numpy(v[index]) for k, v in packed.items()}
-    return {"idx": rows["ids"][:, :-1], "targets": rows["ids"][:, 1:], "loss_mask": rows["mask"][:, 1:],
+    same_doc = rows["doc"][:, 1:] == rows["doc"][:, :-1]
+    return {"idx": rows["ids"][:, :-1], "targets": rows["ids"][:, 1:], "loss_mask": rows["mask"][:, 1:] * same_doc,
             "pos": rows["pos"][:, :-1], "doc": rows["doc"][:, :-1]}
 
 
@@ -269,6 +273,49 @@ class Batches:
             self.cursor = len(self.rows["ids"]) // self.batch_size * self.batch_size
             self._next_epoch()
         self.cursor = state["cursor"]
+
+
+# -----------------------------------------------------------------------------
+# the cache: tokenize once
+
+CACHE_VERSION = 1  # bump when rendering or tokenizing changes what a cached file would hold
+
+
+def file_digest(path):
+    """sha256 of a file's bytes: the cache's notion of "the same data"."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_path(cache_dir, kind, *parts, ext=".npz"):
+    """cache_dir/kind-<hash of everything the cached result depends on>.npz"""
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, *parts]).encode()).hexdigest()[:32]
+    return os.path.join(cache_dir, f"{kind}-{key}{ext}")
+
+
+def save_samples(path, samples, meta):
+    """Samples as three flat numpy arrays (ids, mask, offsets) and a JSON string: np.load reads
+    them back with allow_pickle=False. Written to a temporary name first, so a reader never sees
+    half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lengths = [len(ids) for ids, _ in samples]
+    arrays = {"ids": np.concatenate([ids for ids, _ in samples] or [np.zeros(0, np.int32)]),
+              "mask": np.concatenate([m for _, m in samples] or [np.zeros(0, np.int8)]),
+              "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+              "meta": np.array(json.dumps(meta))}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_samples(path):
+    with np.load(path, allow_pickle=False) as z:
+        ids, mask, offsets, meta = z["ids"], z["mask"], z["offsets"], json.loads(str(z["meta"]))
+    return [(ids[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])], meta
 
 
 # -----------------------------------------------------------------------------

@@ -420,16 +420,19 @@ class Tokenizer:
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{name}: not a usable SentencePiece BPE model: {e}") from e
 
-    def save(self, path):
-        # sentencepiece writes a piece's type only when it is not NORMAL; do the same so a
-        # loaded model saves back byte for byte
+    def to_bytes(self):
+        """The .model file's bytes. sentencepiece writes a piece's type only when it is not
+        NORMAL; so do we, so that a loaded model saves back byte for byte."""
         fields = [(1, 2, _serialize({"piece": p, "score": s, **({"type": t} if t != NORMAL else {})},
                                     [], PIECE_FIELDS)) for p, s, t in self.pieces]
         extra = self._unknown_fields
         fields.append((2, 2, _serialize(self.trainer, extra["trainer"], TRAINER_FIELDS)))
         fields.append((3, 2, _serialize(self.normalizer, extra["normalizer"], NORMALIZER_FIELDS)))
+        return _serialize({}, fields + extra["model"], {})
+
+    def save(self, path):
         with open(path, "wb") as f:
-            f.write(_serialize({}, fields + extra["model"], {}))
+            f.write(self.to_bytes())
 
     # ----------------------------------------------------------------- train
 

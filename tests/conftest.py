@@ -17,7 +17,7 @@ from generate import generate, write_jsonl  # noqa: E402  (data/generate.py)
 # a model small enough to train in seconds; every flag spelled out so tests can rebuild it
 TINY = ["--dim", "32", "--n-layer", "2", "--n-head", "4", "--n-kv-head", "2", "--vocab-size", "300",
         "--max-seq-len", "128", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2",
-        "--seed", "7"]
+        "--seed", "7", "--cache-dir", ""]  # no cache: every test run tokenizes (test_formats.py tests the cache)
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

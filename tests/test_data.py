@@ -90,7 +90,10 @@ def test_batches_shift_targets_and_mask_by_one():
     b = to_batch(packed, slice(0, 2))
     assert b["idx"].shape == (2, 63)
     assert (b["targets"] == b["idx"].roll(-1, 1))[:, :-1].all()
-    assert (b["loss_mask"].numpy() == packed["mask"][:2, 1:]).all()
+    # shifted with the targets, and off where the target opens the next conversation of the row
+    seam = packed["doc"][:2, 1:] != packed["doc"][:2, :-1]
+    assert (b["loss_mask"].numpy() == packed["mask"][:2, 1:] * ~seam).all()
+    assert (packed["mask"][:2, 1:] * seam).any()  # there was a supervised token to switch off
 
 
 def test_epochs_reshuffle_and_ranks_split_rows_evenly():
@@ -130,6 +133,41 @@ def test_batch_stream_resumes_at_the_same_micro_batch():
     for _ in range(30):
         x, y = a.next(), b.next()
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_packing_wastes_under_5_percent_on_long_tailed_lengths():
+    """Instruction data is long-tailed: median ~150 tokens, some over 1,000."""
+    rng = np.random.default_rng(0)
+    lengths = np.clip(np.exp(rng.normal(np.log(150), 0.9, 5000)).astype(int), 8, 2048)
+    assert 140 <= np.median(lengths) <= 160 and (lengths > 1000).sum() > 50
+    samples = [(np.zeros(n, np.int32), np.ones(n, np.int8)) for n in lengths]
+    assert padding_fraction(pack(samples, 2048, 0)) < 0.05
+
+
+def test_packed_rows_give_each_conversation_its_own_loss_and_logits():
+    """fp32, a real model: one packed row of several conversations == each conversation alone."""
+    from nanosft.loss import masked_nll
+    from nanosft.model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, dim=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=128)).eval()
+    rng = random.Random(5)
+    samples = [(np.array([rng.randrange(97) for _ in range(n)], np.int32), np.array([rng.randint(0, 1) for _ in range(n)], np.int8))
+               for n in (17, 40, 9, 33, 25)]
+    packed = pack(samples, 128, pad_id=0)
+    assert len(packed["ids"]) == 1  # all five share one row
+    b = to_batch(packed, slice(0, 1))
+    with torch.no_grad():
+        logits = model(b["idx"], pos=b["pos"], doc=b["doc"])
+        total, _ = masked_nll(logits, b["targets"], b["loss_mask"])
+        alone_total, start = 0.0, 0
+        for ids, mask in samples:
+            x = torch.from_numpy(ids.astype(np.int64))[None]
+            alone = model(x[:, :-1])
+            n = len(ids) - 1
+            torch.testing.assert_close(logits[:, start:start + n], alone, rtol=1e-5, atol=1e-5)
+            alone_total += masked_nll(alone, x[:, 1:], torch.from_numpy(mask[1:].astype(np.int64))[None])[0].item()
+            start += len(ids)
+    assert abs(total.item() - alone_total) <= 1e-5 * abs(alone_total)
 
 
 def test_prompt_files_must_end_with_a_user_turn(tmp_path):

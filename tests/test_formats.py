@@ -157,3 +157,36 @@ def test_train_stops_on_bad_records_or_skips_and_counts_them(tmp_path):
     assert f"{n_bad} invalid record(s) left out" in r.stdout and f"data: {n_good} conversations" in r.stdout
     m = json.loads((out / "metrics.json").read_text())
     assert m["invalid_records_skipped"] == n_bad
+
+
+def test_tokenized_data_is_cached_by_content_and_a_change_invalidates_it(tmp_path):
+    import argparse
+    from train import DataFile, load_tokenizer
+    args = argparse.Namespace(cache_dir=str(tmp_path / "cache"), format="auto", skip_invalid=False, resume=False,
+                              train_on="all-assistant", vocab_size=300, tokenizer_trainer="nanosft", tokenizer="")
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} plus {i}?"},
+                                                     {"role": "assistant", "content": f"{2 * i}, 你好"}]}) + "\n"
+                            for i in range(60)), encoding="utf-8")
+
+    def prepare():
+        data = DataFile(path, args)
+        tok = load_tokenizer(args, data, None)
+        samples, counts = data.samples(tok, ChatTemplate(tok), 129)
+        return data, tok, samples
+
+    first, tok1, s1 = prepare()
+    assert first._records is not None  # read, validated, tokenizer trained, tokenized
+    again, tok2, s2 = prepare()
+    assert again._records is None  # the second time the file was never parsed
+    assert tok2.to_bytes() == tok1.to_bytes() and len(s2) == len(s1) == 60
+    assert all((a == c).all() and (b == d).all() for (a, b), (c, d) in zip(s1, s2))
+
+    with open(path, "a", encoding="utf-8") as f:  # a changed input: read and tokenized again
+        f.write(json.dumps({"messages": [{"role": "user", "content": "new"}, {"role": "assistant", "content": "yes"}]}) + "\n")
+    changed, _, s3 = prepare()
+    assert changed._records is not None and len(s3) == 61
+    args.vocab_size = 280  # another tokenizer: tokenized again
+    other, tok4, s4 = prepare()
+    assert other._records is not None and tok4.vocab_size == 280 != tok1.vocab_size
+    assert len(list((tmp_path / "cache").iterdir())) == 6  # 3 tokenizers and 3 tokenized files, no temporaries
