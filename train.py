@@ -63,6 +63,8 @@ def build_parser():
                    help="leave out invalid records (reported and counted) instead of stopping")
     p.add_argument("--train-on", default="all-assistant", choices=TRAIN_ON,
                    help="which assistant turns the loss covers; system and user turns never")
+    p.add_argument("--packing", default="on", choices=["on", "off"],
+                   help="on: several conversations share a row (document mask); off: a row each, grouped by length")
     p.add_argument("--cache-dir", default=os.path.join(HERE, "data", "cache"),
                    help="tokenized data and trained tokenizers, keyed by content hashes ('' for none)")
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens per packed row (the context length); "
@@ -253,14 +255,15 @@ def fit_note(counts, row_len):
 
 def train_step(engine, micro, world, device, before_step=None):
     """Forward and backward over this rank's micro-batches, then the optimizer step (before which
-    `before_step()` is called, if given). Returns the summed NLL, supervised tokens and real
-    tokens of the whole global batch.
+    `before_step()` is called, if given). Returns the summed NLL, supervised tokens, real tokens
+    and token slots computed (real + padding) of the whole global batch.
 
     NOTE: the loss is normalised by the supervised tokens of the whole global batch (all
     micro-batches, all ranks). DeepSpeed divides each backward by the number of micro-batches and
     averages gradients over the ranks, so multiplying by len(micro) * world undoes both: every
     supervised token weighs the same, however the global batch is split (tests/test_zero.py)."""
-    n_sup, n_tok = all_sum([sum(b["loss_mask"].sum() for b in micro), sum((b["doc"] >= 0).sum() for b in micro)], device)
+    n_sup, n_tok, n_slots = all_sum([sum(b["loss_mask"].sum() for b in micro), sum((b["doc"] >= 0).sum() for b in micro),
+                                     sum(b["doc"].numel() for b in micro)], device)
     nll = 0.0
     for i, b in enumerate(micro):
         b = {k: v.to(device) for k, v in b.items()}
@@ -271,7 +274,7 @@ def train_step(engine, micro, world, device, before_step=None):
             before_step()
         engine.step()  # only the last micro-batch's call steps the optimizer
         nll += s.item()
-    return all_sum([nll], device)[0], n_sup, n_tok
+    return all_sum([nll], device)[0], n_sup, n_tok, n_slots
 
 
 def record_memory(engine, args, n_params, world, run_dir):
@@ -355,7 +358,7 @@ def main(args):
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {cfg.max_seq_len} positions")
     model.grad_checkpointing = args.gradient_checkpointing
     n_params = model.num_params()  # counted now: under ZeRO-3 the module's own tensors become empty shards
-    batches = Batches(samples, row_len, template.pad, args.batch_size, args.seed, rank, world)
+    batches = Batches(samples, row_len, template.pad, args.batch_size, args.seed, rank, world, args.packing == "on")
     steps_per_epoch = batches.rows_per_epoch / (args.batch_size * args.grad_accum)
     total_steps = args.steps or max(math.ceil(args.epochs * steps_per_epoch), 1)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.offload)
@@ -401,14 +404,15 @@ def main(args):
     # ---- training
     if rank == 0:
         log_file, log = open_log(os.path.join(run_dir, "train_log.csv"), start["step"])
-    tokens, sup_tokens = start["tokens"], start["supervised_tokens"]
+    tokens, sup_tokens, slots = start["tokens"], start["supervised_tokens"], 0
     t_train, tokens_at_start = time.time(), tokens
     for step in range(start["step"] + 1, total_steps + 1):
         micro = [batches.next() for _ in range(args.grad_accum)]
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         # memory is measured at the second step: Adam's state appears at the first
         measure = (lambda: record_memory(engine, args, n_params, world, run_dir)) if step == 2 else None
-        nll, n_sup, n_tok = train_step(engine, micro, world, device, measure)
+        nll, n_sup, n_tok, n_slots = train_step(engine, micro, world, device, measure)
+        slots += int(n_slots)
         loss = nll / max(n_sup, 1.0)
         tokens, sup_tokens = tokens + int(n_tok), sup_tokens + int(n_sup)
         session = time.time() - t_train
@@ -448,10 +452,11 @@ def main(args):
                    "wall_time_s": time.time() - t_start, "train_time_s": train_time, "steps": total_steps,
                    "skipped_steps": engine.skipped_steps, "tokens": tokens, "supervised_tokens": sup_tokens,
                    "params": n_params, "dtype": args.dtype, "zero_stage": args.zero_stage, "world_size": world,
-                   "padding_fraction": float(np.mean(batches.padding)), "invalid_records_skipped": data.skipped,
+                   "padding_fraction": 1 - (tokens - tokens_at_start) / max(slots, 1), "invalid_records_skipped": data.skipped,
                    "conversations_truncated": counts["truncated"], "conversations_dropped": counts["dropped"]}
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
         point_latest(run_dir)
+        print0(f"padding: {metrics['padding_fraction']:.1%} of the token positions computed")
         if val is not None:
             print0(f"val loss {before_loss:.4f} -> {after_loss:.4f} (ppl {after_ppl:.3f})")
         if scores:

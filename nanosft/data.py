@@ -174,7 +174,11 @@ def pack(samples, row_len, pad_id, open_rows=8):
             open_.append((n, [s]))
     while open_:
         close(0)
+    return fill_rows(rows, row_len, pad_id)
 
+
+def fill_rows(rows, row_len, pad_id):
+    """Rows given as lists of samples -> the dict of (N, row_len) arrays described in pack()."""
     out = {"ids": np.full((len(rows), row_len), pad_id, dtype=np.int64),
            "mask": np.zeros((len(rows), row_len), dtype=np.int64),
            "doc": np.full((len(rows), row_len), -1, dtype=np.int64),
@@ -196,10 +200,14 @@ def padding_fraction(packed):
 
 
 def to_batch(packed, index):
-    """Rows `index` of a packed dict -> model inputs and targets, each (B, T) with T = row_len - 1.
+    """Rows `index` of a packed dict -> model inputs and targets, each (B, T) with T = row_len - 1,
+    or less when every row ends in padding (the columns nobody uses are not computed).
     The mask is shifted with the targets: mask[t] says whether token t+1 is supervised, and never
     is when token t+1 opens the next conversation (no predicting across a seam of a packed row)."""
     rows = {k: torch.from_numpy(v[index]) for k, v in packed.items()}
+    used = (rows["doc"] >= 0).any(0).nonzero()
+    T = max(int(used[-1]) + 1 if len(used) else 0, 2)
+    rows = {k: v[:, :T] for k, v in rows.items()}
     same_doc = rows["doc"][:, 1:] == rows["doc"][:, :-1]
     return {"idx": rows["ids"][:, :-1], "targets": rows["ids"][:, 1:], "loss_mask": rows["mask"][:, 1:] * same_doc,
             "pos": rows["pos"][:, :-1], "doc": rows["doc"][:, :-1]}
@@ -217,12 +225,21 @@ def shard(packed, rank, world, pad_id):
     return {k: v[rank::world] for k, v in packed.items()}
 
 
-def epoch_rows(samples, row_len, pad_id, seed, epoch, rank=0, world=1):
+def epoch_rows(samples, row_len, pad_id, seed, epoch, rank=0, world=1, packing=True, window=1024):
     """Shuffle (seeded per epoch, so every epoch has its own order), pack, and keep this rank's
-    share of the rows."""
+    share of the rows. Without packing, each conversation has a row of its own, and conversations
+    are sorted by length within windows of `window`: neighbours, which share micro-batches, have
+    similar lengths, and to_batch cuts off the padding columns they all share."""
     order = list(range(len(samples)))
     random.Random(seed * 1000003 + epoch).shuffle(order)
-    return shard(pack([samples[i] for i in order], row_len, pad_id), rank, world, pad_id)
+    shuffled = [samples[i] for i in order]
+    if packing:
+        rows = pack(shuffled, row_len, pad_id)
+    else:
+        grouped = [s for w in range(0, len(shuffled), window)
+                   for s in sorted(shuffled[w:w + window], key=lambda s: -len(s[0]))]
+        rows = fill_rows([[s] for s in grouped], row_len, pad_id)
+    return shard(rows, rank, world, pad_id)
 
 
 class Batches:
@@ -232,20 +249,22 @@ class Batches:
     go first in the next epoch, so no row is skipped. The position is (epoch, cursor), which is
     all a resumed run needs: load_state_dict replays the epochs' packing to get back there."""
 
-    def __init__(self, samples, row_len, pad_id, batch_size, seed, rank=0, world=1):
-        self.samples, self.row_len, self.pad_id = samples, row_len, pad_id
+    def __init__(self, samples, row_len, pad_id, batch_size, seed, rank=0, world=1, packing=True):
+        self.samples, self.row_len, self.pad_id, self.packing = samples, row_len, pad_id, packing
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self._start()
 
+    def _rows(self, epoch):
+        return epoch_rows(self.samples, self.row_len, self.pad_id, self.seed, epoch, self.rank, self.world,
+                          self.packing)
+
     def _start(self):
         self.epoch, self.cursor = 0, 0
-        self.rows = epoch_rows(self.samples, self.row_len, self.pad_id, self.seed, 0, self.rank, self.world)
-        self.padding = [padding_fraction(self.rows)]  # one per epoch
+        self.rows = self._rows(0)
 
     def _next_epoch(self):
         self.epoch += 1
-        fresh = epoch_rows(self.samples, self.row_len, self.pad_id, self.seed, self.epoch, self.rank, self.world)
-        self.padding.append(padding_fraction(fresh))
+        fresh = self._rows(self.epoch)
         self.rows = {k: np.concatenate([v[self.cursor:], fresh[k]]) for k, v in self.rows.items()}
         self.cursor = 0
 

@@ -114,11 +114,17 @@ def test_batch_stream_trains_every_row_and_carries_an_epochs_leftover_into_the_n
     per_epoch = [epoch_rows(samples, 128, 0, seed=1, epoch=e) for e in range(4)]
     stream = Batches(samples, 128, 0, batch_size=7, seed=1)
     n = sum(len(e["ids"]) for e in per_epoch[:3]) // 7  # micro-batches in three epochs' rows
-    got = np.concatenate([np.concatenate([b["idx"], b["targets"][:, -1:]], 1) for b in (stream.next() for _ in range(n))])
     want = np.concatenate([e["ids"] for e in per_epoch[:3]])
+    want_doc = np.concatenate([e["doc"] for e in per_epoch[:3]])
+    i = 0
+    for _ in range(n):  # the epochs' rows in order, none skipped at the seams
+        b = stream.next()
+        T = b["idx"].shape[1] + 1
+        assert np.array_equal(np.concatenate([b["idx"], b["targets"][:, -1:]], 1), want[i:i + 7, :T])
+        assert (want_doc[i:i + 7, T:] < 0).all()  # what to_batch left off is padding
+        i += 7
     assert stream.epoch == 2 and len(per_epoch[0]["ids"]) % 7  # an epoch did end mid-batch
-    assert np.array_equal(got, want[:len(got)])  # the epochs' rows in order, none skipped at the seams
-    assert len(want) - len(got) < 7
+    assert len(want) - i < 7
 
 
 def test_batch_stream_resumes_at_the_same_micro_batch():
@@ -133,6 +139,19 @@ def test_batch_stream_resumes_at_the_same_micro_batch():
     for _ in range(30):
         x, y = a.next(), b.next()
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_without_packing_each_conversation_has_a_row_and_batches_group_similar_lengths():
+    samples = random_samples(300, max_len=120)
+    rows = epoch_rows(samples, 128, 0, seed=1, epoch=0, packing=False, window=100)
+    assert len(rows["ids"]) == 300 and (rows["doc"] <= 0).all()  # one conversation per row
+    lengths = (rows["doc"] == 0).sum(1)
+    assert sorted(map(tuple, rows["ids"][:, :5])) == sorted(tuple(np.pad(i[:5], (0, max(0, 5 - len(i))))) for i, _ in samples)
+    for w in range(0, 300, 100):  # sorted within each window, longest first
+        assert (np.diff(lengths[w:w + 100]) <= 0).all()
+    b = to_batch(rows, slice(150, 154))  # the columns every row leaves empty are not computed
+    assert b["idx"].shape[1] == lengths[150:154].max() - 1
+    assert b["doc"].shape == b["targets"].shape == b["loss_mask"].shape == b["pos"].shape
 
 
 def test_packing_wastes_under_5_percent_on_long_tailed_lengths():
