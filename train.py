@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from nanosft.checkpoint import load_model, point_latest, save_model, write_json
-from nanosft.data import (Batches, cache_path, error_list, file_digest, load_conversations, load_jsonl, load_samples,
-                          pack, save_samples, shard, tokenize)
+from nanosft.data import (Batches, Blend, cache_path, error_list, file_digest, load_conversations, load_jsonl,
+                          load_samples, pack, parse_source, save_samples, shard, split_off, tokenize)
 from nanosft.formats import FORMATS
 from nanosft.distributed import (all_sum, config_settings, current_loss_scale, deepspeed_config, estimate_memory,
                                  full_state_dict, is_rank0, load_checkpoint, make_optimizer, measure_memory,
@@ -47,13 +47,16 @@ CONFIG_DEFAULTS = {"batch_size": 16, "grad_accum": 1, "zero_stage": 0, "offload"
                    "grad_clip": 1.0}
 # Flags that may change when a run is resumed; any other must stay as the run started.
 RESUME_MAY_CHANGE = {"resume", "out", "local_rank", "log_every", "save_every", "keep_checkpoints", "cache_dir"}
-PATH_FLAGS = {"data", "val_data", "eval_data", "init_from", "tokenizer", "ds_config"}
+PATH_FLAGS = {"val_data", "eval_data", "init_from", "tokenizer", "ds_config"}
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="supervised fine-tuning of a chat model with DeepSpeed")
     # data
-    p.add_argument("--data", default=os.path.join(HERE, "data/train.jsonl"), help="training chat JSONL")
+    p.add_argument("--data", nargs="+", default=[os.path.join(HERE, "data/train.jsonl")], metavar="FILE[:WEIGHT]",
+                   help="training data; several files are blended by weight (a.jsonl:0.7 b.json:0.3)")
+    p.add_argument("--val-split", type=float, default=0.0,
+                   help="hold out this fraction of each training file for validation (with or instead of --val-data)")
     p.add_argument("--val-data", default=os.path.join(HERE, "data/val.jsonl"), help="validation chat JSONL ('' to skip)")
     p.add_argument("--eval-data", default=os.path.join(HERE, "data/eval.jsonl"),
                    help="held-out prompts with answers for exact match ('' to skip)")
@@ -150,6 +153,8 @@ def resumed_args(args, given):
         saved = json.load(f)
     def same(k):
         a, b = getattr(args, k), saved[k]
+        if k == "data":
+            return [os.path.abspath(x) for x in a] == [os.path.abspath(x) for x in b]
         return os.path.abspath(a) == os.path.abspath(b) if k in PATH_FLAGS and a and b else a == b
     changed = [k for k in given - RESUME_MAY_CHANGE if k in saved and not same(k)]
     if changed:
@@ -175,6 +180,8 @@ def check_args(p, args):
         p.error("--offload all needs --zero-stage 3 (only stage 3 partitions the parameters)")
     if args.dtype == "fp16" and not torch.cuda.is_available():
         p.error("--dtype fp16 needs a GPU (DeepSpeed has no fp16 training on CPU); use bf16 or fp32")
+    if not 0 <= args.val_split < 1:
+        p.error("--val-split must be in [0, 1)")
     if args.save_every < 0 or args.keep_checkpoints < 1:
         p.error("--save-every must not be negative and --keep-checkpoints at least 1")
 
@@ -189,17 +196,17 @@ def lr_lambda(warmup, total):
     return f
 
 
-def load_tokenizer(args, data, run_dir):
+def load_tokenizer(args, files, run_dir):
     if args.resume:  # the tokenizer the run started with, not a retrained one
         return Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
     if args.tokenizer:
         return Tokenizer.load(args.tokenizer)
     # deterministic: the same data and settings give the same tokenizer, on every rank, every time
-    cached = args.cache_dir and cache_path(args.cache_dir, "tokenizer", data.digest, args.vocab_size,
+    cached = args.cache_dir and cache_path(args.cache_dir, "tokenizer", [f.digest for f in files], args.vocab_size,
                                            args.tokenizer_trainer, args.format, args.skip_invalid, ext=".model")
     if cached and os.path.exists(cached):
         return Tokenizer.load(cached)
-    texts = [m["content"] for r in data.records() for m in r["messages"]]
+    texts = [m["content"] for f in files for r in f.records() for m in r["messages"]]
     train = Tokenizer.train_spm if args.tokenizer_trainer == "spm" else Tokenizer.train
     tok = train(texts, args.vocab_size)
     if cached and is_rank0():
@@ -245,6 +252,24 @@ class DataFile:
         if cached and is_rank0():
             save_samples(cached, samples, {"counts": counts, "skipped": self.skipped})
         return samples, counts
+
+
+def training_samples(files, weights, tok, template, row_len, args):
+    """-> (training samples, or a Blend of several files' samples; held-out validation samples;
+    the files' truncation counts, summed). Every file is tokenized through the cache, and a
+    --val-split share of each is held out before blending."""
+    sources, held_out, counts = [], [], {"truncated": 0, "dropped": 0}
+    for f in files:
+        samples, c = f.samples(tok, template, row_len)
+        counts = {k: counts[k] + c[k] for k in counts}
+        if args.val_split:
+            samples, held = split_off(samples, args.val_split, args.seed)
+            held_out += held
+        if not samples:
+            raise SystemExit(f"{f.path}: no conversation to train on (--max-seq-len {args.max_seq_len}, "
+                             f"--val-split {args.val_split})")
+        sources.append(samples)
+    return (sources[0] if len(sources) == 1 else Blend(sources, weights)), held_out, counts
 
 
 def fit_note(counts, row_len):
@@ -326,25 +351,26 @@ def main(args):
 
     # ---- data: validate, tokenize, render (or find it all in the cache)
     t_data = time.time()
-    data = DataFile(args.data, args)
+    sources = [parse_source(spec) for spec in args.data]
+    files = [DataFile(path, args) for path, _ in sources]
     model = None
     if args.init_from:
         model, tok = load_model(args.init_from, attn_impl=args.attn_impl)
         model.train()
     if args.resume or not args.init_from:
-        tok = load_tokenizer(args, data, run_dir)
+        tok = load_tokenizer(args, files, run_dir)
     template = ChatTemplate(tok)
     row_len = args.max_seq_len + 1  # +1: inputs and targets are the row shifted by one
-    samples, counts = data.samples(tok, template, row_len)
-    print0(f"data: {len(samples)} conversations from {args.data}, vocab {tok.vocab_size}" + fit_note(counts, row_len)
-           + f" ({time.time() - t_data:.1f}s)")
-    if not samples:
-        raise SystemExit(f"{args.data}: no conversation fits in --max-seq-len {args.max_seq_len}")
-    val = None
+    samples, val_samples, counts = training_samples(files, [w for _, w in sources], tok, template, row_len, args)
+    mix = (" blended " + ", ".join(f"{f.path} x{n}" for f, n in zip(files, samples.counts))
+           if isinstance(samples, Blend) else f" from {files[0].path}")
+    print0(f"data: {len(samples)} conversations per epoch{mix}, vocab {tok.vocab_size}" + fit_note(counts, row_len)
+           + (f"; {len(val_samples)} held out for validation" if val_samples else "") + f" ({time.time() - t_data:.1f}s)")
     if args.val_data:
-        val_samples, val_counts = DataFile(args.val_data, args).samples(tok, template, row_len)
-        print0(f"validation: {len(val_samples)} conversations from {args.val_data}" + fit_note(val_counts, row_len))
-        val = shard(pack(val_samples, row_len, template.pad), rank, world, template.pad)
+        more, val_counts = DataFile(args.val_data, args).samples(tok, template, row_len)
+        print0(f"validation: {len(more)} conversations from {args.val_data}" + fit_note(val_counts, row_len))
+        val_samples += more
+    val = shard(pack(val_samples, row_len, template.pad), rank, world, template.pad) if val_samples else None
     evals = load_jsonl(args.eval_data, check_eval_record) if args.eval_data else []
 
     # ---- model and deepspeed
@@ -452,7 +478,7 @@ def main(args):
                    "wall_time_s": time.time() - t_start, "train_time_s": train_time, "steps": total_steps,
                    "skipped_steps": engine.skipped_steps, "tokens": tokens, "supervised_tokens": sup_tokens,
                    "params": n_params, "dtype": args.dtype, "zero_stage": args.zero_stage, "world_size": world,
-                   "padding_fraction": 1 - (tokens - tokens_at_start) / max(slots, 1), "invalid_records_skipped": data.skipped,
+                   "padding_fraction": 1 - (tokens - tokens_at_start) / max(slots, 1), "invalid_records_skipped": sum(f.skipped for f in files),
                    "conversations_truncated": counts["truncated"], "conversations_dropped": counts["dropped"]}
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
         point_latest(run_dir)

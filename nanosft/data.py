@@ -242,6 +242,50 @@ def epoch_rows(samples, row_len, pad_id, seed, epoch, rank=0, world=1, packing=T
     return shard(rows, rank, world, pad_id)
 
 
+def parse_source(spec):
+    """"file.jsonl:0.7" -> ("file.jsonl", 0.7); "file.jsonl" -> ("file.jsonl", 1.0)."""
+    path, _, weight = spec.rpartition(":")
+    try:
+        w = float(weight)
+    except ValueError:
+        return spec, 1.0
+    if not path or not w > 0:
+        raise ValueError(f"--data {spec}: the weight after ':' must be a positive number")
+    return path, w
+
+
+class Blend:
+    """Several datasets mixed by weight. An epoch holds as many conversations as all the sources
+    together; source i contributes the share w_i / sum(w) of them, drawn anew every epoch: a
+    small source with a large weight repeats (each of its conversations as evenly as possible),
+    a large one with a small weight shows a different part of itself each epoch."""
+
+    def __init__(self, sources, weights):
+        self.sources, self.weights = sources, weights
+        total = sum(len(s) for s in sources)
+        self.counts = [round(w / sum(weights) * total) for w in weights]
+
+    def __len__(self):
+        return sum(self.counts)
+
+    def epoch(self, seed, epoch):
+        out = []
+        for i, (source, n) in enumerate(zip(self.sources, self.counts)):
+            rng = random.Random(f"{seed}:{epoch}:{i}")
+            order = []
+            while len(order) < n:  # whole passes over the source, each in a fresh order
+                order += rng.sample(range(len(source)), len(source))
+            out += [source[j] for j in order[:n]]
+        return out
+
+
+def split_off(samples, fraction, seed):
+    """-> (kept, held_out): a seeded `fraction` of the samples held out for validation."""
+    order = random.Random(f"val:{seed}").sample(range(len(samples)), len(samples))
+    held = set(order[:round(fraction * len(samples))])
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
 class Batches:
     """This rank's micro-batches, epoch after epoch, without end. Every epoch re-packs the
     conversations in its own seeded order (a fresh shuffle each epoch, the same on every rank so
@@ -255,7 +299,8 @@ class Batches:
         self._start()
 
     def _rows(self, epoch):
-        return epoch_rows(self.samples, self.row_len, self.pad_id, self.seed, epoch, self.rank, self.world,
+        samples = self.samples.epoch(self.seed, epoch) if isinstance(self.samples, Blend) else self.samples
+        return epoch_rows(samples, self.row_len, self.pad_id, self.seed, epoch, self.rank, self.world,
                           self.packing)
 
     def _start(self):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanosft.data import Batches, epoch_rows, load_jsonl, pack, padding_fraction, to_batch
+from nanosft.data import Batches, Blend, epoch_rows, load_jsonl, pack, padding_fraction, parse_source, split_off, to_batch
 
 
 def write(tmp_path, lines):
@@ -187,6 +187,32 @@ def test_packed_rows_give_each_conversation_its_own_loss_and_logits():
             alone_total += masked_nll(alone, x[:, 1:], torch.from_numpy(mask[1:].astype(np.int64))[None])[0].item()
             start += len(ids)
     assert abs(total.item() - alone_total) <= 1e-5 * abs(alone_total)
+
+
+def test_blending_gives_each_source_its_weight_of_every_epoch():
+    small, large = random_samples(100, seed=1), random_samples(1000, seed=2)
+    blend = Blend([small, large], [0.5, 0.5])
+    assert len(blend) == 1100 and blend.counts == [550, 550]
+    e0, e1 = blend.epoch(seed=3, epoch=0), blend.epoch(seed=3, epoch=1)
+    which = {id(x): (src, i) for src, samples in enumerate((small, large)) for i, x in enumerate(samples)}
+    picked = [which[id(x)] for x in e0]
+    repeats = np.bincount([i for src, i in picked if src == 0])
+    assert len(repeats) == 100 and set(repeats) == {5, 6}  # the small source upsampled as evenly as it goes
+    assert sum(src == 1 for src, _ in picked) == 550 and len({i for src, i in picked if src == 1}) == 550
+    large_half = lambda e: {which[id(x)] for x in e if which[id(x)][0] == 1}  # noqa: E731
+    assert large_half(e0) != large_half(e1)  # the large source shows another half each epoch
+    assert [which[id(x)] for x in blend.epoch(seed=3, epoch=0)] == picked  # reproducible
+    assert parse_source("a.jsonl:0.7") == ("a.jsonl", 0.7) and parse_source("dir/b.json") == ("dir/b.json", 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        parse_source("a.jsonl:-1")
+
+
+def test_validation_split_is_held_out_of_training():
+    samples = random_samples(200)
+    kept, held = split_off(samples, 0.1, seed=5)
+    assert len(held) == 20 and len(kept) == 180
+    assert {id(s) for s in kept}.isdisjoint({id(s) for s in held})
+    assert [id(s) for s in split_off(samples, 0.1, seed=5)[1]] == [id(s) for s in held]
 
 
 def test_prompt_files_must_end_with_a_user_turn(tmp_path):

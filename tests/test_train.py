@@ -197,3 +197,22 @@ def test_packing_off_trains_a_conversation_per_row_and_reports_its_padding(tiny_
     assert f"padding: {off:.1%}" in r.stdout
     with open(out / "train_log.csv") as f:
         assert len(list(csv.DictReader(f))) == 5
+
+
+def test_two_files_blend_by_weight_with_a_held_out_split(tiny_data, tmp_path):
+    records = load_jsonl(tiny_data / "train.jsonl")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.json"
+    a.write_text("".join(json.dumps(r) + "\n" for r in records[:200]))
+    alpaca = [{"instruction": m["messages"][0]["content"], "input": "", "output": m["messages"][1]["content"]}
+              for m in records[200:250] if len(m["messages"]) == 2]
+    b.write_text(json.dumps(alpaca))  # another format, another file
+    out = tmp_path / "blend"
+    r = run_train("--data", f"{a}:3", f"{b}:1", "--val-split", "0.1", "--val-data", "", "--eval-data", "",
+                  "--out", str(out), "--steps", "2", "--dtype", "fp32", *TINY)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    n = 180 + len(alpaca) - round(0.1 * len(alpaca))  # what remains of both after the split
+    share_b = round(1 / 4 * n)
+    assert f"data: {n} conversations per epoch blended {a} x{n - share_b}, {b} x{share_b}" in r.stdout
+    assert f"; {20 + round(0.1 * len(alpaca))} held out for validation" in r.stdout
+    assert "step 0: val loss" in r.stdout
+
