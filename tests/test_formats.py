@@ -162,7 +162,7 @@ def test_train_stops_on_bad_records_or_skips_and_counts_them(tmp_path):
 def test_tokenized_data_is_cached_by_content_and_a_change_invalidates_it(tmp_path):
     import argparse
     from train import DataFile, load_tokenizer
-    args = argparse.Namespace(cache_dir=str(tmp_path / "cache"), format="auto", skip_invalid=False, resume=False,
+    args = argparse.Namespace(cache_dir=str(tmp_path / "cache"), format="auto", skip_invalid=False, resume=False, val_split=0,
                               train_on="all-assistant", vocab_size=300, tokenizer_trainer="nanosft", tokenizer="")
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} plus {i}?"},
@@ -171,7 +171,7 @@ def test_tokenized_data_is_cached_by_content_and_a_change_invalidates_it(tmp_pat
 
     def prepare():
         data = DataFile(path, args)
-        tok = load_tokenizer(args, data, None)
+        tok = load_tokenizer(args, [data], None)
         samples, counts = data.samples(tok, ChatTemplate(tok), 129)
         return data, tok, samples
 
