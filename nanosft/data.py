@@ -401,21 +401,77 @@ def check_files(paths, fmt="auto"):
     return "\n".join(lines), bad
 
 
+def show_tokens(tok, ids, mask, tty):
+    """One line of pieces with the supervised ones marked: green (red: not) on a terminal, else
+    [in brackets]."""
+    show = {1: "\033[32m{}\033[0m", 0: "\033[31m{}\033[0m"} if tty else {1: "[{}]", 0: "{}"}
+    return " ".join(show[int(m)].format(tok.id_to_piece(int(i))) for i, m in zip(ids, mask))
+
+
+def stats(paths, template, max_len, fmt="auto", train_on="all-assistant", tty=False):
+    """What train.py would make of these files, as text: conversations per format, their length
+    in tokens (a histogram), the share of supervised tokens, what --max-seq-len truncates or
+    drops, and one rendered sample with its supervised tokens marked."""
+    records, errors = [], 0
+    for path in paths:
+        recs, errs = load_conversations(path, fmt, skip_invalid=True)
+        records += recs
+        errors += len(errs)
+    lines = [f"{len(records)} conversations in {len(paths)} file(s): "
+             + ", ".join(f"{n} {f}" for f, n in sorted(Counter(r["format"] for r in records).items()))
+             + (f"; {errors} invalid (see: python -m nanosft.data check)" if errors else "")]
+    if not records:
+        return "\n".join(lines)
+    rendered = [template.render(r["messages"], train_on) for r in records]
+    lengths = np.array([len(ids) for ids, _ in rendered])
+    supervised = sum(sum(mask) for _, mask in rendered)
+    lines.append(f"tokens per conversation: median {int(np.median(lengths))}, mean {lengths.mean():.0f}, "
+                 f"max {lengths.max()}; supervised: {supervised / lengths.sum():.1%} of all tokens ({train_on})")
+    bounds = [16]  # buckets 1-16, 17-32, 33-64, ... up to the longest
+    while bounds[-1] < lengths.max():
+        bounds.append(2 * bounds[-1])
+    counts = np.histogram(lengths, bins=[0.5] + [b + 0.5 for b in bounds])[0]
+    for lo, hi, n in zip([0] + bounds, bounds, counts):
+        lines.append(f"  {lo + 1:>6}-{hi:<6} {n:>8}  {'#' * int(np.ceil(40 * n / counts.max()))}")
+    _, c = tokenize(records, template, max_len, train_on)
+    lines.append(f"--max-seq-len {max_len - 1}: {(lengths <= max_len).sum()} fit, {c['truncated']} lose their "
+                 f"oldest exchanges, {c['dropped']} are left out")
+    example = max(range(len(records)), key=lambda i: (len(records[i]["messages"]), -i))  # the most turns
+    lines.append("a sample (supervised tokens " + ("green" if tty else "in [brackets]") + "):")
+    lines.append(show_tokens(template.tok, *rendered[example], tty))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     import argparse
+    import sys
     from nanosft.formats import FORMATS
-    p = argparse.ArgumentParser(prog="python -m nanosft.data", description="check training data files")
+    from nanosft.template import TRAIN_ON, ChatTemplate
+    from nanosft.tokenizer import Tokenizer
+    p = argparse.ArgumentParser(prog="python -m nanosft.data", description="check and describe training data files")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="validate files exactly as train.py does; exit 1 if anything is invalid")
-    c.add_argument("files", nargs="+")
-    c.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    s = sub.add_parser("stats", help="formats, lengths, supervised share, truncation, a marked-up sample")
+    for q in (c, s):
+        q.add_argument("files", nargs="+")
+        q.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    s.add_argument("--tokenizer", default="runs/latest", help="a .model file or a run directory")
+    s.add_argument("--max-seq-len", type=int, default=256)
+    s.add_argument("--train-on", default="all-assistant", choices=TRAIN_ON)
     args = p.parse_args(argv)
     for f in args.files:
         if not os.path.isfile(f):
             p.error(f"{f}: no such file")
-    report, bad = check_files(args.files, args.format)
-    print(report)
-    return 1 if bad else 0
+    if args.cmd == "check":
+        report, bad = check_files(args.files, args.format)
+        print(report)
+        return 1 if bad else 0
+    model = os.path.join(args.tokenizer, "tokenizer.model") if os.path.isdir(args.tokenizer) else args.tokenizer
+    if not os.path.isfile(model):
+        p.error(f"--tokenizer {args.tokenizer}: no tokenizer.model there (train a run first, or name a .model file)")
+    template = ChatTemplate(Tokenizer.load(model).with_control_tokens(Tokenizer.CHAT_TOKENS))
+    print(stats(args.files, template, args.max_seq_len + 1, args.format, args.train_on, sys.stdout.isatty()))
+    return 0
 
 
 if __name__ == "__main__":

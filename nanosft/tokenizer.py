@@ -580,19 +580,15 @@ def _cli_lines():
 def _cli_inspect_chat(tok, path, count):
     # The chat view needs the template, which sits after the tokenizer in the data flow; only
     # this command-line helper reaches for it, the module itself never does.
-    from nanosft.data import load_jsonl
+    from nanosft.data import load_jsonl, show_tokens
     from nanosft.template import ChatTemplate
     import sys
-    if sys.stdout.isatty():  # green: supervised (in the loss), red: not
-        show = {1: "\033[32m{}\033[0m", 0: "\033[31m{}\033[0m"}
-        print(show[1].format("supervised") + "  " + show[0].format("not supervised"))
-    else:  # plain text for pipes and files: supervised pieces in [brackets]
-        show = {1: "[{}]", 0: "{}"}
-        print("[supervised]  not supervised")
+    tty = sys.stdout.isatty()  # green: supervised (in the loss), red: not; plain text: [supervised]
+    print("\033[32msupervised\033[0m  \033[31mnot supervised\033[0m" if tty else "[supervised]  not supervised")
     template = ChatTemplate(tok.with_control_tokens(Tokenizer.CHAT_TOKENS))  # a base model lacks them
     for rec in load_jsonl(path)[:count]:
         ids, mask = template.render(rec["messages"])
-        print(" ".join(show[m].format(tok.id_to_piece(i)) for i, m in zip(ids, mask)))
+        print(show_tokens(template.tok, ids, mask, tty))
         print(f"  {len(ids)} tokens, {sum(mask)} supervised")
 
 

@@ -190,3 +190,22 @@ def test_tokenized_data_is_cached_by_content_and_a_change_invalidates_it(tmp_pat
     other, tok4, s4 = prepare()
     assert other._records is not None and tok4.vocab_size == 280 != tok1.vocab_size
     assert len(list((tmp_path / "cache").iterdir())) == 6  # 3 tokenizers and 3 tokenized files, no temporaries
+
+
+def test_stats_describes_what_training_would_see(tmp_path, capsys, template):
+    files = [str(write(tmp_path, name, text)) for name, text in FIXTURES.items()]
+    files.append(str(write(tmp_path, "alpaca.json", json.dumps(ALPACA, ensure_ascii=False))))
+    model = tmp_path / "tok.model"
+    template.tok.save(model)
+    short = len(template.render(MESSAGES[:1] + MESSAGES[-2:])[0])  # system + last exchange
+    assert data_main(["stats", *files, "--tokenizer", str(model), "--max-seq-len", str(short - 1)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "5 conversations in 4 file(s): 2 alpaca, 1 dschat, 1 messages, 1 sharegpt"
+    rendered = [template.render(r["messages"]) for f in files for r in load_conversations(f)[0]]
+    share = sum(sum(m) for _, m in rendered) / sum(len(i) for i, _ in rendered)
+    assert f"supervised: {share:.1%} of all tokens (all-assistant)" in out[1]
+    histogram = [int(line.split()[1]) for line in out[2:] if line.startswith("  ")]
+    assert sum(histogram) == 5
+    assert any(line.startswith(f"--max-seq-len {short - 1}: 2 fit, 3 lose their oldest exchanges, 0 are left out")
+               for line in out)
+    assert "[<|end|>]" in out[-1] and "[" + template.tok.id_to_piece(template.tok.encode("Blue.")[0]) + "]" in out[-1]
