@@ -47,4 +47,4 @@ test: install .venv/.test-installed
 	$(PY) -m pytest $(ARGS)
 
 clean:
-	rm -rf runs data/*.jsonl .pytest_cache
+	rm -rf runs data/*.jsonl data/cache .pytest_cache

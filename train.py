@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from nanosft.checkpoint import load_model, point_latest, save_model, write_json
-from nanosft.data import (Batches, Blend, cache_path, error_list, file_digest, load_conversations, load_jsonl,
-                          load_samples, pack, parse_source, save_samples, shard, split_off, tokenize)
+from nanosft.data import (Batches, Blend, cache_path, error_list, file_digest, load_conversations, load_documents,
+                          load_jsonl, load_samples, pack, parse_source, save_samples, shard, split_off, tokenize,
+                          tokenize_text)
 from nanosft.formats import FORMATS
 from nanosft.distributed import (all_sum, config_settings, current_loss_scale, deepspeed_config, estimate_memory,
                                  full_state_dict, is_rank0, load_checkpoint, make_optimizer, measure_memory,
@@ -60,6 +61,8 @@ def build_parser():
     p.add_argument("--val-data", default=os.path.join(HERE, "data/val.jsonl"), help="validation chat JSONL ('' to skip)")
     p.add_argument("--eval-data", default=os.path.join(HERE, "data/eval.jsonl"),
                    help="held-out prompts with answers for exact match ('' to skip)")
+    p.add_argument("--stage", default="sft", choices=["sft", "pretrain"],
+                   help="pretrain: plain text (.txt/.md files, or JSONL of {\"text\"}), loss on every token")
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
                    help="data format (auto: recognised per record by its keys; see nanosft/formats.py)")
     p.add_argument("--skip-invalid", action="store_true",
@@ -203,10 +206,12 @@ def load_tokenizer(args, files, run_dir):
         return Tokenizer.load(args.tokenizer)
     # deterministic: the same data and settings give the same tokenizer, on every rank, every time
     cached = args.cache_dir and cache_path(args.cache_dir, "tokenizer", [f.digest for f in files], args.vocab_size,
-                                           args.tokenizer_trainer, args.format, args.skip_invalid, ext=".model")
+                                           args.tokenizer_trainer, args.format, args.skip_invalid, args.stage,
+                                           ext=".model")
     if cached and os.path.exists(cached):
         return Tokenizer.load(cached)
-    texts = [m["content"] for f in files for r in f.records() for m in r["messages"]]
+    texts = [t for f in files for r in f.records() for t in ([r["text"]] if "text" in r else
+                                                              [m["content"] for m in r["messages"]])]
     train = Tokenizer.train_spm if args.tokenizer_trainer == "spm" else Tokenizer.train
     tok = train(texts, args.vocab_size)
     if cached and is_rank0():
@@ -229,7 +234,10 @@ class DataFile:
         """The validated conversations; invalid ones stop the run, or with --skip-invalid are
         listed and counted. The same validation as `python -m nanosft.data check`."""
         if self._records is None:
-            self._records, errors = load_conversations(self.path, self.args.format, self.args.skip_invalid)
+            if self.args.stage == "pretrain":
+                self._records, errors = load_documents(self.path, self.args.skip_invalid)
+            else:
+                self._records, errors = load_conversations(self.path, self.args.format, self.args.skip_invalid)
             self.skipped = len(errors)
             if errors:
                 print0(f"{self.path}: {len(errors)} invalid record(s) left out (--skip-invalid):\n"
@@ -241,14 +249,17 @@ class DataFile:
         tokenized before with the same tokenizer and settings."""
         a = self.args
         cached = a.cache_dir and cache_path(a.cache_dir, "samples", self.digest, hashlib.sha256(tok.to_bytes()).hexdigest(),
-                                            row_len, a.train_on, a.format, a.skip_invalid)
+                                            row_len, a.train_on, a.format, a.skip_invalid, a.stage)
         if cached and os.path.exists(cached):
             samples, meta = load_samples(cached)
             self.skipped = meta["skipped"]
             print0(f"{self.path}: tokenized conversations from the cache ({cached})"
                    + (f"; {self.skipped} invalid record(s) left out" if self.skipped else ""))
             return samples, meta["counts"]
-        samples, counts = tokenize(self.records(), template, row_len, a.train_on)
+        if a.stage == "pretrain":
+            samples, counts = tokenize_text(self.records(), template, row_len)
+        else:
+            samples, counts = tokenize(self.records(), template, row_len, a.train_on)
         if cached and is_rank0():
             save_samples(cached, samples, {"counts": counts, "skipped": self.skipped})
         return samples, counts
@@ -364,7 +375,8 @@ def main(args):
     samples, val_samples, counts = training_samples(files, [w for _, w in sources], tok, template, row_len, args)
     mix = (" blended " + ", ".join(f"{f.path} x{n}" for f, n in zip(files, samples.counts))
            if isinstance(samples, Blend) else f" from {files[0].path}")
-    print0(f"data: {len(samples)} conversations per epoch{mix}, vocab {tok.vocab_size}" + fit_note(counts, row_len)
+    unit = "pieces of text" if args.stage == "pretrain" else "conversations"
+    print0(f"data: {len(samples)} {unit} per epoch{mix}, vocab {tok.vocab_size}" + fit_note(counts, row_len)
            + (f"; {len(val_samples)} held out for validation" if val_samples else "") + f" ({time.time() - t_data:.1f}s)")
     if args.val_data:
         more, val_counts = DataFile(args.val_data, args).samples(tok, template, row_len)

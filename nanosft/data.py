@@ -21,7 +21,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from nanosft.formats import FormatError, read_records, to_messages
+from nanosft.formats import FormatError, read_records, read_text, to_messages
 from nanosft.template import ROLES
 
 
@@ -73,12 +73,12 @@ def error_list(path, errors):
     return f"{len(errors)} bad line(s) in {path}:\n  {shown}{more}"
 
 
-def read_file(path, check, convert=None, skip_invalid=False):
+def read_file(path, check, convert=None, skip_invalid=False, reader=read_records):
     """-> (records, errors): the records that pass `check` (after `convert`, which may raise
     FormatError), and "path:line: reason" for every one that does not. Unless skip_invalid, any
     error raises ValueError listing them (the first 20 shown, all counted)."""
     records, errors = [], []
-    for lineno, rec, reason in read_records(path):
+    for lineno, rec, reason in reader(path):
         if reason is None:
             try:
                 rec = convert(rec) if convert else rec
@@ -101,6 +101,13 @@ def load_conversations(path, fmt="auto", skip_invalid=False):
         msgs, found = to_messages(rec, fmt)
         return {"messages": msgs, "format": found}
     return read_file(path, check_conversation, convert, skip_invalid)
+
+
+def load_documents(path, skip_invalid=False):
+    """Documents for --stage pretrain (formats.read_text) -> (records, errors), each
+    {"text": ..., "format": "text"}."""
+    return read_file(path, lambda rec: None, lambda rec: {"text": rec["text"], "format": "text"}, skip_invalid,
+                     reader=read_text)
 
 
 def load_jsonl(path, check=check_conversation):
@@ -147,6 +154,18 @@ def tokenize(records, template, max_len, train_on="all-assistant"):
             ids, mask, _ = fitted
             counts["truncated"] += 1
         samples.append((np.array(ids, dtype=np.int32), np.array(mask, dtype=np.int8)))
+    return samples, counts
+
+
+def tokenize_text(records, template, max_len):
+    """Documents for --stage pretrain -> (samples, counts): every token supervised; a document
+    longer than max_len tokens continues in the next sample (chunks of max_len)."""
+    samples, counts = [], {"truncated": 0, "dropped": 0}
+    for rec in records:
+        ids, mask = template.render_text(rec["text"])
+        for a in range(0, len(ids), max_len):
+            if len(ids[a:a + max_len]) > 1:  # a lone last token has nothing to predict it from
+                samples.append((np.array(ids[a:a + max_len], dtype=np.int32), np.array(mask[a:a + max_len], dtype=np.int8)))
     return samples, counts
 
 

@@ -9,6 +9,9 @@ The chat-data formats users arrive with, turned into the one data.py trains on:
 Each record is recognised by its keys (or forced with --format), so one file may even mix them.
 A file is JSONL (one record per line) or, as Alpaca ships, one JSON array of records; either way
 every record keeps the line it starts on, so an error can name it.
+
+For --stage pretrain, a plain text file (.txt, .md) is one document, and JSONL records
+{"text": "..."} are one document each (read_text).
 """
 
 import json
@@ -157,3 +160,34 @@ def _read_array(data):
             yield e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno}); the rest of the array is unreadable"
             return
         yield line, rec, None
+
+
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+def read_text(path):
+    """Documents for --stage pretrain -> yield (line, {"text": ...} or None, reason or None): a
+    .txt/.md file is one document; a JSONL file holds {"text": "..."} records."""
+    if not path.endswith(TEXT_SUFFIXES):
+        for lineno, rec, reason in read_records(path):
+            if reason is None and not (isinstance(rec, dict) and isinstance(rec.get("text"), str)):
+                rec, reason = None, 'expected {"text": "..."} (a document for --stage pretrain)'
+            elif reason is None and not rec["text"].strip():
+                rec, reason = None, "empty document"
+            yield lineno, rec, reason
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        yield 1, None, "the file starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without BOM"
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield data.count(b"\n", 0, e.start) + 1, None, f"invalid UTF-8 ({e.reason} at byte {e.start})"
+        return
+    if text.strip():
+        yield 1, {"text": text}, None
+    else:
+        yield 1, None, "empty document"
+

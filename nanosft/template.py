@@ -46,6 +46,12 @@ class ChatTemplate:
             mask += [0] + [supervised] * (len(content) + 1)  # content and its <|end|>
         return ids, mask
 
+    def render_text(self, text):
+        """Plain text for --stage pretrain -> (ids, mask): <s> text </s>, every token after <s>
+        supervised (</s> too: the model learns where documents end)."""
+        ids = ([self.bos] if self.bos >= 0 else []) + self.tok.encode(text) + ([self.tok.eos_id] if self.tok.eos_id >= 0 else [])
+        return ids, [0] * (self.bos >= 0) + [1] * (len(ids) - (self.bos >= 0))
+
     def render_prompt(self, messages):
         """Conversation so far (ending with a user turn) -> ids that ask for the assistant's reply."""
         ids, _ = self.render(messages)

@@ -162,7 +162,7 @@ def test_train_stops_on_bad_records_or_skips_and_counts_them(tmp_path):
 def test_tokenized_data_is_cached_by_content_and_a_change_invalidates_it(tmp_path):
     import argparse
     from train import DataFile, load_tokenizer
-    args = argparse.Namespace(cache_dir=str(tmp_path / "cache"), format="auto", skip_invalid=False, resume=False, val_split=0,
+    args = argparse.Namespace(cache_dir=str(tmp_path / "cache"), format="auto", skip_invalid=False, resume=False, val_split=0, stage="sft",
                               train_on="all-assistant", vocab_size=300, tokenizer_trainer="nanosft", tokenizer="")
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} plus {i}?"},
@@ -209,3 +209,31 @@ def test_stats_describes_what_training_would_see(tmp_path, capsys, template):
     assert any(line.startswith(f"--max-seq-len {short - 1}: 2 fit, 3 lose their oldest exchanges, 0 are left out")
                for line in out)
     assert "[<|end|>]" in out[-1] and "[" + template.tok.id_to_piece(template.tok.encode("Blue.")[0]) + "]" in out[-1]
+
+
+def test_pretrain_text_is_supervised_everywhere_and_long_documents_continue(tmp_path, template):
+    from nanosft.data import load_documents, tokenize_text
+    book = write(tmp_path, "book.txt", "The sky is blue. " * 40 + "\n\n天空是蓝色的。\n")
+    lines = write(tmp_path, "docs.jsonl", json.dumps({"text": "Grass is green."}) + "\n" + json.dumps({"text": 5}) + "\n")
+    docs, errors = load_documents(str(book))
+    assert errors == [] and docs[0]["text"].endswith("天空是蓝色的。\n")
+    docs2, errors = load_documents(str(lines), skip_invalid=True)
+    assert [d["text"] for d in docs2] == ["Grass is green."] and errors == [f'{lines}:2: expected {{"text": "..."}} '
+                                                                            "(a document for --stage pretrain)"]
+    ids, mask = template.render_text(docs[0]["text"])
+    assert ids[0] == template.bos and ids[-1] == template.tok.eos_id and mask == [0] + [1] * (len(ids) - 1)
+    samples, _ = tokenize_text(docs, template, 50)
+    assert len(samples) == -(-len(ids) // 50) and all(len(s[0]) <= 50 for s in samples)
+    assert [int(t) for s in samples for t in s[0]] == ids  # the chunks, end to end, are the document
+
+
+def test_pretrain_stage_trains_on_text_files(tmp_path):
+    a = write(tmp_path, "a.txt", " ".join(f"number {i} comes after {i - 1}." for i in range(1, 400)))
+    b = write(tmp_path, "b.md", "# 笔记\n\n" + "你好，世界。" * 50)
+    out = tmp_path / "pre"
+    r = run_train("--stage", "pretrain", "--data", str(a), str(b), "--val-split", "0.2", "--val-data", "",
+                  "--eval-data", "", "--out", str(out), "--steps", "8", "--dtype", "fp32", *TINY)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "pieces of text per epoch blended" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["val_loss"] < m["val_loss_before"]
