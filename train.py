@@ -58,9 +58,10 @@ def build_parser():
                    help="training data; several files are blended by weight (a.jsonl:0.7 b.json:0.3)")
     p.add_argument("--val-split", type=float, default=0.0,
                    help="hold out this fraction of each training file for validation (with or instead of --val-data)")
-    p.add_argument("--val-data", default=os.path.join(HERE, "data/val.jsonl"), help="validation chat JSONL ('' to skip)")
-    p.add_argument("--eval-data", default=os.path.join(HERE, "data/eval.jsonl"),
-                   help="held-out prompts with answers for exact match ('' to skip)")
+    p.add_argument("--val-data", default=None, help="validation data ('' for none; default data/val.jsonl, "
+                   "none with --stage pretrain)")
+    p.add_argument("--eval-data", default=None, help="held-out prompts with answers for exact match ('' for none; "
+                   "default data/eval.jsonl, none with --stage pretrain)")
     p.add_argument("--stage", default="sft", choices=["sft", "pretrain"],
                    help="pretrain: plain text (.txt/.md files, or JSONL of {\"text\"}), loss on every token")
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
@@ -134,6 +135,9 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, from_config[k] if from_config[k] is not None else default)
     args.ds_base = ds_base
+    for k, default in (("val_data", "data/val.jsonl"), ("eval_data", "data/eval.jsonl")):
+        if getattr(args, k) is None:  # the built-in chat data's, which a pretraining run has no use for
+            setattr(args, k, "" if args.stage == "pretrain" else os.path.join(HERE, default))
     check_args(p, args)
     return args
 
@@ -153,7 +157,10 @@ def resumed_args(args, given):
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found: {args.out} is not a run started by train.py")
     with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+        saved = {**vars(build_parser().parse_args([])), **json.load(f)}  # a setting it lacks takes its default
+    if isinstance(saved["data"], str):
+        saved["data"] = [saved["data"]]  # one path, not a list
+
     def same(k):
         a, b = getattr(args, k), saved[k]
         if k == "data":
@@ -216,8 +223,8 @@ def load_tokenizer(args, files, run_dir):
     tok = train(texts, args.vocab_size)
     if cached and is_rank0():
         os.makedirs(args.cache_dir, exist_ok=True)
-        tok.save(cached + ".tmp")
-        os.replace(cached + ".tmp", cached)
+        tok.save(f"{cached}.{os.getpid()}.tmp")
+        os.replace(f"{cached}.{os.getpid()}.tmp", cached)
     return tok
 
 
@@ -250,8 +257,9 @@ class DataFile:
         a = self.args
         cached = a.cache_dir and cache_path(a.cache_dir, "samples", self.digest, hashlib.sha256(tok.to_bytes()).hexdigest(),
                                             row_len, a.train_on, a.format, a.skip_invalid, a.stage)
-        if cached and os.path.exists(cached):
-            samples, meta = load_samples(cached)
+        hit = load_samples(cached) if cached and os.path.exists(cached) else None  # (unreadable: a miss)
+        if hit:
+            samples, meta = hit
             self.skipped = meta["skipped"]
             print0(f"{self.path}: tokenized conversations from the cache ({cached})"
                    + (f"; {self.skipped} invalid record(s) left out" if self.skipped else ""))
@@ -284,7 +292,8 @@ def training_samples(files, weights, tok, template, row_len, args):
 
 
 def fit_note(counts, row_len):
-    notes = [f"{counts['truncated']} lost their oldest exchanges to fit {row_len} tokens" if counts["truncated"] else "",
+    notes = [f"{counts['truncated']} lost their oldest exchanges to fit --max-seq-len {row_len - 1}"
+             if counts["truncated"] else "",
              f"{counts['dropped']} left out (their last exchange alone is longer)" if counts["dropped"] else ""]
     return "".join(f"; {n}" for n in notes if n)
 
@@ -362,6 +371,8 @@ def main(args):
 
     # ---- data: validate, tokenize, render (or find it all in the cache)
     t_data = time.time()
+    if rank != 0 and args.cache_dir:
+        torch.distributed.barrier()  # rank 0 first: it fills the cache, the others then read the same rows
     sources = [parse_source(spec) for spec in args.data]
     files = [DataFile(path, args) for path, _ in sources]
     model = None
@@ -382,6 +393,8 @@ def main(args):
         more, val_counts = DataFile(args.val_data, args).samples(tok, template, row_len)
         print0(f"validation: {len(more)} conversations from {args.val_data}" + fit_note(val_counts, row_len))
         val_samples += more
+    if rank == 0 and args.cache_dir:
+        torch.distributed.barrier()
     val = shard(pack(val_samples, row_len, template.pad), rank, world, template.pad) if val_samples else None
     evals = load_jsonl(args.eval_data, check_eval_record) if args.eval_data else []
 

@@ -1,11 +1,13 @@
 """
-Training data: chat JSONL files -> validated conversations -> (ids, loss mask) -> packed rows.
+Training data: files -> validated conversations -> (ids, loss mask) -> packed rows -> batches.
 
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
-One conversation per line; blank lines are allowed, anything else that is wrong stops the run with
-"file:line: reason" for every bad line (nothing is dropped in silence). Conversations are rendered
-by template.py and then packed: several whole conversations share one fixed-length row, and each
+formats.py reads the formats users have (this one, ShareGPT, Alpaca, DeepSpeed-Chat, plain text)
+into conversations like the one above. Every record that is wrong is reported as "file:line:
+reason" and stops the run, or with --skip-invalid is left out and counted (nothing is dropped in
+silence). A conversation too long for a row loses its oldest whole exchanges. Token ids are
+cached as numpy arrays, keyed by content hashes. Conversations are rendered by template.py and then packed: several whole conversations share one fixed-length row, and each
 token carries its conversation's index in the row (`doc`) and its position inside that
 conversation (`pos`). The model uses `doc` to keep attention inside each conversation and `pos`
 to restart rotary positions, so a packed row trains exactly like separate padded rows, without
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import zipfile
 from collections import Counter
 
 import numpy as np
@@ -163,9 +166,10 @@ def tokenize_text(records, template, max_len):
     samples, counts = [], {"truncated": 0, "dropped": 0}
     for rec in records:
         ids, mask = template.render_text(rec["text"])
-        for a in range(0, len(ids), max_len):
-            if len(ids[a:a + max_len]) > 1:  # a lone last token has nothing to predict it from
-                samples.append((np.array(ids[a:a + max_len], dtype=np.int32), np.array(mask[a:a + max_len], dtype=np.int8)))
+        # consecutive pieces share one token: a piece's first token is only context, so the
+        # piece before it predicts it and every token is learned once
+        for a in range(0, max(len(ids) - 1, 1), max_len - 1):
+            samples.append((np.array(ids[a:a + max_len], dtype=np.int32), np.array(mask[a:a + max_len], dtype=np.int8)))
     return samples, counts
 
 
@@ -283,6 +287,8 @@ class Blend:
         self.sources, self.weights = sources, weights
         total = sum(len(s) for s in sources)
         self.counts = [round(w / sum(weights) * total) for w in weights]
+        if 0 in self.counts:
+            raise ValueError(f"weights {weights}: source {self.counts.index(0) + 1} would get no conversation at all")
 
     def __len__(self):
         return sum(self.counts)
@@ -396,8 +402,12 @@ def save_samples(path, samples, meta):
 
 
 def load_samples(path):
-    with np.load(path, allow_pickle=False) as z:
-        ids, mask, offsets, meta = z["ids"], z["mask"], z["offsets"], json.loads(str(z["meta"]))
+    """-> (samples, meta), or None when the file cannot be read back (then it is recomputed)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ids, mask, offsets, meta = z["ids"], z["mask"], z["offsets"], json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
     return [(ids[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])], meta
 
 

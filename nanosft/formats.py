@@ -39,7 +39,9 @@ def detect(rec):
     return None
 
 
-def _text(rec, key, where=None):
+def _text(rec, key, where=None, required=True):
+    if key not in rec and required:
+        raise FormatError(f"{where or key} is missing")
     v = rec.get(key, "")
     if not isinstance(v, str):
         raise FormatError(f"{where or key} is not a string")
@@ -64,26 +66,32 @@ def from_sharegpt(rec):
 
 def from_alpaca(rec):
     """The instruction, then the input below it if there is one, is the user turn."""
-    instruction, extra, output = _text(rec, "instruction"), _text(rec, "input"), _text(rec, "output")
+    instruction, extra, output = _text(rec, "instruction"), _text(rec, "input", required=False), _text(rec, "output")
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     msgs = [{"role": "system", "content": _text(rec, "system")}] if rec.get("system") else []
+    if not output.strip():
+        raise FormatError("output is empty: nothing to train on")
     return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-DSCHAT_MARKER = re.compile(r"\s*\b(Human|Assistant):\s*")
+DSCHAT_MARKER = re.compile(r"(?:^|(?<=\s))(Human|Assistant):\s*")  # at the start or after whitespace
 
 
 def from_dschat(rec):
     """DeepSpeed-Chat writes turns inline: " Human: q1 Assistant: a1 Human: q2 Assistant:" and the
-    reply to the last one in "chosen". Its markers become turns; a prompt without any is one user turn."""
+    reply to the last one in "chosen". Its markers become turns; a prompt without any is one user turn.
+    The markers must alternate, Human first: a "Human:" quoted inside a turn would otherwise split it."""
     prompt, chosen = _text(rec, "prompt"), _text(rec, "chosen")
     parts = DSCHAT_MARKER.split(prompt)  # [before, role, text, role, text, ...]
     if len(parts) == 1:
         return [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": chosen.strip()}]
     if parts[0].strip():
         raise FormatError('"prompt" has text before its first "Human:" marker')
+    roles = parts[1::2]
+    if any(r != ("Human" if i % 2 == 0 else "Assistant") for i, r in enumerate(roles)):
+        raise FormatError('"prompt" markers do not alternate Human:, Assistant:, ... (a marker inside a turn?)')
     msgs = [{"role": "user" if role == "Human" else "assistant", "content": text.strip()}
-            for role, text in zip(parts[1::2], parts[2::2])]
+            for role, text in zip(roles, parts[2::2])]
     if msgs[-1]["role"] != "assistant" or msgs[-1]["content"]:
         raise FormatError('"prompt" must end with "Assistant:" (the reply is in "chosen")')
     msgs[-1]["content"] = chosen.strip()
@@ -99,25 +107,27 @@ def to_messages(rec, fmt="auto"):
         keys = ", ".join(sorted(rec)[:6]) or "none"
         raise FormatError(f"unknown format (keys: {keys}); expected messages, conversations, "
                           "instruction/output or prompt/chosen")
-    if found != "messages" and detect(rec) != found:
-        raise FormatError(f"not a {found} record (keys: {', '.join(sorted(rec)[:6])})")
+    if detect(rec) != found:
+        raise FormatError(f"not a {found} record (keys: {', '.join(sorted(rec)[:6]) or 'none'})")
     if found == "messages":
         return rec["messages"], found
     return {"sharegpt": from_sharegpt, "alpaca": from_alpaca, "dschat": from_dschat}[found](rec), found
 
 
 def read_records(path):
-    """Yield (line, record or None, reason or None) for every record of a JSONL file or a JSON
-    array file. Blank lines are skipped; nothing else is: a line that cannot be read is yielded
-    with its reason (invalid UTF-8, a byte-order mark, invalid JSON, a last line cut short)."""
+    """Yield (line, record or None, reason or None) for every record of a JSONL file or of a .json
+    file holding one array. Blank lines are skipped; nothing else is: a line that cannot be read
+    is yielded with its reason (invalid UTF-8, a byte-order mark, invalid JSON, a last line cut
+    short)."""
     with open(path, "rb") as f:
         head = f.read(4096)
         bom = head.startswith(b"\xef\xbb\xbf")  # what line 1 holds is then refused, not guessed at
         f.seek(3 if bom else 0)
         if bom:
             yield 1, None, "the file starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without BOM"
-        if head[3 if bom else 0:].lstrip()[:1] == b"[":
-            yield from ((n, r, why) for n, r, why in _read_array(f.read()) if not (bom and n == 1))
+        if str(path).endswith(".json") and head[3 if bom else 0:].lstrip()[:1] == b"[":
+            if not bom:  # (with a BOM the one error above stands for the whole array)
+                yield from _read_array(f.read())
             return
         for lineno, raw in enumerate(f, 1):
             if bom and lineno == 1:
@@ -146,20 +156,42 @@ def _read_array(data):
         yield data.count(b"\n", 0, e.start) + 1, None, f"invalid UTF-8 ({e.reason} at byte {e.start})"
         return
     decoder, i = json.JSONDecoder(), text.index("[") + 1
+    line, counted = 1, 0  # line number of position `counted`, kept up to date as i moves on
+
+    def line_at(pos):
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, pos), pos
+        return line
+
+    def skip_space(pos):
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    i = skip_space(i)
+    first = True
     while True:
-        while i < len(text) and text[i] in " \t\r\n,":
-            i += 1
-        if i >= len(text) or text[i] == "]":
-            if i >= len(text):
-                yield text.count("\n") + 1, None, "truncated JSON array (no closing ']'): the file was probably cut off"
+        if i >= len(text):
+            yield line_at(i), None, "truncated JSON array (no closing ']'): the file was probably cut off"
             return
-        line = text.count("\n", 0, i) + 1
+        if text[i] == "]":
+            if skip_space(i + 1) < len(text):
+                yield line_at(skip_space(i + 1)), None, "text after the array's closing ']'"
+            return
+        if not first:
+            if text[i] != ",":
+                yield line_at(i), None, "expected ',' or ']' between the array's records"
+                return
+            i = skip_space(i + 1)
+        first = False
+        start = line_at(i)
         try:
             rec, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             yield e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno}); the rest of the array is unreadable"
             return
-        yield line, rec, None
+        yield start, rec, None
+        i = skip_space(i)
 
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -168,7 +200,7 @@ TEXT_SUFFIXES = (".txt", ".md")
 def read_text(path):
     """Documents for --stage pretrain -> yield (line, {"text": ...} or None, reason or None): a
     .txt/.md file is one document; a JSONL file holds {"text": "..."} records."""
-    if not path.endswith(TEXT_SUFFIXES):
+    if not str(path).endswith(TEXT_SUFFIXES):
         for lineno, rec, reason in read_records(path):
             if reason is None and not (isinstance(rec, dict) and isinstance(rec.get("text"), str)):
                 rec, reason = None, 'expected {"text": "..."} (a document for --stage pretrain)'

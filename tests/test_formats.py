@@ -74,6 +74,31 @@ def test_every_chat_format_becomes_the_same_conversation(tmp_path, name, templat
     assert supervised_spans(ids, mask) == [template.tok.encode(TURNS[-1][1]) + [template.end]]
 
 
+def test_records_of_a_json_array_keep_their_line_and_nothing_after_it_is_lost(tmp_path):
+    p = write(tmp_path, "alpaca.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c"},\n'
+                                        '  {"instruction": "d", "output": "e"}\n]\n{"instruction": "f", "output": "g"}\n')
+    records, errors = load_conversations(p, skip_invalid=True)
+    assert len(records) == 2 and errors == [f"{p}:3: unknown format (keys: instruction); expected messages, "
+                                            "conversations, instruction/output or prompt/chosen",
+                                            f"{p}:6: text after the array's closing ']'"]
+
+
+def test_deepspeed_chat_markers_inside_a_turn_are_not_turns(tmp_path):
+    quoted = {"prompt": " Human: What does 'Assistant: ' mean? Assistant:", "chosen": " A label."}
+    stray = {"prompt": " Human: the Human: says Assistant:", "chosen": " x"}
+    p = write(tmp_path, "dschat.jsonl", json.dumps(quoted) + "\n" + json.dumps(stray) + "\n")
+    records, errors = load_conversations(p, skip_invalid=True)
+    assert records[0]["messages"] == [{"role": "user", "content": "What does 'Assistant: ' mean?"},
+                                      {"role": "assistant", "content": "A label."}]
+    assert errors == [f'{p}:2: "prompt" markers do not alternate Human:, Assistant:, ... (a marker inside a turn?)']
+
+
+def test_a_forced_format_refuses_records_of_another(tmp_path):
+    p = write(tmp_path, "mixed.jsonl", FIXTURES["sharegpt.jsonl"] + FIXTURES["messages.jsonl"])
+    records, errors = load_conversations(p, fmt="messages", skip_invalid=True)
+    assert len(records) == 1 and errors == [f"{p}:1: not a messages record (keys: conversations)"]
+
+
 @pytest.mark.parametrize("layout", ["jsonl", "array"])
 def test_alpaca_as_jsonl_or_as_one_json_array(tmp_path, layout, template):
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA) if layout == "jsonl" else \
@@ -102,7 +127,7 @@ def test_a_long_conversation_loses_its_oldest_whole_exchanges(template):
 GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
 BAD = {  # case -> (file content, line, reason)
     "invalid JSON": (GOOD + '\n{"messages": [\n' + GOOD + "\n", 2, "invalid JSON"),
-    "not an object": ("[1, 2]\n", 1, "expected a JSON object, got int"),  # read as a JSON array of 2 records
+    "not an object": ("[1, 2]\n", 1, "expected a JSON object, got list"),
     "unknown format": ('{"text": "hello"}\n', 1, "unknown format (keys: text)"),
     "missing role": ('{"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}\n', 1,
                      "messages[0] has role None"),
@@ -223,8 +248,12 @@ def test_pretrain_text_is_supervised_everywhere_and_long_documents_continue(tmp_
     ids, mask = template.render_text(docs[0]["text"])
     assert ids[0] == template.bos and ids[-1] == template.tok.eos_id and mask == [0] + [1] * (len(ids) - 1)
     samples, _ = tokenize_text(docs, template, 50)
-    assert len(samples) == -(-len(ids) // 50) and all(len(s[0]) <= 50 for s in samples)
-    assert [int(t) for s in samples for t in s[0]] == ids  # the chunks, end to end, are the document
+    assert len(samples) == -(-(len(ids) - 1) // 49) > 2 and all(len(s[0]) <= 50 for s in samples)
+    # each piece starts with the last token of the one before: it is context there, and was a
+    # target before, so every token after <s> is predicted exactly once
+    assert all(a[0][-1] == b[0][0] for a, b in zip(samples, samples[1:]))
+    assert [int(t) for t in samples[0][0]] + [int(t) for s in samples[1:] for t in s[0][1:]] == ids
+    assert sum(len(s[0]) - 1 for s in samples) == len(ids) - 1
 
 
 def test_pretrain_stage_trains_on_text_files(tmp_path):

@@ -6,6 +6,7 @@ message: file, line and reason for data, the flag for flags.
 
 These start real training processes, so they are marked slow (still part of `make test`)."""
 
+import argparse
 import csv
 import json
 import math
@@ -216,3 +217,11 @@ def test_two_files_blend_by_weight_with_a_held_out_split(tiny_data, tmp_path):
     assert f"; {20 + round(0.1 * len(alpaca))} held out for validation" in r.stdout
     assert "step 0: val loss" in r.stdout
 
+
+
+def test_resume_reads_args_json_and_fills_in_settings_it_lacks(tmp_path):
+    from train import resumed_args
+    (tmp_path / "args.json").write_text(json.dumps({"data": "chats.jsonl", "lr": 0.01, "out": str(tmp_path)}))
+    args = resumed_args(argparse.Namespace(out=str(tmp_path), resume=True), {"resume", "out"})
+    assert args.data == ["chats.jsonl"] and args.lr == 0.01 and args.resume
+    assert args.packing == "on" and args.train_on == "all-assistant"  # the defaults of what it does not say
