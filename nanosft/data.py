@@ -222,15 +222,17 @@ def padding_fraction(packed):
     return float((packed["doc"] < 0).mean())
 
 
-def to_batch(packed, index):
+def to_batch(packed, index, trim=False):
     """Rows `index` of a packed dict -> model inputs and targets, each (B, T) with T = row_len - 1,
-    or less when every row ends in padding (the columns nobody uses are not computed).
+    or with trim, less when every row ends in padding (the columns nobody uses are not computed;
+    for unpacked rows; packed rows are full, and a fixed shape keeps bf16 runs reproducible).
     The mask is shifted with the targets: mask[t] says whether token t+1 is supervised, and never
     is when token t+1 opens the next conversation (no predicting across a seam of a packed row)."""
     rows = {k: torch.from_numpy(v[index]) for k, v in packed.items()}
-    used = (rows["doc"] >= 0).any(0).nonzero()
-    T = max(int(used[-1]) + 1 if len(used) else 0, 2)
-    rows = {k: v[:, :T] for k, v in rows.items()}
+    if trim:
+        used = (rows["doc"] >= 0).any(0).nonzero()
+        T = max(int(used[-1]) + 1 if len(used) else 0, 2)
+        rows = {k: v[:, :T] for k, v in rows.items()}
     same_doc = rows["doc"][:, 1:] == rows["doc"][:, :-1]
     return {"idx": rows["ids"][:, :-1], "targets": rows["ids"][:, 1:], "loss_mask": rows["mask"][:, 1:] * same_doc,
             "pos": rows["pos"][:, :-1], "doc": rows["doc"][:, :-1]}
@@ -348,7 +350,7 @@ class Batches:
     def next(self):
         while self._exhausted():
             self._next_epoch()
-        batch = to_batch(self.rows, slice(self.cursor, self.cursor + self.batch_size))
+        batch = to_batch(self.rows, slice(self.cursor, self.cursor + self.batch_size), trim=not self.packing)
         self.cursor += self.batch_size
         return batch
 
