@@ -9,7 +9,6 @@ supervised tokens of the whole global batch, so that every supervised token weig
 the batch is split. A micro-batch with no supervised token contributes exactly 0 (never 0/0 = NaN).
 """
 
-import torch
 import torch.nn.functional as F
 
 
