@@ -7,7 +7,8 @@ formats.py reads the formats users have (this one, ShareGPT, Alpaca, DeepSpeed-C
 into conversations like the one above. Every record that is wrong is reported as "file:line:
 reason" and stops the run, or with --skip-invalid is left out and counted (nothing is dropped in
 silence). A conversation too long for a row loses its oldest whole exchanges. Token ids are
-cached as numpy arrays, keyed by content hashes. Conversations are rendered by template.py and then packed: several whole conversations share one fixed-length row, and each
+cached as numpy arrays, keyed by content hashes. Conversations are rendered by template.py and
+then packed: several whole conversations share one fixed-length row, and each
 token carries its conversation's index in the row (`doc`) and its position inside that
 conversation (`pos`). The model uses `doc` to keep attention inside each conversation and `pos`
 to restart rotary positions, so a packed row trains exactly like separate padded rows, without
@@ -148,21 +149,19 @@ def tokenize(records, template, max_len, train_on="all-assistant"):
     one whose last exchange alone is too long is left out (counted as dropped). Never cut mid-turn."""
     samples, counts = [], {"truncated": 0, "dropped": 0}
     for rec in records:
-        ids, mask = template.render(rec["messages"], train_on)
-        if len(ids) > max_len:
-            fitted = render_within(template, rec["messages"], max_len, train_on)
-            if fitted is None:
-                counts["dropped"] += 1
-                continue
-            ids, mask, _ = fitted
-            counts["truncated"] += 1
+        fitted = render_within(template, rec["messages"], max_len, train_on)
+        if fitted is None:
+            counts["dropped"] += 1
+            continue
+        ids, mask, dropped = fitted
+        counts["truncated"] += dropped > 0
         samples.append((np.array(ids, dtype=np.int32), np.array(mask, dtype=np.int8)))
     return samples, counts
 
 
 def tokenize_text(records, template, max_len):
     """Documents for --stage pretrain -> (samples, counts): every token supervised; a document
-    longer than max_len tokens continues in the next sample (chunks of max_len)."""
+    longer than max_len tokens is cut into pieces of max_len that overlap by one token."""
     samples, counts = [], {"truncated": 0, "dropped": 0}
     for rec in records:
         ids, mask = template.render_text(rec["text"])
@@ -286,7 +285,7 @@ class Blend:
     a large one with a small weight shows a different part of itself each epoch."""
 
     def __init__(self, sources, weights):
-        self.sources, self.weights = sources, weights
+        self.sources = sources
         total = sum(len(s) for s in sources)
         self.counts = [round(w / sum(weights) * total) for w in weights]
         if 0 in self.counts:
