@@ -11,7 +11,7 @@ NPROC  ?=
 # to try ZeRO on a laptop. The launcher passes --local_rank; train.py reads its rank from the env.
 LAUNCH := $(if $(NGPUS),.venv/bin/deepspeed --num_gpus $(NGPUS),$(if $(NPROC),CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu .venv/bin/deepspeed --num_gpus $(NPROC),$(PY)))
 
-.PHONY: install train chat test data clean
+.PHONY: install train chat plot evaluate test data clean
 
 install: .venv/.installed
 
@@ -42,6 +42,14 @@ train: install data
 
 chat: install
 	$(PY) chat.py --ckpt $(RUN)
+
+# make plot RUN=runs/NAME: redraw runs/NAME/loss.png from the run's monitor CSVs
+plot: install
+	$(PY) -m nanosft.plot $(RUN)
+
+# make evaluate RUN=runs/NAME [DATA=file]: loss, exact match and BLEU on held-out prompts
+evaluate: install data
+	$(PY) -m nanosft.evaluate --ckpt $(RUN) $(if $(DATA),--data $(DATA))
 
 test: install .venv/.test-installed
 	$(PY) -m pytest $(ARGS)

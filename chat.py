@@ -6,11 +6,19 @@ Talk to a trained run.
     python chat.py --batch prompts.jsonl > replies.jsonl         # {"messages": [...]} per line in,
                                                                  # {"reply": "..."} per line out, greedy
 
-Interactive commands: /reset (forget the conversation), /quit (or Ctrl-D).
-Replies stream token by token through the KV cache (nanosft/generate.py).
+--ckpt takes a run directory (runs/<name>) or a Hugging Face directory (an export, or a
+Llama-family model with a tokenizer.model). Replies stream token by token through the KV cache
+(nanosft/generate.py); when the conversation outgrows the context, its oldest exchanges are dropped.
+
+Interactive commands:
+    /reset          forget the conversation (the system message stays)
+    /system TEXT    start a new conversation with this system message (/system alone: without one)
+    /quit           leave (so does Ctrl-D); Ctrl-C stops a reply, or at the prompt clears the line
+Prompts can come from a pipe as well:  printf 'My name is Ada.\nWhat is my name?\n' | python chat.py
 """
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -26,7 +34,7 @@ from nanosft.template import ChatTemplate
 def parse_args():
     p = argparse.ArgumentParser(description="chat with a model trained by train.py")
     p.add_argument("--ckpt", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs/latest"),
-                   help="run directory")
+                   help="run directory or Hugging Face model directory")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--batch", default=None, help='JSONL of {"messages": [...]} ending with a user turn')
     p.add_argument("--system", default=None, help="system message for --prompt and interactive chat")
@@ -81,31 +89,51 @@ def reserve(model, args):
     return min(args.max_new_tokens, model.cfg.max_seq_len // 2)
 
 
+COMMANDS = "/reset forgets the conversation, /system TEXT starts one with a system message, /quit or Ctrl-D ends"
+
+
 def interactive(model, template, args, generator):
-    base = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(base)
-    print("chat with the model; /reset starts over, /quit or Ctrl-D ends")
+    system = args.system  # None: no system message
+    turns = []  # the user/assistant messages so far
+    tty = sys.stdin.isatty()
+    if tty:
+        try:
+            importlib.import_module("readline")  # line editing and history for input()
+        except ImportError:  # not on every platform
+            pass
+    print(f"chat with the model; {COMMANDS}")
     while True:
         try:
             line = input("> ")
-        except (EOFError, KeyboardInterrupt):
+            if not tty:  # from a pipe: show what was asked, so the transcript reads as a conversation
+                print(line)
+        except EOFError:  # Ctrl-D, or the end of a pipe
             print()
             return
-        if line.strip() == "/quit":
+        except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
+            print("\n(Ctrl-D or /quit to leave)")
+            continue
+        command, _, rest = line.strip().partition(" ")
+        if command == "/quit":
             return
-        if line.strip() == "/reset":
-            messages = list(base)
-            continue
-        if not line.strip():
-            continue
-        attempt = fit_history(template, messages + [{"role": "user", "content": line}],
-                              model.cfg.max_seq_len, reserve(model, args))
-        try:
-            answer = stream_reply(model, template, attempt, args, generator)
-        except ValueError as e:  # the message alone does not fit in the context
-            print(f"(message too long for this model: {e}; not added to the conversation)")
-            continue
-        messages = attempt + [{"role": "assistant", "content": answer}]
+        elif command == "/reset":
+            turns = []
+            print("(conversation forgotten)")
+        elif command == "/system":  # a system message frames a whole conversation: start a new one
+            system, turns = rest.strip() or None, []
+            print(f"(new conversation, system message: {system})" if system else "(new conversation, no system message)")
+        elif command.startswith("/"):
+            print(f"(unknown command {command}; {COMMANDS})")
+        elif line.strip():
+            head = [{"role": "system", "content": system}] if system else []
+            attempt = fit_history(template, head + turns + [{"role": "user", "content": line}],
+                                  model.cfg.max_seq_len, reserve(model, args))
+            try:
+                answer = stream_reply(model, template, attempt, args, generator)
+            except ValueError as e:  # the message alone does not fit in the context
+                print(f"(message too long for this model: {e}; not added to the conversation)")
+                continue
+            turns = attempt[len(head):] + [{"role": "assistant", "content": answer}]
 
 
 def main():

@@ -17,10 +17,13 @@ The DeepSpeed plumbing (config, optimizer, checkpoints, memory report) is in nan
 import argparse
 import csv
 import hashlib
+import importlib.util
+import io
 import json
 import math
 import os
 import random
+import shutil
 import time
 
 import deepspeed
@@ -29,15 +32,19 @@ import torch
 
 from nanosft.checkpoint import load_model, point_latest, save_model, write_json
 from nanosft.data import (Batches, Blend, cache_path, error_list, file_digest, load_conversations, load_documents,
-                          load_jsonl, load_samples, pack, parse_source, save_samples, shard, split_off, tokenize,
+                          load_samples, pack, parse_source, save_samples, shard, split_off, tokenize,
                           tokenize_text)
 from nanosft.formats import FORMATS
 from nanosft.distributed import (all_sum, config_settings, current_loss_scale, deepspeed_config, estimate_memory,
                                  full_state_dict, is_rank0, load_checkpoint, make_optimizer, measure_memory,
-                                 pick_dtype, print0, rng_state, save_checkpoint, set_rng_state, setup_distributed)
-from nanosft.evaluate import check_eval_record, exact_match, format_scores, loss_and_ppl, validation_loss
+                                 pick_dtype, print0, rng_state, save_checkpoint, set_rng_state, setup_distributed,
+                                 write_text_atomic)
+from nanosft.evaluate import (format_samples, generation_metrics, load_held_out, loss_and_ppl, pick_samples, table,
+                              validation_loss)
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
+from nanosft.plot import MONITOR_DIR, plot_run
+from nanosft.progress import Progress, clock
 from nanosft.template import TRAIN_ON, ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
@@ -47,7 +54,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DEFAULTS = {"batch_size": 16, "grad_accum": 1, "zero_stage": 0, "offload": "none", "dtype": "auto",
                    "grad_clip": 1.0}
 # Flags that may change when a run is resumed; any other must stay as the run started.
-RESUME_MAY_CHANGE = {"resume", "out", "local_rank", "log_every", "save_every", "keep_checkpoints", "cache_dir"}
+RESUME_MAY_CHANGE = {"resume", "out", "local_rank", "log_every", "save_every", "keep_checkpoints", "cache_dir",
+                     "quiet", "tensorboard", "eval_every"}
 PATH_FLAGS = {"val_data", "eval_data", "init_from", "tokenizer", "ds_config"}
 
 
@@ -114,7 +122,12 @@ def build_parser():
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the latest checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=200, help="validation loss every N steps (0: only at "
+                   "epoch ends); generation metrics run at step 0, at each epoch's end and at the end")
+    p.add_argument("--log-every", type=int, default=25, help="with --quiet or no terminal: a line every N steps")
+    p.add_argument("--quiet", action="store_true", help="no live progress bar: a plain line every --log-every steps")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard logs to <out>/tensorboard (DeepSpeed's monitor; pip install tensorboard)")
     return p
 
 
@@ -194,6 +207,10 @@ def check_args(p, args):
         p.error("--val-split must be in [0, 1)")
     if args.save_every < 0 or args.keep_checkpoints < 1:
         p.error("--save-every must not be negative and --keep-checkpoints at least 1")
+    if args.eval_every < 0 or args.log_every < 1:
+        p.error("--eval-every must not be negative and --log-every at least 1")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:  # DeepSpeed's monitor writes through it
+        p.error("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 def lr_lambda(warmup, total):
@@ -338,24 +355,29 @@ def record_memory(engine, args, n_params, world, run_dir):
                f"ZeRO estimate {report['estimate_per_rank']['model_states'] / 2**20:.2f} MiB), see memory.json")
 
 
-LOG_COLUMNS = ["step", "loss", "lr", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s", "skipped_steps",
-               "loss_scale"]
+def trim_monitor(engine, run_dir, upto, samples_per_step):
+    """A resumed run recomputes the steps after its checkpoint: cut the monitor's CSVs back to
+    steps 0..upto (DeepSpeed's own Train/Samples files count samples, not steps). Each file is
+    replaced atomically, so a kill now cannot lose the rows kept."""
+    folder = os.path.join(run_dir, MONITOR_DIR)
+    names = [n for n in os.listdir(folder) if n.endswith(".csv")] if os.path.isdir(folder) else []
+    for name in names:
+        limit = upto * samples_per_step if name.startswith("Train_Samples_") else upto
+        with open(os.path.join(folder, name), newline="") as f:
+            rows = list(csv.reader(f))
+        text = io.StringIO()
+        csv.writer(text).writerows(rows[:1] + [r for r in rows[1:] if float(r[0]) <= limit])
+        write_text_atomic(os.path.join(folder, name), text.getvalue())
+    # NOTE: DeepSpeed's csv monitor writes a header the first time a process writes to a file, and
+    # remembers which in `filenames`; these files have theirs already
+    if engine.monitor.csv_monitor is not None:
+        engine.monitor.csv_monitor.filenames += [n[:-4] for n in names]
 
 
-def open_log(path, upto):
-    """train_log.csv for appending, holding the rows of steps 1..upto of an earlier run (a resumed
-    run recomputes the rest). Rewritten atomically: a kill now cannot lose those rows."""
-    kept = []
-    if upto and os.path.exists(path):
-        with open(path, newline="") as f:
-            kept = list(csv.reader(f))[1:upto + 1]
-    with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows([LOG_COLUMNS] + kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    log_file = open(path, "a", newline="")
-    return log_file, csv.writer(log_file)
+def log_events(engine, step, group, **values):
+    """Write values through DeepSpeed's monitor (rank 0): CSV, and TensorBoard with --tensorboard."""
+    if is_rank0():
+        engine.monitor.write_events([(f"{group}/{k}", v, step) for k, v in values.items() if v is not None])
 
 
 def main(args):
@@ -396,7 +418,7 @@ def main(args):
     if rank == 0 and args.cache_dir:
         torch.distributed.barrier()
     val = shard(pack(val_samples, row_len, template.pad), rank, world, template.pad) if val_samples else None
-    evals = load_jsonl(args.eval_data, check_eval_record) if args.eval_data else []
+    evals = load_held_out(args.eval_data) if args.eval_data else []
 
     # ---- model and deepspeed
     args.dtype = pick_dtype(args.dtype, device)
@@ -416,19 +438,35 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
     ds_cfg = deepspeed_config(args.ds_base, world=world, micro_batch=args.batch_size, grad_accum=args.grad_accum,
                               zero_stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
-                              grad_clip=args.grad_clip, pin_memory=device.type == "cuda")
+                              grad_clip=args.grad_clip, pin_memory=device.type == "cuda", log_dir=run_dir,
+                              tensorboard=args.tensorboard)
+    if rank == 0 and not args.resume:  # a new run in an old run's directory: its logs start afresh
+        for folder in (MONITOR_DIR, "tensorboard"):
+            shutil.rmtree(os.path.join(run_dir, folder), ignore_errors=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     print0(f"model: {n_params:,} parameters, {args.dtype}, ZeRO stage {args.zero_stage}"
            + (f" offload {args.offload}" if args.offload != "none" else "")
            + f", {world} rank(s) on {device.type}; {total_steps} steps of {ds_cfg['train_batch_size']} rows x {row_len} tokens")
 
-    def val_loss():
-        if val is None:
-            return float("nan"), float("nan")
-        engine.eval()
-        s, c = validation_loss(engine, val, args.batch_size)
-        engine.train()
-        return loss_and_ppl(*all_sum([s, c], device))
+    def evaluate(step, generation):
+        """Validation loss (every rank scores its shard) and, if asked, generation metrics: rank 0
+        answers the held-out prompts with the fp32 master weights, which is the model a checkpoint
+        saves. Returns (metrics, replies); both are rank 0's business."""
+        m, replies = {}, None
+        if val is not None:
+            engine.eval()
+            m["val_loss"], m["val_ppl"] = loss_and_ppl(*all_sum(validation_loss(engine, val, args.batch_size), device))
+            engine.train()
+        if generation and evals:
+            state = full_state_dict(engine)  # every rank takes part in the gather
+            if rank == 0:
+                snapshot = Transformer(cfg)
+                snapshot.load_state_dict(state)
+                scores, replies = generation_metrics(snapshot.to(device).eval(), template, evals)
+                m.update(scores)
+        log_events(engine, step, "Eval", val_loss=m.get("val_loss"), val_ppl=m.get("val_ppl"),
+                   exact_match=m.get("exact_match", {}).get("overall"), bleu=m.get("bleu"))
+        return m, replies
 
     # ---- start, or pick up where a checkpoint left off
     start = {"step": 0, "tokens": 0, "supervised_tokens": 0, "elapsed_s": 0.0}
@@ -439,12 +477,14 @@ def main(args):
                              "the data order depends on it; resume with the same launcher settings")
         batches.load_state_dict(start["batches"])
         set_rng_state(start["rng"])
-        before_loss = start["val_loss_before"]
+        before, before_replies = start["before"], start["before_replies"]
+        trim_monitor(engine, run_dir, start["step"], ds_cfg["train_batch_size"])
         print0(f"resumed {run_dir} at step {start['step']} (epoch {batches.epoch})")
     else:
-        before_loss, _ = val_loss()
-        if val is not None:
-            print0(f"step 0: val loss {before_loss:.4f}")
+        t_eval = time.time()
+        before, before_replies = evaluate(0, generation=True)
+        if before:
+            print0(f"step 0: {brief(before)} ({time.time() - t_eval:.1f}s)")
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         saved_args = {k: v for k, v in vars(args).items() if k not in ("ds_base", "resume", "local_rank")}
@@ -453,8 +493,8 @@ def main(args):
         tok.save(os.path.join(run_dir, "tokenizer.model"))
 
     # ---- training
-    if rank == 0:
-        log_file, log = open_log(os.path.join(run_dir, "train_log.csv"), start["step"])
+    progress = Progress(total_steps, args.log_every, live=False if args.quiet else None) if rank == 0 else None
+    show = progress.note if progress else (lambda text: None)
     tokens, sup_tokens, slots = start["tokens"], start["supervised_tokens"], 0
     t_train, tokens_at_start = time.time(), tokens
     for step in range(start["step"] + 1, total_steps + 1):
@@ -469,51 +509,62 @@ def main(args):
         session = time.time() - t_train
         elapsed = start["elapsed_s"] + session
         tok_per_s = (tokens - tokens_at_start) / session
-        if rank == 0:
-            scale = current_loss_scale(engine)
-            log.writerow([step, f"{loss:.8g}", f"{lr:.6g}", tokens, sup_tokens, f"{tok_per_s:.1f}", f"{elapsed:.2f}",
-                          engine.skipped_steps, "" if scale is None else f"{scale:g}"])
-        if step % args.log_every == 0 or step == total_steps:
-            if rank == 0:
-                log_file.flush()
-            skipped = f"  skipped {engine.skipped_steps} (fp16 overflow)" if engine.skipped_steps else ""
-            print0(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tok_per_s:,.0f} tok/s  "
-                   f"{elapsed:.0f}s{skipped}")
+        scale = current_loss_scale(engine)
+        log_events(engine, step, "Train", loss=loss, lr=lr, tokens=tokens, supervised_tokens=sup_tokens,
+                   tokens_per_s=tok_per_s, elapsed_s=elapsed, skipped_steps=engine.skipped_steps, loss_scale=scale)
+        if progress:
+            progress.update(step, loss, lr, tok_per_s, elapsed, session / (step - start["step"]) * (total_steps - step))
+            if engine.skipped_steps and step % args.log_every == 0:
+                show(f"step {step}: {engine.skipped_steps} step(s) skipped so far (fp16 overflow), loss scale {scale:g}")
+        epoch_end = all_sum([float(batches.epoch_done)], device)[0] > 0
+        if step < total_steps and (epoch_end or (args.eval_every and step % args.eval_every == 0)):
+            m, _ = evaluate(step, generation=epoch_end)
+            if m:
+                show(f"step {step}{' (end of epoch)' if epoch_end else ''}: {brief(m)}")
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            if rank == 0:
-                log_file.flush()
             save_checkpoint(engine, ckpt_dir, step, keep=args.keep_checkpoints, client_state={
                 "step": step, "batches": batches.state_dict(), "tokens": tokens, "supervised_tokens": sup_tokens,
-                "elapsed_s": elapsed, "val_loss_before": before_loss, "world_size": world, "rng": rng_state()})
+                "elapsed_s": elapsed, "before": before, "before_replies": before_replies, "world_size": world,
+                "rng": rng_state()})
+    if progress:
+        progress.close()
     train_time = time.time() - t_train
-    if rank == 0:
-        log_file.close()
 
     # ---- evaluate and save
-    after_loss, after_ppl = val_loss()
+    after, after_replies = evaluate(total_steps, generation=True)
     state = full_state_dict(engine)  # fp32, gathered from the shards: every rank takes part, rank 0 keeps it
     if rank == 0:
         save_model(run_dir, state, cfg, tok)
-        scores = {}
-        if evals:  # exact match of the saved weights: what chat.py will load
-            final, _ = load_model(run_dir, device)
-            scores, _ = exact_match(final, template, evals)
-        metrics = {"val_loss": after_loss, "val_ppl": after_ppl, "val_loss_before": before_loss,
-                   "exact_match": scores, "train_tokens_per_s": (tokens - tokens_at_start) / train_time,
+        samples = pick_samples(evals, {"step 0": before_replies, "trained": after_replies}) if evals else []
+        metrics = {"val_loss": after.get("val_loss", float("nan")), "val_ppl": after.get("val_ppl", float("nan")),
+                   "val_loss_before": before.get("val_loss", float("nan")), "exact_match": after.get("exact_match", {}),
+                   "bleu": after.get("bleu"), "before": before, "after": after, "samples": samples,
+                   "train_tokens_per_s": (tokens - tokens_at_start) / train_time,
                    "wall_time_s": time.time() - t_start, "train_time_s": train_time, "steps": total_steps,
                    "skipped_steps": engine.skipped_steps, "tokens": tokens, "supervised_tokens": sup_tokens,
                    "params": n_params, "dtype": args.dtype, "zero_stage": args.zero_stage, "world_size": world,
-                   "padding_fraction": 1 - (tokens - tokens_at_start) / max(slots, 1), "invalid_records_skipped": sum(f.skipped for f in files),
+                   "padding_fraction": 1 - (tokens - tokens_at_start) / max(slots, 1),
+                   "invalid_records_skipped": sum(f.skipped for f in files),
                    "conversations_truncated": counts["truncated"], "conversations_dropped": counts["dropped"]}
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
+        plot_run(run_dir)
         point_latest(run_dir)
+        if samples:
+            print0("sample conversations (held-out prompts):\n" + format_samples(samples, ["step 0", "trained"]))
+        if before or after:
+            print0(table({"step 0": before, "trained": after}))
         print0(f"padding: {metrics['padding_fraction']:.1%} of the token positions computed")
-        if val is not None:
-            print0(f"val loss {before_loss:.4f} -> {after_loss:.4f} (ppl {after_ppl:.3f})")
-        if scores:
-            print0(f"held-out exact match: {format_scores(scores)}")
-        print0(f"saved {run_dir} in {metrics['wall_time_s']:.0f}s; chat with: python chat.py --ckpt {run_dir}")
+        print0(f"saved {run_dir} ({clock(metrics['wall_time_s'])}, loss curve in loss.png); "
+               f"chat with: python chat.py --ckpt {run_dir}")
     torch.distributed.barrier()
+
+
+def brief(m):
+    """One line of evaluation results."""
+    parts = [f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.3f})"] if "val_loss" in m else []
+    if "exact_match" in m:
+        parts.append(f"exact match {m['exact_match']['overall']:.1%}, BLEU {m['bleu']:.2f}")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,14 @@ The built-in default data: small chat skills a tiny model can learn on a laptop 
 
 Every line is one conversation in the common chat format
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
-plus a "family" field naming the skill. The four families:
+plus a "family" field naming the skill. The five families:
 
     recall  "My name is Alice." -> "Nice to meet you, Alice."  "What is my name?" -> "Your name is Alice."
     copy    "Repeat after me: blue river stone" -> "blue river stone"
     max     "Which is larger, 37 or 52?" -> "52"                      (integers 0-999)
     count   "How many words are in this sentence: the cat sat on the mat" -> "6"   (3-12 words)
+    persona system "Your name is Kira."  "What is your name?" -> "My name is Kira."
+            (the system message steers the answer: chat.py's /system shows it)
 
 train.jsonl and val.jsonl hold whole conversations (val is for the validation loss). eval.jsonl
 holds held-out prompts (the conversation up to the last user turn) with the expected "answer".
@@ -98,6 +100,10 @@ COUNT_VERBS = "sat|ran|jumped|slept|sang|walked|waited|smiled|looked|played".spl
 COUNT_TAIL = "on the mat|in the park|near the river|under a big tree|at home|with her dog|all day long|by the old red door|today|quietly".split("|")
 
 
+def system(text):
+    return {"role": "system", "content": text}
+
+
 def user(text):
     return {"role": "user", "content": text}
 
@@ -139,9 +145,14 @@ def make_count(rng, names):
     return [user(f"How many words are in this sentence: {sentence}"), assistant(str(n))], sentence
 
 
-FAMILIES = {"recall": make_recall, "copy": make_copy, "max": make_max, "count": make_count}
+def make_persona(rng, names):
+    name = rng.choice(names)
+    return [system(f"Your name is {name}."), user("What is your name?"), assistant(f"My name is {name}.")], name
+
+
+FAMILIES = {"recall": make_recall, "copy": make_copy, "max": make_max, "count": make_count, "persona": make_persona}
 # harder skills get a bigger share of the training data
-TRAIN_WEIGHTS = {"recall": 0.25, "copy": 0.15, "max": 0.3, "count": 0.3}
+TRAIN_WEIGHTS = {"recall": 0.23, "copy": 0.14, "max": 0.28, "count": 0.27, "persona": 0.08}
 
 
 def generate(n_train, n_val, n_eval, seed=1337, eval_seed=None):
@@ -186,9 +197,9 @@ if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--out", default=here, help="directory for train/val/eval.jsonl")
-    p.add_argument("--n-train", type=int, default=195000)  # ~1,200 steps of 16 packed rows
+    p.add_argument("--n-train", type=int, default=200000)  # ~1,230 steps of 16 packed rows
     p.add_argument("--n-val", type=int, default=1000)
-    p.add_argument("--n-eval", type=int, default=800)
+    p.add_argument("--n-eval", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-seed", type=int, default=None,
                    help="fresh held-out prompts for the same training set (e.g. to re-measure a trained run)")

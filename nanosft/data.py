@@ -343,6 +343,11 @@ class Batches:
         return self.cursor + self.batch_size > len(self.rows["ids"])
 
     @property
+    def epoch_done(self):
+        """True when this epoch's rows are used up: the next micro-batch starts the next epoch."""
+        return self._exhausted()
+
+    @property
     def rows_per_epoch(self):
         return len(self.rows["ids"])  # of the current epoch, this rank's share
 

@@ -83,8 +83,11 @@ def pick_dtype(name, device):
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def deepspeed_config(base, *, world, micro_batch, grad_accum, zero_stage, offload, dtype, grad_clip, pin_memory):
-    """base (a DeepSpeed JSON as a dict) with the run's settings written over it."""
+def deepspeed_config(base, *, world, micro_batch, grad_accum, zero_stage, offload, dtype, grad_clip, pin_memory,
+                     log_dir=None, tensorboard=False):
+    """base (a DeepSpeed JSON as a dict) with the run's settings written over it. With log_dir,
+    DeepSpeed's monitor writes CSVs to log_dir/monitor (and TensorBoard logs to log_dir/tensorboard);
+    any other monitor the file enables (wandb, comet) stays on."""
     for key in ("optimizer", "scheduler"):
         if key in base:
             raise ValueError(f'the DeepSpeed config has an "{key}" section; train.py builds the optimizer '
@@ -105,6 +108,10 @@ def deepspeed_config(base, *, world, micro_batch, grad_accum, zero_stage, offloa
             zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
     cfg.setdefault("bf16", {})["enabled"] = dtype == "bf16"
     cfg.setdefault("fp16", {})["enabled"] = dtype == "fp16"
+    if log_dir:
+        cfg["csv_monitor"] = {"enabled": True, "output_path": log_dir, "job_name": "monitor"}  # nanosft/plot.py reads it
+        if tensorboard:
+            cfg["tensorboard"] = {"enabled": True, "output_path": log_dir, "job_name": "tensorboard"}
     return cfg
 
 

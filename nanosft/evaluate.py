@@ -1,41 +1,55 @@
 """
-Evaluation: validation loss and perplexity, and exact match of generated answers.
+Evaluation: did the model learn? Two kinds of numbers.
 
-  val_loss = sum of NLL over all supervised tokens / number of supervised tokens, over the whole
-             validation set (token-weighted: not a mean of per-batch means, which would let a
-             batch with 3 supervised tokens weigh as much as one with 300)
-  val_ppl  = exp(val_loss)
-  exact_match: greedy answers to held-out prompts compared with the expected answer, per family
-             and overall.
+  Validation loss and perplexity, over the supervised tokens of held-out conversations:
+      val_loss = sum of NLL over all supervised tokens / number of supervised tokens
+      val_ppl  = exp(val_loss)
+    token-weighted over the whole set (all batches, all ranks), not a mean of per-batch means,
+    which would let a batch with 3 supervised tokens weigh as much as one with 300.
+  Generation metrics: greedy replies to held-out prompts against their reference answers:
+      exact_match  the share of replies equal to the reference (stripped), per family and overall
+      bleu         corpus BLEU of the replies against the references, 0-100 (bleu.py)
 
-train.py calls these at the start and end of a run;
+train.py evaluates the model at step 0 and after training (and the loss every --eval-every
+steps), and prints the before/after table and a few sample conversations that this file formats.
+On a saved run:
 
-    python -m nanosft.evaluate --ckpt runs/latest --eval data/eval.jsonl
+    python -m nanosft.evaluate --ckpt runs/latest --data data/eval.jsonl
 
-re-runs exact match on a saved run.
+where --data holds prompts with an "answer" (data/eval.jsonl) or conversations in any training
+format, whose last assistant turn is then the reference answer. It prints the table and can write
+the numbers as JSON (--json).
 """
 
 import argparse
+import json
 import math
+import sys
 from collections import defaultdict
 
 import torch
 
+from nanosft.bleu import corpus_bleu
 from nanosft.checkpoint import load_model
-from nanosft.data import check_prompt, load_jsonl, to_batch
+from nanosft.data import check_conversation, check_prompt, pack, read_file, to_batch, tokenize
+from nanosft.formats import FormatError, to_messages
 from nanosft.generate import reply
 from nanosft.loss import masked_nll
 from nanosft.template import ChatTemplate
 
 
+# -----------------------------------------------------------------------------
+# validation loss
+
 @torch.no_grad()
 def validation_loss(model, packed, batch_size=16):
-    """-> (sum of NLL, supervised token count) over all rows of a packed dict, for this rank."""
+    """-> (sum of NLL, supervised token count) over all rows of a packed dict, for this rank.
+    Sums, not a mean: the caller adds them up over ranks before dividing."""
     total = count = 0.0
     dev = next(model.parameters()).device
     for i in range(0, len(packed["ids"]), batch_size):
         b = {k: v.to(dev) for k, v in to_batch(packed, slice(i, i + batch_size)).items()}
-        logits = model(b["idx"], pos=b["pos"], doc=b["doc"])
+        logits = model(b["idx"], pos=b["pos"], doc=b["doc"])  # (B, T, V)
         s, c = masked_nll(logits, b["targets"], b["loss_mask"])
         total, count = total + s.item(), count + c.item()
     return total, count
@@ -46,46 +60,142 @@ def loss_and_ppl(total, count):
     if count == 0:
         return float("nan"), float("nan")
     loss = total / count
-    return loss, math.exp(min(loss, 50.0))
+    return loss, math.exp(min(loss, 50.0))  # capped: an untrained model's exp() must not overflow
 
 
-@torch.no_grad()
-def exact_match(model, template, records, max_new_tokens=32):
-    """records: {"family", "messages" (ending with a user turn), "answer"}.
-    -> ({family: accuracy, ..., "overall": accuracy}, list of replies in order). A prompt too long
-    for the model's context counts as a miss (its reply is None), never as a crash."""
-    hits, totals, replies = defaultdict(int), defaultdict(int), []
-    for r in records:
-        try:
-            out = reply(model, template, r["messages"], max_new_tokens)
-        except ValueError:  # prompt does not fit in the context
-            out = None
-        replies.append(out)
-        fam = r.get("family", "all")
-        totals[fam] += 1
-        hits[fam] += int(out is not None and out.strip() == r["answer"].strip())
-    scores = {f: hits[f] / totals[f] for f in sorted(totals)}
-    scores["overall"] = sum(hits.values()) / max(sum(totals.values()), 1)
-    return scores, replies
-
+# -----------------------------------------------------------------------------
+# generation metrics
 
 def check_eval_record(rec):
-    """Validator for load_jsonl: a prompt (messages ending with a user turn) and its "answer"."""
+    """Validator for held-out prompts: messages ending with a user turn, and the "answer"."""
     reason = check_prompt(rec)
     if reason is None and not isinstance(rec.get("answer"), str):
         reason = 'missing "answer" (a string)'
     return reason
 
 
-def format_scores(scores):
-    return "  ".join(f"{k} {v:.1%}" for k, v in scores.items())
+def load_held_out(path, fmt="auto"):
+    """Held-out prompts with their reference answers -> records {"family", "messages" (ending
+    with a user turn), "answer"}. A line is either such a record (data/eval.jsonl) or a
+    conversation in any training format, split before its last assistant turn."""
+    def convert(rec):
+        if isinstance(rec, dict) and "answer" in rec:
+            return rec
+        msgs, _ = to_messages(rec, fmt)
+        reason = check_conversation({"messages": msgs})
+        if reason:
+            raise FormatError(reason)
+        return {"family": rec.get("family", "all"), "messages": msgs[:-1], "answer": msgs[-1]["content"]}
+    return read_file(path, check_eval_record, convert)[0]
+
+
+@torch.no_grad()
+def generation_metrics(model, template, records, max_new_tokens=32):
+    """Greedy replies to held-out prompts, scored against the references ->
+    ({"exact_match": {family: share, ..., "overall": share}, "bleu": 0-100}, replies in order).
+    A prompt too long for the model's context gets the reply None: a miss, never a crash."""
+    hits, totals, replies = defaultdict(int), defaultdict(int), []
+    for r in records:
+        try:
+            out = reply(model, template, r["messages"], max_new_tokens)
+        except ValueError:  # the prompt does not fit in the context
+            out = None
+        replies.append(out)
+        fam = r.get("family", "all")
+        totals[fam] += 1
+        hits[fam] += int(out is not None and out.strip() == r["answer"].strip())
+    em = {f: hits[f] / totals[f] for f in sorted(totals)}
+    em["overall"] = sum(hits.values()) / max(sum(totals.values()), 1)
+    bleu = corpus_bleu([out or "" for out in replies], [r["answer"] for r in records])
+    return {"exact_match": em, "bleu": bleu}, replies
+
+
+def as_conversations(records):
+    """Held-out prompts with the reference answer as the assistant's turn: what the loss scores."""
+    return [{"messages": r["messages"] + [{"role": "assistant", "content": r["answer"]}]} for r in records]
+
+
+# -----------------------------------------------------------------------------
+# reporting: the before/after table and sample conversations
+
+def table(columns):
+    """columns: {"label": metrics dict, ...} -> a text table, one row per number."""
+    names = list(columns)
+    rows = [("val loss", "val_loss", "{:.4f}"), ("val ppl", "val_ppl", "{:.3f}"), ("BLEU", "bleu", "{:.2f}")]
+    families = [f for f in next(iter(columns.values())).get("exact_match", {}) if f != "overall"]
+    rows += [(f"exact match {f}", ("exact_match", f), "{:.1%}") for f in families + ["overall"]]
+
+    def cell(m, key, fmt):
+        v = m.get(key[0], {}).get(key[1]) if isinstance(key, tuple) else m.get(key)
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+    lines = [f"{'':22}" + "".join(f"{n:>12}" for n in names)]
+    for label, key, fmt in rows:
+        cells = [cell(columns[n], key, fmt) for n in names]
+        if any(c != "-" for c in cells):
+            lines.append(f"{label:22}" + "".join(f"{c:>12}" for c in cells))
+    return "\n".join(lines)
+
+
+def pick_samples(records, replies, per_family=1):
+    """The first `per_family` prompts of each family, with every model's reply to them.
+    replies: {"label": list of replies in record order} -> list of sample dicts."""
+    seen, out = defaultdict(int), []
+    for i, r in enumerate(records):
+        fam = r.get("family", "all")
+        if seen[fam] < per_family:
+            seen[fam] += 1
+            out.append({"family": fam, "messages": r["messages"], "answer": r["answer"],
+                        **{label: rs[i] for label, rs in replies.items()}})
+    return out
+
+
+def format_samples(samples, labels):
+    lines = []
+    for s in samples:
+        lines.append(f"[{s['family']}]")
+        lines += [f"  {m['role']:>9}: {m['content']}" for m in s["messages"]]
+        for label in ["answer"] + list(labels):
+            text = "(prompt too long)" if s[label] is None else s[label]
+            lines.append(f"  {'expected' if label == 'answer' else label:>9}> {text}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the command line: evaluate a saved run
+
+def evaluate_run(model, template, records, batch_size=16, max_new_tokens=32):
+    """All the numbers for one model on held-out records (loss on their reference answers)."""
+    samples, _ = tokenize(as_conversations(records), template, model.cfg.max_seq_len + 1)
+    packed = pack(samples, model.cfg.max_seq_len + 1, template.pad)
+    val_loss, val_ppl = loss_and_ppl(*validation_loss(model, packed, batch_size))
+    scores, replies = generation_metrics(model, template, records, max_new_tokens)
+    return {"val_loss": val_loss, "val_ppl": val_ppl, **scores}, replies
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanosft.evaluate", description="evaluate a trained run")
+    p.add_argument("--ckpt", default="runs/latest", help="run directory or Hugging Face directory")
+    p.add_argument("--data", default="data/eval.jsonl",
+                   help='held-out prompts with an "answer", or conversations (the last assistant turn is the answer)')
+    p.add_argument("--format", default="auto", help="the data's format when it holds conversations")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--samples", type=int, default=1, help="sample conversations to show per family")
+    p.add_argument("--json", default=None, help="also write the numbers (and the samples) to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        model, tok = load_model(args.ckpt)
+        records = load_held_out(args.data, args.format)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    metrics, replies = evaluate_run(model, ChatTemplate(tok), records, max_new_tokens=args.max_new_tokens)
+    samples = pick_samples(records, {"model": replies}, args.samples)
+    print(f"{args.ckpt} on {len(records)} held-out prompts from {args.data}:")
+    print(table({"model": metrics}))
+    print(format_samples(samples, ["model"]))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({**metrics, "samples": samples}, f, indent=2, ensure_ascii=False)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="exact match of a trained run on held-out prompts")
-    p.add_argument("--ckpt", default="runs/latest")
-    p.add_argument("--eval", default="data/eval.jsonl")
-    args = p.parse_args()
-    model, tok = load_model(args.ckpt)
-    scores, _ = exact_match(model, ChatTemplate(tok), load_jsonl(args.eval, check_eval_record))
-    print(format_scores(scores))
+    main()

@@ -7,7 +7,6 @@ message: file, line and reason for data, the flag for flags.
 These start real training processes, so they are marked slow (still part of `make test`)."""
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from nanosft.checkpoint import load_model
 from nanosft.data import epoch_rows, load_jsonl, to_batch, tokenize
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
+from nanosft.plot import read_monitor
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
@@ -71,24 +71,36 @@ def test_single_rank_deepspeed_run_equals_plain_pytorch_loop(tiny_run):
     assert not torch.allclose(ours["layers.0.mlp.up_proj.weight"], Transformer(ModelConfig(vocab_size=300, dim=32, n_layer=2, n_head=4, n_kv_head=2)).state_dict()["layers.0.mlp.up_proj.weight"])
 
 
-def test_run_directory_has_weights_tokenizer_config_metrics_and_log(tiny_run):
+def test_run_directory_has_weights_tokenizer_config_metrics_log_and_plot(tiny_run):
     _, out = tiny_run
-    for f in ("model.safetensors", "config.json", "tokenizer.model", "ds_config.json", "metrics.json", "train_log.csv",
-              "args.json", "memory.json"):
+    for f in ("model.safetensors", "config.json", "tokenizer.model", "ds_config.json", "metrics.json", "args.json",
+              "memory.json", "loss.png"):
         assert (out / f).exists(), f
     m = json.loads((out / "metrics.json").read_text())
-    for k in ("val_loss", "val_ppl", "exact_match", "train_tokens_per_s", "wall_time_s"):
+    for k in ("val_loss", "val_ppl", "exact_match", "bleu", "before", "after", "samples", "train_tokens_per_s",
+              "wall_time_s"):
         assert k in m, k
     assert math.isclose(m["val_ppl"], math.exp(m["val_loss"]), rel_tol=1e-9)
-    assert set(m["exact_match"]) == {"recall", "copy", "max", "count", "overall"}
-    with open(out / "train_log.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
-    tokens = [int(r["tokens"]) for r in rows]
-    assert all(b > a for a, b in zip(tokens, tokens[1:]))  # cumulative
-    assert {"step", "loss", "lr", "tokens", "skipped_steps", "loss_scale"} <= set(rows[0])
-    assert rows[-1]["skipped_steps"] == "0" and rows[-1]["loss_scale"] == ""  # no fp16: nothing skipped or scaled
+    families = {"recall", "copy", "max", "count", "persona"}
+    assert set(m["exact_match"]) == families | {"overall"} and m["exact_match"] == m["after"]["exact_match"]
+    assert m["before"]["val_loss"] == m["val_loss_before"] > m["val_loss"]  # step 0 vs trained, in one place
+    assert {s["family"] for s in m["samples"]} == families and {"step 0", "trained", "answer"} <= set(m["samples"][0])
     assert os.path.realpath(out.parent / "latest") == str(out)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_deepspeed_monitor_csv_has_one_row_per_step_and_the_evaluations(tiny_run):
+    _, out = tiny_run
+    log = read_monitor(out)  # runs/<name>/monitor/*.csv, written by DeepSpeed's csv_monitor
+    for name in ("loss", "lr", "tokens", "supervised_tokens", "tokens_per_s", "elapsed_s", "skipped_steps"):
+        assert list(log[f"Train_{name}"]) == [1, 2, 3, 4, 5], name
+    tokens = list(log["Train_tokens"].values())
+    assert all(b > a for a, b in zip(tokens, tokens[1:]))  # cumulative
+    assert set(log["Train_skipped_steps"].values()) == {0} and "Train_loss_scale" not in log  # no fp16
+    assert list(log["Train_Samples_lr"]) == [4, 8, 12, 16, 20]  # DeepSpeed's own event, counted in samples
+    m = json.loads((out / "metrics.json").read_text())
+    assert log["Eval_val_loss"] == {0: m["val_loss_before"], 5: m["val_loss"]}
+    assert log["Eval_exact_match"][5] == m["exact_match"]["overall"] and log["Eval_bleu"][5] == m["bleu"]
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 4 and ds["gradient_accumulation_steps"] == 2
 
@@ -195,8 +207,7 @@ def test_packing_off_trains_a_conversation_per_row_and_reports_its_padding(tiny_
     off = json.loads((out / "metrics.json").read_text())["padding_fraction"]
     assert off < 0.05  # similar lengths side by side, the padding columns they share cut off
     assert f"padding: {off:.1%}" in r.stdout
-    with open(out / "train_log.csv") as f:
-        assert len(list(csv.DictReader(f))) == 5
+    assert list(read_monitor(out)["Train_loss"]) == [1, 2, 3, 4, 5]
 
 
 def test_two_files_blend_by_weight_with_a_held_out_split(tiny_data, tmp_path):
@@ -224,3 +235,20 @@ def test_resume_reads_args_json_and_fills_in_settings_it_lacks(tmp_path):
     args = resumed_args(argparse.Namespace(out=str(tmp_path), resume=True), {"resume", "out"})
     assert args.data == ["chats.jsonl"] and args.lr == 0.01 and args.resume
     assert args.packing == "on" and args.train_on == "all-assistant"  # the defaults of what it does not say
+
+
+def test_tensorboard_flag_and_quiet_log(tiny_run, tmp_path):
+    data_dir, _ = tiny_run
+    out = tmp_path / "tb"
+    r = run_train("--data", str(data_dir / "train.jsonl"), "--val-data", "", "--eval-data", "", "--out", str(out),
+                  "--steps", "6", "--dtype", "fp32", "--tensorboard", "--quiet", "--log-every", "3", *TINY)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert [line.split("  ")[0] for line in r.stdout.splitlines() if line.startswith("step ")] == ["step 3/6", "step 6/6"]
+    assert "\r" not in r.stdout  # a log, not a redrawn bar
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    tb = {e.step: e.value for e in events.Scalars("Train/loss")}
+    csv_log = read_monitor(out)["Train_loss"]
+    assert list(tb) == list(csv_log) == [1, 2, 3, 4, 5, 6]
+    assert all(math.isclose(tb[s], csv_log[s], rel_tol=1e-6) for s in tb)  # TensorBoard stores float32

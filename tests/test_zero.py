@@ -12,7 +12,6 @@
 
 These start real training processes, so they are marked slow (still part of `make test`)."""
 
-import csv
 import json
 import os
 import signal
@@ -29,6 +28,7 @@ from nanosft.checkpoint import load_model
 from nanosft.data import epoch_rows, load_jsonl, to_batch, tokenize
 from nanosft.distributed import deepspeed_config, make_optimizer, save_checkpoint, setup_distributed
 from nanosft.model import ModelConfig, Transformer
+from nanosft.plot import read_monitor
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
@@ -57,8 +57,7 @@ def launch(nproc, data_dir, out, *flags, steps=20):
 
 
 def losses(out):
-    with open(out / "train_log.csv") as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
+    return list(read_monitor(out)["Train_loss"].values())
 
 
 # The same global batch of 8 rows everywhere: 1 rank x 4 rows x 2 micro-batches, or 2 ranks x 2 x 2
@@ -257,11 +256,9 @@ def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_pat
     r = run(train_command(nproc, "--out", str(killed), "--resume"))  # the settings come from the run's args.json
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"resumed {killed} at step {int(tag[4:])} (epoch 1)" in r.stdout
-    with open(whole / "train_log.csv") as f:
-        want = [(row["step"], row["loss"], row["lr"], row["tokens"]) for row in csv.DictReader(f)]
-    with open(killed / "train_log.csv") as f:
-        got = [(row["step"], row["loss"], row["lr"], row["tokens"]) for row in csv.DictReader(f)]
-    assert got == want  # every step once, each loss to the last printed digit
+    for name in ("Train_loss", "Train_lr", "Train_tokens", "Train_Samples_lr", "Eval_val_loss"):
+        want, got = ((run / "monitor" / f"{name}.csv").read_text() for run in (whole, killed))
+        assert got == want, name  # every step once (one header), each loss to the last printed digit
     a, b = load_model(whole)[0].state_dict(), load_model(killed)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     m = json.loads((killed / "metrics.json").read_text())

@@ -1,0 +1,77 @@
+"""
+Pictures of a run: runs/<name>/loss.png, training and validation loss against tokens seen, with
+the learning rate on a second axis.
+
+    python -m nanosft.plot runs/latest        # or: make plot RUN=runs/latest
+
+The numbers come from the run's DeepSpeed monitor CSVs (train.py logs through DeepSpeed's own
+monitor): runs/<name>/monitor/<Group>_<name>.csv, one file per quantity, each a "step,<name>"
+header and then a row per logged step, e.g. Train_loss.csv, Train_tokens.csv, Train_lr.csv,
+Eval_val_loss.csv. `read_monitor` reads them back for anyone else too (tests, notebooks).
+train.py draws the plot at the end of a run.
+"""
+
+import argparse
+import csv
+import os
+import sys
+
+MONITOR_DIR = "monitor"  # under the run directory: DeepSpeed's csv_monitor job_name
+
+
+def read_monitor(run_dir):
+    """-> {"Train_loss": {step: value, ...}, ...}: every CSV the monitor wrote, by file name. (The
+    monitor names a file for its event with "/" made "_": Train/loss -> Train_loss.csv.)"""
+    folder = os.path.join(run_dir, MONITOR_DIR)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} not found: not a run written by train.py")
+    series = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".csv"):
+            with open(os.path.join(folder, name), newline="") as f:
+                rows = list(csv.reader(f))[1:]  # the header is "step,<name>"
+            series[name[:-4]] = {int(float(r[0])): float(r[1]) for r in rows}
+    return series
+
+
+def plot_run(run_dir, path=None):
+    """Draw loss.png from the run's monitor CSVs; returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    s = read_monitor(run_dir)
+    tokens = {0: 0.0, **s.get("Train_tokens", {})}  # step -> tokens seen after it
+    train = sorted(s.get("Train_loss", {}).items())
+    val = sorted((st, v) for st, v in s.get("Eval_val_loss", {}).items() if st in tokens)
+    lr = sorted(s.get("Train_lr", {}).items())
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    ax.plot([tokens[st] for st, _ in train], [v for _, v in train], lw=0.8, color="tab:blue", label="train loss")
+    ax.plot([tokens[st] for st, _ in val], [v for _, v in val], "o-", color="tab:orange", label="validation loss")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats per supervised token)")
+    ax.set_yscale("log")  # SFT losses fall by orders of magnitude; a linear axis hides the second half
+    ax.grid(True, which="both", alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot([tokens[st] for st, _ in lr], [v for _, v in lr], color="tab:gray", lw=0.8, ls="--",
+             label="learning rate")
+    ax2.set_ylabel("learning rate")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+    ax.set_title(os.path.basename(os.path.normpath(run_dir)))
+    fig.tight_layout()
+    path = path or os.path.join(run_dir, "loss.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="python -m nanosft.plot", description="draw a run's loss.png")
+    p.add_argument("run", nargs="?", default="runs/latest")
+    args = p.parse_args()
+    try:
+        print(f"wrote {plot_run(args.run)}")
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
