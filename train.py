@@ -359,6 +359,8 @@ def trim_monitor(engine, run_dir, upto, samples_per_step):
     """A resumed run recomputes the steps after its checkpoint: cut the monitor's CSVs back to
     steps 0..upto (DeepSpeed's own Train/Samples files count samples, not steps). Each file is
     replaced atomically, so a kill now cannot lose the rows kept."""
+    if not is_rank0():  # the monitor writes on rank 0 only
+        return
     folder = os.path.join(run_dir, MONITOR_DIR)
     names = [n for n in os.listdir(folder) if n.endswith(".csv")] if os.path.isdir(folder) else []
     for name in names:

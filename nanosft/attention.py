@@ -34,7 +34,11 @@ def causal_mask(T, S, device, offset=0):
 
 
 def attend_manual(q, k, v, mask=None):
-    """q (B, H, T, hd), k and v (B, H, S, hd), mask broadcastable to (B, H, T, S) -> (B, H, T, hd)."""
+    """q (B, H, T, hd), k and v (B, H_kv, S, hd), mask broadcastable to (B, H, T, S) -> (B, H, T, hd).
+    Each key/value head serves H / H_kv query heads (grouped-query attention)."""
+    groups = q.size(1) // k.size(1)
+    k = k.repeat_interleave(groups, dim=1)  # (B, H, S, hd): query head h reads kv head h // groups
+    v = v.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
     T, S = q.size(-2), k.size(-2)
     if mask is None:
         mask = causal_mask(T, S, q.device, offset=S - T)
@@ -47,11 +51,16 @@ def attend_manual(q, k, v, mask=None):
 
 
 def attend_sdpa(q, k, v, mask=None):
-    """Same contract as attend_manual, through PyTorch's fused kernel."""
-    if mask is None and q.size(-2) != k.size(-2):
+    """Same contract as attend_manual, through PyTorch's fused kernel, which reads the grouped
+    key/value heads in place (enable_gqa) instead of copying them per query head."""
+    T, S = q.size(-2), k.size(-2)
+    gqa = q.size(1) != k.size(1)
+    if mask is None and T == 1:  # one new token (generation): it sees every key, nothing to mask
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if mask is None and T != S:
         # queries come after cached keys: is_causal would align them to the start, so spell it out
-        mask = causal_mask(q.size(-2), k.size(-2), q.device, offset=k.size(-2) - q.size(-2))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        mask = causal_mask(T, S, q.device, offset=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
 ATTEND = {"manual": attend_manual, "sdpa": attend_sdpa}
@@ -100,10 +109,7 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd) with S = cached + T
-        # each key/value head serves n_head / n_kv_head query heads
-        groups = self.n_head // self.n_kv_head
-        k = k.repeat_interleave(groups, dim=1)  # (B, n_head, S, hd)
-        v = v.repeat_interleave(groups, dim=1)  # (B, n_head, S, hd)
-        y = ATTEND[self.impl](q, k, v, mask)  # (B, n_head, T, hd)
+        y = ATTEND[self.impl](q, k, v, mask)  # (B, n_head, T, hd); each kv head serves n_head / n_kv_head
+
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return self.o_proj(y)

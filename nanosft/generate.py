@@ -30,7 +30,7 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: each step is a handful of tiny ops
 def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
              stop_ids=(), generator=None):
     max_len = model.cfg.max_seq_len

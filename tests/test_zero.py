@@ -101,8 +101,9 @@ def test_zero3_gathered_weights_load_in_chat_and_answer_like_stage0(stage0, zero
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"messages": r["messages"][:1]}) + "\n"
-                               for r in load_jsonl(tiny_data / "val.jsonl")[:12]))
+    first_turns = [r["messages"][:[m["role"] for m in r["messages"]].index("user") + 1]  # (system and) user
+                   for r in load_jsonl(tiny_data / "val.jsonl")[:12]]
+    prompts.write_text("".join(json.dumps({"messages": m}) + "\n" for m in first_turns))
     replies = []
     for run_dir in (stage0, zero_runs["stage3"]):
         r = run_chat("--ckpt", str(run_dir), "--batch", str(prompts), "--max-new-tokens", "8")
