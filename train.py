@@ -339,7 +339,7 @@ def train_step(engine, micro, world, device, before_step=None):
     return all_sum([nll], device)[0], n_sup, n_tok, n_slots
 
 
-def record_memory(engine, args, n_params, world, run_dir):
+def record_memory(engine, args, n_params, world, run_dir, show=print0):
     """Measure what each rank holds after the backward pass of a step, with gradients, weights
     and Adam's state all there, and write memory.json: measured bytes per rank next to the ZeRO
     paper's estimate."""
@@ -351,7 +351,7 @@ def record_memory(engine, args, n_params, world, run_dir):
     if torch.distributed.get_rank() == 0:
         write_json(os.path.join(run_dir, "memory.json"), report)
         ms = [sum(dev["model_states"] for dev in r.values()) for r in per_rank]
-        print0(f"memory: model states {max(ms) / 2**20:.2f} MiB per rank (measured; "
+        show(f"memory: model states {max(ms) / 2**20:.2f} MiB per rank (measured; "
                f"ZeRO estimate {report['estimate_per_rank']['model_states'] / 2**20:.2f} MiB), see memory.json")
 
 
@@ -503,7 +503,7 @@ def main(args):
         micro = [batches.next() for _ in range(args.grad_accum)]
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         # memory is measured at the second step: Adam's state appears at the first
-        measure = (lambda: record_memory(engine, args, n_params, world, run_dir)) if step == 2 else None
+        measure = (lambda: record_memory(engine, args, n_params, world, run_dir, show)) if step == 2 else None
         nll, n_sup, n_tok, n_slots = train_step(engine, micro, world, device, measure)
         slots += int(n_slots)
         loss = nll / max(n_sup, 1.0)
@@ -518,7 +518,8 @@ def main(args):
             progress.update(step, loss, lr, tok_per_s, elapsed, session / (step - start["step"]) * (total_steps - step))
             if engine.skipped_steps and step % args.log_every == 0:
                 show(f"step {step}: {engine.skipped_steps} step(s) skipped so far (fp16 overflow), loss scale {scale:g}")
-        epoch_end = all_sum([float(batches.epoch_done)], device)[0] > 0
+        # an epoch that ends in the last 1% of the run is left to the final evaluation
+        epoch_end = all_sum([float(batches.epoch_done)], device)[0] > 0 and total_steps - step > total_steps // 100
         if step < total_steps and (epoch_end or (args.eval_every and step % args.eval_every == 0)):
             m, _ = evaluate(step, generation=epoch_end)
             if m:

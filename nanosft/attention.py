@@ -110,6 +110,5 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd) with S = cached + T
         y = ATTEND[self.impl](q, k, v, mask)  # (B, n_head, T, hd); each kv head serves n_head / n_kv_head
-
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return self.o_proj(y)

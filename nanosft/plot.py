@@ -34,6 +34,15 @@ def read_monitor(run_dir):
     return series
 
 
+def smooth(values, weight=0.95):
+    """Exponential moving average, started from the first value's side without bias (as Adam does)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** (i + 1)))
+    return out
+
+
 def plot_run(run_dir, path=None):
     """Draw loss.png from the run's monitor CSVs; returns its path."""
     import matplotlib
@@ -47,7 +56,9 @@ def plot_run(run_dir, path=None):
     lr = sorted(s.get("Train_lr", {}).items())
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    ax.plot([tokens[st] for st, _ in train], [v for _, v in train], lw=0.8, color="tab:blue", label="train loss")
+    x = [tokens[st] for st, _ in train]
+    ax.plot(x, [v for _, v in train], lw=0.6, color="tab:blue", alpha=0.35, label="train loss")
+    ax.plot(x, smooth([v for _, v in train]), lw=1.2, color="tab:blue", label="train loss (smoothed)")
     ax.plot([tokens[st] for st, _ in val], [v for _, v in val], "o-", color="tab:orange", label="validation loss")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats per supervised token)")
