@@ -126,12 +126,15 @@ def interactive(model, template, args, generator):
             print(f"(unknown command {command}; {COMMANDS})")
         elif line.strip():
             head = [{"role": "system", "content": system}] if system else []
-            attempt = fit_history(template, head + turns + [{"role": "user", "content": line}],
-                                  model.cfg.max_seq_len, reserve(model, args))
             try:
+                attempt = fit_history(template, head + turns + [{"role": "user", "content": line}],
+                                      model.cfg.max_seq_len, reserve(model, args))
                 answer = stream_reply(model, template, attempt, args, generator)
             except ValueError as e:  # the message alone does not fit in the context
                 print(f"(message too long for this model: {e}; not added to the conversation)")
+                continue
+            except KeyboardInterrupt:  # Ctrl-C before the reply began (stream_reply handles it after)
+                print("\n(stopped; not added to the conversation)")
                 continue
             turns = attempt[len(head):] + [{"role": "assistant", "content": answer}]
 

@@ -368,12 +368,20 @@ def trim_monitor(engine, run_dir, upto, samples_per_step):
         with open(os.path.join(folder, name), newline="") as f:
             rows = list(csv.reader(f))
         text = io.StringIO()
-        csv.writer(text).writerows(rows[:1] + [r for r in rows[1:] if float(r[0]) <= limit])
+        csv.writer(text).writerows(rows[:1] + [r for r in rows[1:] if len(r) == 2 and row_step(r) <= limit])
         write_text_atomic(os.path.join(folder, name), text.getvalue())
     # NOTE: DeepSpeed's csv monitor writes a header the first time a process writes to a file, and
     # remembers which in `filenames`; these files have theirs already
     if engine.monitor.csv_monitor is not None:
         engine.monitor.csv_monitor.filenames += [n[:-4] for n in names]
+
+
+def row_step(row):
+    """The step (or sample count) of a monitor CSV row; a row cut short by a kill counts as past the end."""
+    try:
+        return float(row[0])
+    except ValueError:
+        return math.inf
 
 
 def log_events(engine, step, group, **values):
@@ -453,7 +461,9 @@ def main(args):
     def evaluate(step, generation):
         """Validation loss (every rank scores its shard) and, if asked, generation metrics: rank 0
         answers the held-out prompts with the fp32 master weights, which is the model a checkpoint
-        saves. Returns (metrics, replies); both are rank 0's business."""
+        saves. Returns (metrics, replies); both are rank 0's business.
+        NOTE: meanwhile the other ranks wait at their next collective; with sharded or offloaded
+        weights (ZeRO-3, --offload) the copy stays in CPU memory rather than next to the shards."""
         m, replies = {}, None
         if val is not None:
             engine.eval()
@@ -464,7 +474,8 @@ def main(args):
             if rank == 0:
                 snapshot = Transformer(cfg)
                 snapshot.load_state_dict(state)
-                scores, replies = generation_metrics(snapshot.to(device).eval(), template, evals)
+                on = device if args.zero_stage < 3 and args.offload == "none" else torch.device("cpu")
+                scores, replies = generation_metrics(snapshot.to(on).eval(), template, evals)
                 m.update(scores)
         log_events(engine, step, "Eval", val_loss=m.get("val_loss"), val_ppl=m.get("val_ppl"),
                    exact_match=m.get("exact_match", {}).get("overall"), bleu=m.get("bleu"))
@@ -479,7 +490,7 @@ def main(args):
                              "the data order depends on it; resume with the same launcher settings")
         batches.load_state_dict(start["batches"])
         set_rng_state(start["rng"])
-        before, before_replies = start["before"], start["before_replies"]
+        before, before_replies = start.get("before", {}), start.get("before_replies")  # (older checkpoints lack them)
         trim_monitor(engine, run_dir, start["step"], ds_cfg["train_batch_size"])
         print0(f"resumed {run_dir} at step {start['step']} (epoch {batches.epoch})")
     else:
@@ -500,6 +511,7 @@ def main(args):
     tokens, sup_tokens, slots = start["tokens"], start["supervised_tokens"], 0
     t_train, tokens_at_start = time.time(), tokens
     for step in range(start["step"] + 1, total_steps + 1):
+        epochs_done = batches.epoch + batches.epoch_done  # an epoch may end in the middle of a step
         micro = [batches.next() for _ in range(args.grad_accum)]
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         # memory is measured at the second step: Adam's state appears at the first
@@ -519,7 +531,8 @@ def main(args):
             if engine.skipped_steps and step % args.log_every == 0:
                 show(f"step {step}: {engine.skipped_steps} step(s) skipped so far (fp16 overflow), loss scale {scale:g}")
         # an epoch that ends in the last 1% of the run is left to the final evaluation
-        epoch_end = all_sum([float(batches.epoch_done)], device)[0] > 0 and total_steps - step > total_steps // 100
+        ended = batches.epoch + batches.epoch_done > epochs_done
+        epoch_end = all_sum([float(ended)], device)[0] > 0 and total_steps - step > total_steps // 100
         if step < total_steps and (epoch_end or (args.eval_every and step % args.eval_every == 0)):
             m, _ = evaluate(step, generation=epoch_end)
             if m:
@@ -538,7 +551,8 @@ def main(args):
     state = full_state_dict(engine)  # fp32, gathered from the shards: every rank takes part, rank 0 keeps it
     if rank == 0:
         save_model(run_dir, state, cfg, tok)
-        samples = pick_samples(evals, {"step 0": before_replies, "trained": after_replies}) if evals else []
+        replies = {"step 0": before_replies, "trained": after_replies}
+        samples = pick_samples(evals, {k: v for k, v in replies.items() if v is not None}) if evals else []
         metrics = {"val_loss": after.get("val_loss", float("nan")), "val_ppl": after.get("val_ppl", float("nan")),
                    "val_loss_before": before.get("val_loss", float("nan")), "exact_match": after.get("exact_match", {}),
                    "bleu": after.get("bleu"), "before": before, "after": after, "samples": samples,
@@ -550,10 +564,14 @@ def main(args):
                    "invalid_records_skipped": sum(f.skipped for f in files),
                    "conversations_truncated": counts["truncated"], "conversations_dropped": counts["dropped"]}
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
-        plot_run(run_dir)
         point_latest(run_dir)
+        try:
+            plot_run(run_dir)
+        except Exception as e:  # a picture is not worth losing the end of a run over
+            print0(f"loss.png not drawn ({type(e).__name__}: {e}); try: python -m nanosft.plot {run_dir}")
         if samples:
-            print0("sample conversations (held-out prompts):\n" + format_samples(samples, ["step 0", "trained"]))
+            print0("sample conversations (held-out prompts):\n"
+                   + format_samples(samples, [k for k in replies if k in samples[0]]))
         if before or after:
             print0(table({"step 0": before, "trained": after}))
         print0(f"padding: {metrics['padding_fraction']:.1%} of the token positions computed")

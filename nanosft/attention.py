@@ -33,12 +33,16 @@ def causal_mask(T, S, device, offset=0):
     return torch.arange(S, device=device)[None, :] <= q
 
 
+def repeat_kv(x, n_head):
+    """(B, H_kv, S, hd) -> (B, n_head, S, hd): each key/value head copied for the n_head / H_kv
+    query heads it serves (query head h reads kv head h // groups)."""
+    return x.repeat_interleave(n_head // x.size(1), dim=1)
+
+
 def attend_manual(q, k, v, mask=None):
     """q (B, H, T, hd), k and v (B, H_kv, S, hd), mask broadcastable to (B, H, T, S) -> (B, H, T, hd).
     Each key/value head serves H / H_kv query heads (grouped-query attention)."""
-    groups = q.size(1) // k.size(1)
-    k = k.repeat_interleave(groups, dim=1)  # (B, H, S, hd): query head h reads kv head h // groups
-    v = v.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
+    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # (B, H, S, hd)
     T, S = q.size(-2), k.size(-2)
     if mask is None:
         mask = causal_mask(T, S, q.device, offset=S - T)
@@ -51,16 +55,20 @@ def attend_manual(q, k, v, mask=None):
 
 
 def attend_sdpa(q, k, v, mask=None):
-    """Same contract as attend_manual, through PyTorch's fused kernel, which reads the grouped
-    key/value heads in place (enable_gqa) instead of copying them per query head."""
+    """Same contract as attend_manual, through PyTorch's fused kernel. Without a mask the kernel
+    reads the grouped key/value heads in place (enable_gqa) instead of copying them per query head."""
     T, S = q.size(-2), k.size(-2)
     gqa = q.size(1) != k.size(1)
     if mask is None and T == 1:  # one new token (generation): it sees every key, nothing to mask
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    if mask is None and T != S:
+    if mask is None and T == S:  # plain causal
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if mask is None:
         # queries come after cached keys: is_causal would align them to the start, so spell it out
         mask = causal_mask(T, S, q.device, offset=S - T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+    # NOTE: with a mask (packed rows, prefill after a cache), CUDA's memory-efficient kernel does not
+    # take grouped heads and enable_gqa would fall back to the slow math kernel: copy them instead
+    return F.scaled_dot_product_attention(q, repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1)), attn_mask=mask)
 
 
 ATTEND = {"manual": attend_manual, "sdpa": attend_sdpa}

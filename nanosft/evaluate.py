@@ -90,10 +90,16 @@ def load_held_out(path, fmt="auto"):
 
 
 @torch.no_grad()
-def generation_metrics(model, template, records, max_new_tokens=32):
+def generation_metrics(model, template, records, max_new_tokens=None):
     """Greedy replies to held-out prompts, scored against the references ->
     ({"exact_match": {family: share, ..., "overall": share}, "bleu": 0-100}, replies in order).
-    A prompt too long for the model's context gets the reply None: a miss, never a crash."""
+    A prompt too long for the model's context gets the reply None: a miss, never a crash. Replies
+    stop at max_new_tokens, by default 16 tokens past the longest reference (a reply that long
+    cannot match any more; BLEU counts what it said up to there). No records: NaN, not 0."""
+    if not records:
+        return {"exact_match": {"overall": float("nan")}, "bleu": float("nan")}, []
+    if max_new_tokens is None:
+        max_new_tokens = max(len(template.tok.encode(r["answer"])) for r in records) + 16
     hits, totals, replies = defaultdict(int), defaultdict(int), []
     for r in records:
         try:
@@ -105,7 +111,7 @@ def generation_metrics(model, template, records, max_new_tokens=32):
         totals[fam] += 1
         hits[fam] += int(out is not None and out.strip() == r["answer"].strip())
     em = {f: hits[f] / totals[f] for f in sorted(totals)}
-    em["overall"] = sum(hits.values()) / max(sum(totals.values()), 1)
+    em["overall"] = sum(hits.values()) / sum(totals.values())
     bleu = corpus_bleu([out or "" for out in replies], [r["answer"] for r in records])
     return {"exact_match": em, "bleu": bleu}, replies
 
@@ -122,7 +128,7 @@ def table(columns):
     """columns: {"label": metrics dict, ...} -> a text table, one row per number."""
     names = list(columns)
     rows = [("val loss", "val_loss", "{:.4f}"), ("val ppl", "val_ppl", "{:.3f}"), ("BLEU", "bleu", "{:.2f}")]
-    families = [f for f in next(iter(columns.values())).get("exact_match", {}) if f != "overall"]
+    families = sorted({f for m in columns.values() for f in m.get("exact_match", {})} - {"overall"})
     rows += [(f"exact match {f}", ("exact_match", f), "{:.1%}") for f in families + ["overall"]]
 
     def cell(m, key, fmt):
@@ -150,6 +156,7 @@ def pick_samples(records, replies, per_family=1):
 
 
 def format_samples(samples, labels):
+    """Sample dicts -> text: each prompt's messages, then the expected answer and every model's reply."""
     lines = []
     for s in samples:
         lines.append(f"[{s['family']}]")
@@ -163,10 +170,13 @@ def format_samples(samples, labels):
 # -----------------------------------------------------------------------------
 # the command line: evaluate a saved run
 
-def evaluate_run(model, template, records, batch_size=16, max_new_tokens=32):
-    """All the numbers for one model on held-out records (loss on their reference answers)."""
-    samples, _ = tokenize(as_conversations(records), template, model.cfg.max_seq_len + 1)
-    packed = pack(samples, model.cfg.max_seq_len + 1, template.pad)
+def evaluate_run(model, template, records, batch_size=16, max_new_tokens=None):
+    """All the numbers for one model on held-out records; the loss is over the reference answers."""
+    samples, _ = tokenize(as_conversations(records), template, model.cfg.max_seq_len + 1, train_on="last-assistant")
+    # rows as long as the longest conversation, not the model's whole context (131,072 for some
+    # Hugging Face models: the attention masks alone would not fit)
+    row_len = max((len(ids) for ids, _ in samples), default=2)
+    packed = pack(samples, row_len, template.pad)
     val_loss, val_ppl = loss_and_ppl(*validation_loss(model, packed, batch_size))
     scores, replies = generation_metrics(model, template, records, max_new_tokens)
     return {"val_loss": val_loss, "val_ppl": val_ppl, **scores}, replies
@@ -178,12 +188,14 @@ def main(argv=None):
     p.add_argument("--data", default="data/eval.jsonl",
                    help='held-out prompts with an "answer", or conversations (the last assistant turn is the answer)')
     p.add_argument("--format", default="auto", help="the data's format when it holds conversations")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="reply length limit (default: 16 tokens past the longest reference answer)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--samples", type=int, default=1, help="sample conversations to show per family")
     p.add_argument("--json", default=None, help="also write the numbers (and the samples) to this JSON file")
     args = p.parse_args(argv)
     try:
-        model, tok = load_model(args.ckpt)
+        model, tok = load_model(args.ckpt, device=args.device)
         records = load_held_out(args.data, args.format)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -13,6 +13,7 @@ train.py draws the plot at the end of a run.
 
 import argparse
 import csv
+import math
 import os
 import sys
 
@@ -35,11 +36,13 @@ def read_monitor(run_dir):
 
 
 def smooth(values, weight=0.95):
-    """Exponential moving average, started from the first value's side without bias (as Adam does)."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values):
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight ** (i + 1)))
+    """Exponential moving average, without the bias towards its zero start (as Adam corrects it).
+    A non-finite loss (an fp16 overflow) is passed over, so it cannot poison the rest of the curve."""
+    out, avg, n = [], 0.0, 0
+    for v in values:
+        if math.isfinite(v):
+            avg, n = weight * avg + (1 - weight) * v, n + 1
+        out.append(avg / (1 - weight ** n) if n else float("nan"))
     return out
 
 

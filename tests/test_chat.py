@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import signal
 import sys
 import time
 
@@ -121,7 +122,10 @@ def test_replies_stream_token_by_token_printing_only_whole_characters(tiny_run, 
         between = events[events.index(("token", i)) + 1:events.index(("token", i + 1))]
         on_screen += "".join(s for kind, s in between if kind == "write")
         so_far = tok.decode(ids[:i + 1])
-        assert on_screen == (on_screen if so_far.endswith("\ufffd") else so_far), i
+        if so_far.endswith("\ufffd"):  # a character still incomplete: what is shown stops before it
+            assert so_far.startswith(on_screen) and "\ufffd" not in on_screen, i
+        else:
+            assert on_screen == so_far, i
         assert not between or between[-1] == ("flush", None), i
     assert sum(k == "flush" for k, _ in events) >= len(text) - 2
 
@@ -170,7 +174,10 @@ class Terminal:
     def __init__(self, *args):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: chat.py with the terminal as stdin, stdout and stderr
-            os.execv(sys.executable, [sys.executable, os.path.join(ROOT, "tests", "slow_chat.py"), *args])
+            try:
+                os.execv(sys.executable, [sys.executable, os.path.join(ROOT, "tests", "slow_chat.py"), *args])
+            finally:
+                os._exit(127)  # never go on running pytest in the child
         self.screen, self.pos = b"", 0
 
     def type(self, keys):
@@ -204,6 +211,19 @@ class Terminal:
         self.read_until(line + "\r\n")  # the terminal echoes what was typed
         return self.read_until("\r\n> ")[0][:-len("\r\n> ")]
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # however the test ends, no chat.py is left running
+        self.kill()
+
+    def kill(self):
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):  # already gone
+            pass
+
     def close(self, timeout=30):
         """Wait for chat.py to end -> its exit code."""
         t0 = time.monotonic()
@@ -228,41 +248,42 @@ def test_a_terminal_session_streams_resets_changes_system_and_handles_ctrl_c_and
     name_q, own_name_q, story = user("What is my name?"), user("What is your name?"), user("Tell me a long story.")
     fresh_name, with_kira, without_kira, whole_story = fresh_replies(babbler, tmp_path, [
         [name_q], [{"role": "system", "content": "Your name is Kira."}, own_name_q], [own_name_q], [story]])
-    term = Terminal("--ckpt", str(babbler), "--max-new-tokens", "12")
-    term.read_until("> ")
+    with Terminal("--ckpt", str(babbler), "--max-new-tokens", "12") as term:
+        term.read_until("> ")
 
-    # streaming: the reply reaches the screen piece by piece while it is generated
-    term.type("My name is Ada.\r")
-    term.read_until("My name is Ada.\r\n")
-    text, chunks = term.read_until("\r\n> ")
-    shown = [(t, c) for t, c in chunks if c.strip(b"\r\n> ")]
-    assert len(shown) >= 4 and shown[-1][0] - shown[0][0] > 0.3, chunks
-    greeting = text[:-len("\r\n> ")]
+        # streaming: part of the reply is on the screen before the rest of it has been generated
+        term.type("My name is Ada.\r")
+        term.read_until("My name is Ada.\r\n")
+        text, chunks = term.read_until("\r\n> ")
+        greeting = text[:-len("\r\n> ")]
+        later = sum(len(c) for _, c in chunks[1:])  # what arrived after the first read of this reply
+        first = text.encode()[:len(text.encode()) - later].decode(errors="replace").rstrip("\ufffd")
+        assert 0 < len(first) < len(greeting) and greeting.startswith(first), chunks
 
-    # /reset: the next answer is what a fresh conversation gets; before it, the history changed it
-    remembered = term.ask("What is my name?")
-    assert remembered == fresh_replies(babbler, tmp_path, [[user("My name is Ada."), {"role": "assistant", "content": greeting}, name_q]])[0]
-    assert term.ask("/reset") == "(conversation forgotten)"
-    assert term.ask("What is my name?") == fresh_name != remembered
+        # /reset: the next answer is what a fresh conversation gets; before it, the history changed it
+        remembered = term.ask("What is my name?")
+        assert remembered == fresh_replies(babbler, tmp_path, [[user("My name is Ada."), {"role": "assistant", "content": greeting}, name_q]])[0]
+        assert term.ask("/reset") == "(conversation forgotten)"
+        assert term.ask("What is my name?") == fresh_name != remembered
 
-    # /system: the answer is what a conversation with that system message gets, not what it was before
-    term.ask("What is my name?")  # something for /system to forget
-    assert term.ask("/system Your name is Kira.") == "(new conversation, system message: Your name is Kira.)"
-    assert term.ask("What is your name?") == with_kira != without_kira
-    assert term.ask("/reset") == "(conversation forgotten)"  # the system message stays
-    assert term.ask("What is your name?") == with_kira
+        # /system: the answer is what a conversation with that system message gets, not what it was before
+        term.ask("What is my name?")  # something for /system to forget
+        assert term.ask("/system Your name is Kira.") == "(new conversation, system message: Your name is Kira.)"
+        assert term.ask("What is your name?") == with_kira != without_kira
+        assert term.ask("/reset") == "(conversation forgotten)"  # the system message stays
+        assert term.ask("What is your name?") == with_kira
 
-    # Ctrl-C at the prompt clears the line
-    term.type("never sent\x03")
-    term.read_until("(Ctrl-D or /quit to leave)\r\n> ")
-    # Ctrl-C during a reply stops it where it was (a prefix of the whole reply) and the session goes on
-    assert term.ask("/system") == "(new conversation, no system message)"
-    term.type("Tell me a long story.\r")
-    term.read_until("Tell me a long story.\r\n")
-    time.sleep(0.15)  # about 3 of the 12 tokens
-    term.type("\x03")
-    stopped = term.read_until("\r\n> ")[0].replace("^C", "")[:-len("\r\n> ")]
-    assert len(stopped) < len(whole_story) and whole_story.startswith(stopped.rstrip("\ufffd")), stopped
+        # Ctrl-C at the prompt clears the line
+        term.type("never sent\x03")
+        term.read_until("(Ctrl-D or /quit to leave)\r\n> ")
+        # Ctrl-C during a reply stops it where it was (a prefix of the whole reply) and the session goes on
+        assert term.ask("/system") == "(new conversation, no system message)"
+        term.type("Tell me a long story.\r")
+        term.read_until("Tell me a long story.\r\n")
+        begun = term.read_until(whole_story[:1])[0]  # the reply has begun: Ctrl-C now lands inside it
+        term.type("\x03")
+        stopped = (begun + term.read_until("\r\n> ")[0]).replace("^C", "")[:-len("\r\n> ")]
+        assert 0 < len(stopped) < len(whole_story) and whole_story.startswith(stopped.rstrip("\ufffd")), stopped
 
-    term.type("\x04")  # Ctrl-D at the prompt ends the session cleanly
-    assert term.close() == 0 and b"Traceback" not in term.screen
+        term.type("\x04")  # Ctrl-D at the prompt ends the session cleanly
+        assert term.close() == 0 and b"Traceback" not in term.screen

@@ -67,6 +67,7 @@ def test_nothing_to_score_is_nan_not_an_error():
     assert all(math.isnan(x) for x in loss_and_ppl(0.0, 0))
 
 
+@pytest.mark.slow
 def test_generation_metrics_are_exact_match_per_family_and_corpus_bleu(tiny_run):
     data_dir, out = tiny_run
     model, tok = load_model(out)

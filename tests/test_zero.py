@@ -258,7 +258,7 @@ def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_pat
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"resumed {killed} at step {int(tag[4:])} (epoch 1)" in r.stdout
     for name in ("Train_loss", "Train_lr", "Train_tokens", "Train_Samples_lr", "Eval_val_loss"):
-        want, got = ((run / "monitor" / f"{name}.csv").read_text() for run in (whole, killed))
+        want, got = ((d / "monitor" / f"{name}.csv").read_text() for d in (whole, killed))
         assert got == want, name  # every step once (one header), each loss to the last printed digit
     a, b = load_model(whole)[0].state_dict(), load_model(killed)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
