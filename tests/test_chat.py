@@ -233,7 +233,6 @@ class Terminal:
         return os.waitstatus_to_exitcode(status)
 
 
-
 def fresh_replies(ckpt, tmp_path, conversations):
     """chat.py --batch: each conversation answered on its own (greedy, as interactive chat is)."""
     path = tmp_path / "fresh.jsonl"
