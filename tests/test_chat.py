@@ -175,6 +175,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: chat.py with the terminal as stdin, stdout and stderr
             try:
+                # as a login shell would: Ctrl-C interrupts (a test run started in the background
+                # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.execv(sys.executable, [sys.executable, os.path.join(ROOT, "tests", "slow_chat.py"), *args])
             finally:
                 os._exit(127)  # never go on running pytest in the child
