@@ -458,10 +458,11 @@ def main(args):
            + (f" offload {args.offload}" if args.offload != "none" else "")
            + f", {world} rank(s) on {device.type}; {total_steps} steps of {ds_cfg['train_batch_size']} rows x {row_len} tokens")
 
-    def evaluate(step, generation):
+    def evaluate(step, generation, state=None):
         """Validation loss (every rank scores its shard) and, if asked, generation metrics: rank 0
         answers the held-out prompts with the fp32 master weights, which is the model a checkpoint
-        saves. Returns (metrics, replies); both are rank 0's business.
+        saves (`state` when the caller has gathered them already). Returns (metrics, replies);
+        both are rank 0's business.
         NOTE: meanwhile the other ranks wait at their next collective; with sharded or offloaded
         weights (ZeRO-3, --offload) the copy stays in CPU memory rather than next to the shards."""
         m, replies = {}, None
@@ -470,7 +471,8 @@ def main(args):
             m["val_loss"], m["val_ppl"] = loss_and_ppl(*all_sum(validation_loss(engine, val, args.batch_size), device))
             engine.train()
         if generation and evals:
-            state = full_state_dict(engine)  # every rank takes part in the gather
+            if state is None:
+                state = full_state_dict(engine)  # every rank takes part in the gather
             if rank == 0:
                 snapshot = Transformer(cfg)
                 snapshot.load_state_dict(state)
@@ -547,8 +549,8 @@ def main(args):
     train_time = time.time() - t_train
 
     # ---- evaluate and save
-    after, after_replies = evaluate(total_steps, generation=True)
     state = full_state_dict(engine)  # fp32, gathered from the shards: every rank takes part, rank 0 keeps it
+    after, after_replies = evaluate(total_steps, generation=True, state=state)  # the weights being saved
     if rank == 0:
         save_model(run_dir, state, cfg, tok)
         replies = {"step 0": before_replies, "trained": after_replies}
