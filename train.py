@@ -580,9 +580,7 @@ def main(args):
         print0(f"saved {run_dir} ({clock(metrics['wall_time_s'])}, loss curve in loss.png); "
                f"chat with: python chat.py --ckpt {run_dir}")
     torch.distributed.barrier()
-    # leave the process group before the interpreter exits: gloo's threads torn down at exit
-    # instead can abort a rank ("terminate called without an active exception")
-    torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()  # leave the process group before the interpreter exits
 
 
 def brief(m):
