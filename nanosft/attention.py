@@ -103,20 +103,19 @@ class CausalSelfAttention(nn.Module):
         assert impl in ATTEND, f"impl must be one of {list(ATTEND)}"
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.impl = impl
-        # Llama names, so Hugging Face checkpoints map onto these one to one
-        self.q_proj = nn.Linear(dim, n_head * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(dim, n_kv_head * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, n_kv_head * head_dim, bias=qkv_bias)
+        # One matrix computes q, k and v (their rows stacked in that order): one big matmul instead
+        # of three small ones. checkpoint.py splits it into Llama's q_proj/k_proj/v_proj and back.
+        self.qkv_proj = nn.Linear(dim, (n_head + 2 * n_kv_head) * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_head * head_dim, dim, bias=o_bias)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, H_kv = self.n_head, self.n_kv_head
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, self.head_dim).transpose(1, 2)  # (B, H + 2 H_kv, T, hd)
+        qk = apply_rotary(qkv[:, :H + H_kv], cos, sin)  # q and k heads rotated together
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv:]  # (B, H, T, hd), (B, H_kv, T, hd) twice
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd) with S = cached + T
-        y = ATTEND[self.impl](q, k, v, mask)  # (B, n_head, T, hd); each kv head serves n_head / n_kv_head
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
+            k, v = cache.update(layer, k, v)  # (B, H_kv, S, hd) with S = cached + T
+        y = ATTEND[self.impl](q, k, v, mask)  # (B, H, T, hd); each kv head serves H / H_kv query heads
+        y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # (B, T, C)
         return self.o_proj(y)

@@ -7,14 +7,16 @@ Llama-family Hugging Face directory can be loaded here: one format in and out.
       model.safetensors   the weights (or shards + model.safetensors.index.json when loading)
       tokenizer.model     SentencePiece format, see tokenizer.py
       ds_config.json      the DeepSpeed config the run used          (train.py)
-      train_log.csv       one row per optimizer step                   (train.py)
+      monitor/            DeepSpeed's CSV monitor, one row per step    (train.py)
       metrics.json        validation loss/perplexity, exact match, speed (train.py)
     runs/latest -> <name>   the newest run
 
-nanosft's parameter names are Llama's without the "model." prefix, so the mapping is that prefix
-and the LM head, absent from the file when it is tied to the embedding. A config key we do not
-implement fails loudly: a silently ignored key would mean a silently different model. Weights are
-read with the hand-written safetensors reader (no pickle, so opening a checkpoint runs no code).
+nanosft's parameter names are Llama's without the "model." prefix, except that q/k/v and gate/up
+are one matrix each here (qkv_proj, gate_up_proj): the mapping is that prefix, splitting (saving)
+or stacking (loading) those matrices, and the LM head, absent from the file when it is tied to the
+embedding. A config key we do not implement fails loudly: a silently ignored key would mean a
+silently different model. Weights are read with the hand-written safetensors reader (no pickle, so
+opening a checkpoint runs no code).
 train.py writes runs and loads `--init-from`; chat.py, evaluate.py and export.py load.
 """
 
@@ -111,13 +113,52 @@ def write_json(path, obj):
         f.write("\n")
 
 
+# nanosft computes these projections with one matrix each; Llama files store the parts, in this order
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def split_fused(state, cfg: ModelConfig):
+    """nanosft's fused q/k/v and gate/up matrices (and biases) -> Llama's separate ones."""
+    rows = {"self_attn.qkv_proj": [cfg.n_head * cfg.head_dim] + [cfg.n_kv_head * cfg.head_dim] * 2,
+            "mlp.gate_up_proj": [cfg.ffn_hidden] * 2}
+    out = {}
+    for name, t in state.items():
+        fused = next((f for f in FUSED if f".{f}." in name), None)
+        if fused is None:
+            out[name] = t
+            continue
+        for part, piece in zip(FUSED[fused], t.split(rows[fused])):
+            out[name.replace(fused, part)] = piece
+    return out
+
+
+def join_fused(state):
+    """The inverse of split_fused: Llama's q/k/v and gate/up matrices stacked into nanosft's."""
+    out = dict(state)
+    for fused, parts in FUSED.items():
+        for name in [k for k in state if f".{parts[0]}." in k]:
+            names = [name.replace(parts[0], p) for p in parts]
+            missing = [n for n in names if n not in state]
+            if missing:
+                raise ValueError(f"{missing[0]} is missing (it goes with {name})")
+            out[name.replace(parts[0], fused)] = torch.cat([out.pop(n) for n in names])
+    return out
+
+
+def hf_state_dict(state, cfg: ModelConfig):
+    """nanosft's state dict -> LlamaForCausalLM's names and matrices (the tied LM head left out)."""
+    state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in split_fused(state, cfg).items()}
+    if cfg.tie_embeddings:
+        del state["lm_head.weight"]  # stored once, as the embedding; the loader re-ties it
+    return state
+
+
 def save_model(directory, state, cfg: ModelConfig, tok: Tokenizer):
     """Write config.json, model.safetensors and tokenizer.model: a directory that transformers'
     AutoModelForCausalLM.from_pretrained and this module's load_model both read."""
     os.makedirs(directory, exist_ok=True)
-    state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in state.items()}
-    if cfg.tie_embeddings:
-        del state["lm_head.weight"]  # stored once, as the embedding; the loader re-ties it
+    state = hf_state_dict(state, cfg)
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})  # atomic
     # generation ends at the chat template's <|end|> as well as at </s>
     eos = [tok.token_id("<|end|>")] + ([tok.eos_id] if tok.eos_id >= 0 else [])
@@ -149,8 +190,9 @@ def load_weights(directory, model):
             raise ValueError(f"{directory}: config.json ties the LM head to the embedding, "
                              "but the file holds a different lm_head.weight")
     try:
+        state = join_fused(state)
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
+    except (RuntimeError, ValueError) as e:  # shape mismatches, a missing part of a fused matrix
         raise ValueError(f"{directory}: weights do not match config.json: {e}") from None
     if model.cfg.tie_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]  # the tied head is the embedding

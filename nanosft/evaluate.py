@@ -34,7 +34,6 @@ from nanosft.checkpoint import load_model
 from nanosft.data import check_conversation, check_prompt, pack, read_file, to_batch, tokenize
 from nanosft.formats import FormatError, to_messages
 from nanosft.generate import reply
-from nanosft.loss import masked_nll
 from nanosft.template import ChatTemplate
 
 
@@ -49,8 +48,7 @@ def validation_loss(model, packed, batch_size=16):
     dev = next(model.parameters()).device
     for i in range(0, len(packed["ids"]), batch_size):
         b = {k: v.to(dev) for k, v in to_batch(packed, slice(i, i + batch_size)).items()}
-        logits = model(b["idx"], pos=b["pos"], doc=b["doc"])  # (B, T, V)
-        s, c = masked_nll(logits, b["targets"], b["loss_mask"])
+        s, c = model(b["idx"], pos=b["pos"], doc=b["doc"], targets=b["targets"], loss_mask=b["loss_mask"])
         total, count = total + s.item(), count + c.item()
     return total, count
 

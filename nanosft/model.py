@@ -4,8 +4,9 @@ The language model: token embedding -> n_layer decoder blocks -> final RMSNorm -
     idx (B, T) -> x (B, T, C) -> blocks -> norm -> logits (B, T, vocab_size)
 
 The layout and parameter names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers.i.
-self_attn.q_proj, mlp.gate_proj, norm, lm_head), so a Llama-family checkpoint maps onto it name for
-name. Inputs besides the token ids:
+self_attn.o_proj, mlp.down_proj, norm, lm_head), so a Llama-family checkpoint maps onto it name for
+name, except that q/k/v and gate/up are stacked into one matrix each (qkv_proj, gate_up_proj: one
+large matmul is faster than two or three small ones); checkpoint.py splits and stacks them. Inputs besides the token ids:
   pos   (B, T) position of each token within its conversation (default 0..T-1)
   doc   (B, T) index of each token's conversation within a packed row; attention never crosses
         conversations (the block-causal "document mask"). None: one sequence per row.
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from nanosft.attention import KVCache, causal_mask
 from nanosft.block import Block, RMSNorm
 from nanosft.embedding import Rotary, TokenEmbedding
+from nanosft.loss import linear_masked_nll
 
 
 @dataclass
@@ -50,6 +52,18 @@ class ModelConfig:
             self.head_dim = self.dim // self.n_head
 
 
+class LMHead(nn.Linear):
+    """hidden states (B, T, C) -> logits (B, T, vocab_size); or, given targets and a loss mask, the
+    summed NLL of the supervised tokens and their count, without materialising the logits (loss.py).
+    The loss is computed inside this module's forward so that ZeRO-3, which gathers a module's
+    weights around its forward, has the (possibly sharded) head weight in place."""
+
+    def forward(self, x, targets=None, loss_mask=None):
+        if targets is None:
+            return super().forward(x)
+        return linear_masked_nll(x, self.weight, targets, loss_mask)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -58,7 +72,7 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one matrix reads and writes tokens
         # Activation checkpointing (train.py --gradient-checkpointing): keep only each block's input
@@ -102,7 +116,9 @@ class Transformer(nn.Module):
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len or self.cfg.max_seq_len,
                        self.cfg.head_dim, p.dtype, p.device)
 
-    def forward(self, idx, pos=None, doc=None, cache=None):
+    def forward(self, idx, pos=None, doc=None, cache=None, targets=None, loss_mask=None):
+        """-> logits (B, T, vocab_size); with targets and loss_mask (B, T): (sum of NLL over the
+        supervised tokens, their count), as loss.masked_nll would compute it from the logits."""
         B, T = idx.shape
         start = cache.len if cache is not None else 0
         if pos is None:
@@ -121,4 +137,6 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, cache, layer=i)  # (B, T, C)
         if cache is not None:
             cache.len += T
+        if targets is not None:
+            return self.lm_head(self.norm(x), targets, loss_mask)  # (sum NLL, count)
         return self.lm_head(self.norm(x))  # (B, T, vocab_size)

@@ -70,9 +70,10 @@ def test_grouped_kv_heads_match_pytorch_enable_gqa():
     cos, sin = rope(2, 5, 8)
     # reference: PyTorch's own GQA broadcasting on the un-repeated key/value heads
     from nanosft.embedding import apply_rotary
-    q = apply_rotary(a.q_proj(x).view(2, 5, 6, 8).transpose(1, 2), cos, sin)
-    k = apply_rotary(a.k_proj(x).view(2, 5, 2, 8).transpose(1, 2), cos, sin)
-    v = a.v_proj(x).view(2, 5, 2, 8).transpose(1, 2)
+    wq, wk, wv = a.qkv_proj.weight.split([48, 16, 16])  # the fused matrix stacks q, k, v rows
+    q = apply_rotary((x @ wq.T).view(2, 5, 6, 8).transpose(1, 2), cos, sin)
+    k = apply_rotary((x @ wk.T).view(2, 5, 2, 8).transpose(1, 2), cos, sin)
+    v = (x @ wv.T).view(2, 5, 2, 8).transpose(1, 2)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     ref = a.o_proj(ref.transpose(1, 2).reshape(2, 5, 48))
     torch.testing.assert_close(a(x, cos, sin), ref)

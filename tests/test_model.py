@@ -1,8 +1,10 @@
 """model.py promises: decoding through the KV cache gives the same logits as one full forward, a
 packed row (several conversations, positions restarting) gives each conversation exactly the
-logits it would get alone, and greedy generation equals re-running the full model every token."""
+logits it would get alone, greedy generation equals re-running the full model every token, and
+given targets the model returns the masked loss of its own logits, with the same gradients."""
 
 import torch
+import torch.nn.functional as F
 
 from nanosft.generate import generate, sample_next
 from nanosft.model import ModelConfig, Transformer
@@ -91,3 +93,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     assert calls == [2, 4]  # checkpointed: each of the 2 blocks ran again in the backward pass
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+
+
+def test_forward_with_targets_returns_the_masked_loss_of_its_logits_and_the_same_gradients():
+    for tie in (True, False):  # the tied head's gradient reaches the embedding by both of its uses
+        model = tiny(tie_embeddings=tie).train()
+        g = torch.Generator().manual_seed(3)
+        idx, targets = torch.randint(0, 97, (2, 18), generator=g), torch.randint(0, 97, (2, 18), generator=g)
+        mask = (torch.rand(2, 18, generator=g) < 0.5).long()
+        doc = torch.tensor([[0] * 7 + [1] * 11, [0] * 18])
+        pos = torch.tensor([list(range(7)) + list(range(11)), list(range(18))])
+        logits = model(idx, pos=pos, doc=doc)  # (2, 18, 97), fp64
+        ref = F.cross_entropy(logits.flatten(0, 1), targets.masked_fill(mask == 0, -100).flatten(), reduction="sum")
+        ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+        total, count = model(idx, pos=pos, doc=doc, targets=targets, loss_mask=mask)
+        assert count == mask.sum()
+        torch.testing.assert_close(total, ref)
+        for a, b in zip(torch.autograd.grad(total, list(model.parameters())), ref_grads):
+            torch.testing.assert_close(a, b)

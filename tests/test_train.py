@@ -68,7 +68,7 @@ def test_single_rank_deepspeed_run_equals_plain_pytorch_loop(tiny_run):
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
     # and training moved the weights at all
     torch.manual_seed(7)
-    assert not torch.allclose(ours["layers.0.mlp.up_proj.weight"], Transformer(ModelConfig(vocab_size=300, dim=32, n_layer=2, n_head=4, n_kv_head=2)).state_dict()["layers.0.mlp.up_proj.weight"])
+    assert not torch.allclose(ours["layers.0.mlp.gate_up_proj.weight"], Transformer(ModelConfig(vocab_size=300, dim=32, n_layer=2, n_head=4, n_kv_head=2)).state_dict()["layers.0.mlp.gate_up_proj.weight"])
 
 
 def test_run_directory_has_weights_tokenizer_config_metrics_log_and_plot(tiny_run):

@@ -122,7 +122,7 @@ def test_stage3_holds_at_most_055_of_stage0_model_states_per_rank(tiny_data):
                      "--batch-size", "2", "--grad-accum", "1", steps=2)
         reports[stage] = json.loads((out / "memory.json").read_text())
         # the saved weights are the fp32 master weights, not the bf16 copies the module computes with
-        w = load_model(out)[0].state_dict()["layers.0.mlp.up_proj.weight"]
+        w = load_model(out)[0].state_dict()["layers.0.mlp.gate_up_proj.weight"]
         assert (w.bfloat16().float() != w).float().mean() > 0.9
     n = reports[0]["params"]
     per_rank = {s: [r["cpu"] for r in rep["per_rank"]] for s, rep in reports.items()}
