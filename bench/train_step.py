@@ -63,12 +63,13 @@ def flops_per_token(cfg, seq):
     return 6 * matrices + 12 * cfg.n_layer * seq * cfg.n_head * cfg.head_dim
 
 
-def build(name, seq, seed=0):
+def build(name, seq, seed=0, vocab=None):
     """-> (nanosft model, transformers model) holding the same weights (the same seed gives the same
     weights again, for the compiled copy)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dim, n_layer, n_head, vocab = CONFIGS[name]
+    dim, n_layer, n_head, default_vocab = CONFIGS[name]
+    vocab = vocab or default_vocab
     cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, max_seq_len=seq)
     torch.manual_seed(seed)
     ours = Transformer(cfg)
