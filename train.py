@@ -99,7 +99,7 @@ def build_parser():
                    help="recompute each decoder block in the backward pass instead of storing its activations")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (DeepSpeed's engine.compile): faster steps after a compilation "
-                        "of up to a minute at the start (ZeRO stages 0-2)")
+                        "of up to a minute at the start")
     # optimization
     p.add_argument("--batch-size", type=int, default=None, help="packed rows per micro-batch per rank (default 16)")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
@@ -211,8 +211,6 @@ def check_args(p, args):
         p.error("--save-every must not be negative and --keep-checkpoints at least 1")
     if args.eval_every < 0 or args.log_every < 1:
         p.error("--eval-every must not be negative and --log-every at least 1")
-    if args.compile and args.zero_stage == 3:
-        p.error("--compile works with --zero-stage 0, 1 or 2 (stage 3 gathers weights in hooks it cannot trace)")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:  # DeepSpeed's monitor writes through it
         p.error("--tensorboard needs the tensorboard package: pip install tensorboard")
 

@@ -245,8 +245,12 @@ def _storages(tensors):
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             s = t.untyped_storage()
+            try:
+                ptr = s.data_ptr()
+            except RuntimeError:  # a storage already released (seen with ZeRO-3 and --compile): no memory
+                continue
             if s.nbytes():
-                out[(t.device.type, s.data_ptr())] = (t.device.type, s.nbytes())
+                out[(t.device.type, ptr)] = (t.device.type, s.nbytes())
     return out
 
 
