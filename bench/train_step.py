@@ -16,7 +16,8 @@ FLOPs per token follow the usual model-FLOPs convention (PaLM, nanoGPT): 6 per w
 matrix the token passes through (including the LM head, not the embedding lookup), plus
 12 * n_layer * seq * n_head * head_dim for the attention scores and weighted sums, forward and
 backward. MFU = achieved FLOP/s / the best FLOP/s of a large square matmul in the same dtype,
-measured here at the start of the run.
+measured here at the start of the run. On a machine with CUDA everything runs on the GPU, e.g. the
+~124M config in bf16: `bench/train_step.py --configs 124m --dtypes bf16`.
 """
 
 import argparse
@@ -42,16 +43,27 @@ CONFIGS = {
 STEPS = {"tiny": 12, "d512": 3, "124m": 1}  # steps per round: a round of each takes a few seconds
 
 
-def matmul_peak(dtype, sizes=(1024, 2048, 4096), seconds=1.0):
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype, sizes=(1024, 2048, 4096, 8192), seconds=1.0):
     """Best FLOP/s of an (n, n) @ (n, n) matmul over a few sizes: the ceiling MFU is measured against."""
     best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for n in sizes if DEVICE.type == "cuda" else sizes[:3]:
+        a, b = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
         a @ b  # warm-up (first call allocates, and picks the kernel)
+        sync()
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            a @ b
-            reps += 1
+            for _ in range(10 if DEVICE.type == "cuda" else 1):
+                a @ b
+                reps += 1
+            sync()
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
     return best
 
@@ -79,7 +91,7 @@ def build(name, seq, seed=0, vocab=None):
     missing, unexpected = hf.load_state_dict(hf_state_dict(ours.state_dict(), cfg), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # the head is tied
     hf.tie_weights()
-    return ours.train(), hf.train()
+    return ours.to(DEVICE).train(), hf.to(DEVICE).train()
 
 
 def ours_loss(model, idx, targets):
@@ -97,13 +109,13 @@ def run_steps(model, loss_fn, opt, batches, steps, bf16):
     losses = []
     for i in range(steps):
         idx, targets = batches[i % len(batches)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model, idx, targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+        losses.append(loss.detach())
+    return [float(x) for x in losses]  # one synchronisation at the end, not one per step
 
 
 def compare(name, dtype, args, peak):
@@ -112,8 +124,8 @@ def compare(name, dtype, args, peak):
     vocab = ours.cfg.vocab_size
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, vocab, (args.batch, args.seq + 1), generator=g) for _ in range(4)]
-    batches = [(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    batches = [(r[:, :-1].contiguous().to(DEVICE), r[:, 1:].contiguous().to(DEVICE)) for r in rows]
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
         l0, l1 = ours_loss(ours, *batches[0]).item(), hf_loss(hf, *batches[0]).item()
     if abs(l0 - l1) > (2e-2 if bf16 else 1e-4) * abs(l1):
         raise SystemExit(f"{name} {dtype}: the models disagree before training: loss {l0:.6f} vs {l1:.6f}")
@@ -133,6 +145,7 @@ def compare(name, dtype, args, peak):
     seconds = {k: [] for k in sides}
     for _ in range(args.rounds):  # alternate, so that both see the same machine
         for k, (m, fn) in sides.items():
+            sync()
             t0 = time.perf_counter()
             run_steps(m, fn, opts[k], batches, steps, bf16)
             seconds[k].append(time.perf_counter() - t0)
@@ -177,14 +190,15 @@ def main():
 
     import transformers
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "transformers": transformers.__version__}
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "gpu": torch.cuda.get_device_name() if DEVICE.type == "cuda" else None}
     try:
         with open("/proc/cpuinfo") as f:
             machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     peaks = {d: matmul_peak(torch.float32 if d == "fp32" else torch.bfloat16) for d in dtypes}
-    print(f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, "
+    print(f"{machine['gpu'] or machine['cpu'] + ', ' + str(machine['threads']) + ' threads'}, torch {machine['torch']}, "
           f"transformers {machine['transformers']}; batch {args.batch} x {args.seq}, AdamW")
     print("matmul peak: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in peaks.items()))
     print(f"\n{'config':8} {'dtype':5} {'params':>8} {'nanosft tok/s':>14} {'hf tok/s':>9} {'ratio':>6} "
