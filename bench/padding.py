@@ -8,9 +8,9 @@ TRL's trainers), on the default data and on a long-tailed length distribution.
 
 The same conversations, in the same shuffled order, go through three training loops (forward +
 loss over the supervised tokens + backward + AdamW, the loop of bench/train_step.py):
-  nanosft packed   rows of --row-len tokens holding several whole conversations; attention stays
-                   inside each conversation (document mask) and positions restart (pos), so each
-                   one trains as if alone
+  nanosft packed   full rows (257 tokens; --longtail-max + 1 for longtail) of several whole
+                   conversations; attention stays inside each conversation (document mask) and
+                   positions restart (pos), so each one trains as if alone
   nanosft padded   --batch conversations per batch, right-padded to the longest (decomposes the
                    figure: how much is the model, how much is packing)
   hf padded        the same padded batches through LlamaForCausalLM with its attention_mask and
@@ -18,7 +18,7 @@ loss over the supervised tokens + backward + AdamW, the loop of bench/train_step
 Reported: the share of computed positions that are padding, and real (non-padding) tokens per
 second; padding computes nothing anyone learns from. "default" renders data/train.jsonl (made by
 data/generate.py) with a tokenizer trained on it; "longtail" draws lengths from a log-normal with
-median 150 tokens (a few percent over 1,000, capped at --row-len), the first 30-70% of each a
+median 150 tokens (a few percent over 1,000, capped at --longtail-max), the first 30-70% of each a
 prompt, random ids.
 """
 
@@ -153,6 +153,7 @@ def main():
     p.add_argument("--conversations", type=int, default=0,
                    help="conversations per data set (default: 3000 default ones, 400 long-tailed ones)")
     p.add_argument("--batch", type=int, default=8, help="conversations per padded batch")
+    p.add_argument("--longtail-max", type=int, default=2048, help="longest long-tailed conversation (and row length)")
     p.add_argument("--rounds", type=int, default=3, help="timed passes per side; the median is reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the figures here")
@@ -164,7 +165,7 @@ def main():
             args.row_len, args.seq = 257, 256  # train.py's default rows
             samples, vocab = default_samples(args.conversations or 3000, 1024, args.row_len)
         elif name == "longtail":
-            args.row_len, args.seq = 2049, 256
+            args.row_len, args.seq = args.longtail_max + 1, 256
             vocab = CONFIGS[args.config][3]
             samples = longtail_samples(args.conversations or 400, vocab, args.row_len, args.seed)
         else:

@@ -175,6 +175,7 @@ def main():
     p.add_argument("--steps", type=int, default=0, help="steps per round (default: by config, a few seconds)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile'd nanosft model (its first steps compile for a minute or so)")
+    p.add_argument("--peak-seconds", type=float, default=1.0, help="time per matmul size when measuring the peak")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", default="", help="also write the figures here")
     args = p.parse_args()
@@ -197,7 +198,7 @@ def main():
             machine["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    peaks = {d: matmul_peak(torch.float32 if d == "fp32" else torch.bfloat16) for d in dtypes}
+    peaks = {d: matmul_peak(torch.float32 if d == "fp32" else torch.bfloat16, seconds=args.peak_seconds) for d in dtypes}
     print(f"{machine['gpu'] or machine['cpu'] + ', ' + str(machine['threads']) + ' threads'}, torch {machine['torch']}, "
           f"transformers {machine['transformers']}; batch {args.batch} x {args.seq}, AdamW")
     print("matmul peak: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in peaks.items()))

@@ -6,7 +6,8 @@ The language model: token embedding -> n_layer decoder blocks -> final RMSNorm -
 The layout and parameter names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers.i.
 self_attn.o_proj, mlp.down_proj, norm, lm_head), so a Llama-family checkpoint maps onto it name for
 name, except that q/k/v and gate/up are stacked into one matrix each (qkv_proj, gate_up_proj: one
-large matmul is faster than two or three small ones); checkpoint.py splits and stacks them. Inputs besides the token ids:
+large matmul is faster than two or three small ones); checkpoint.py splits and stacks them.
+Inputs besides the token ids:
   pos   (B, T) position of each token within its conversation (default 0..T-1)
   doc   (B, T) index of each token's conversation within a packed row; attention never crosses
         conversations (the block-causal "document mask"). None: one sequence per row.
