@@ -10,13 +10,15 @@ The same conversations, in the same shuffled order, go through three training lo
 loss over the supervised tokens + backward + AdamW, the loop of bench/train_step.py):
   nanosft packed   full rows (257 tokens; --longtail-max + 1 for longtail) of several whole
                    conversations; attention stays inside each conversation (document mask) and
-                   positions restart (pos), so each one trains as if alone
+                   positions restart (pos), so each one trains as if alone. A batch holds as many
+                   rows as make about the positions of an average padded batch.
   nanosft padded   --batch conversations per batch, right-padded to the longest (decomposes the
                    figure: how much is the model, how much is packing)
   hf padded        the same padded batches through LlamaForCausalLM with its attention_mask and
                    labels = -100 on prompt and padding
-Reported: the share of computed positions that are padding, and real (non-padding) tokens per
-second; padding computes nothing anyone learns from. "default" renders data/train.jsonl (made by
+Before timing, the script checks that nanosft and transformers give the same loss on the first
+padded batch. Reported: the share of computed positions that are padding, the optimizer steps each
+way, and real (non-padding) tokens per second; padding computes nothing anyone learns from. "default" renders data/train.jsonl (made by
 data/generate.py) with a tokenizer trained on it; "longtail" draws lengths from a log-normal with
 median 150 tokens (a few percent over 1,000, capped at --longtail-max), the first 30-70% of each a
 prompt, random ids.
@@ -118,12 +120,18 @@ def epoch(model, fn, opt, batches, bf16):
 def measure(name, samples, args, vocab):
     real = sum(len(ids) - 1 for ids, _ in samples)  # input positions that hold a real token
     padded = padded_batches(samples, args.batch, pad_id=0)
-    pad_frac = 1 - real / sum(b["idx"].numel() for b in padded)
-    rows_per_batch = max(1, args.batch * args.seq // args.row_len)  # about the tokens of a padded batch
+    positions = sum(b["idx"].numel() for b in padded)
+    pad_frac = 1 - real / positions
+    # packed batches compute about as many positions as the padded ones do on average: the same
+    # work and memory per optimizer step, which is what a user sizes a batch by
+    rows_per_batch = max(1, round(positions / len(padded) / (args.row_len - 1)))
     packed, pack_frac = packed_batches(samples, args.row_len, rows_per_batch, pad_id=0)
-    seq = args.row_len
-    ours, hf = build(args.config, seq, vocab=vocab)
-    ours_padded, _ = build(args.config, seq, vocab=vocab)
+    ours, hf = build(args.config, args.row_len, vocab=vocab)
+    ours_padded, _ = build(args.config, args.row_len, vocab=vocab)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+        l0, l1 = step_ours(ours_padded, padded[0]).item(), step_hf(hf, padded[0]).item()
+    if abs(l0 - l1) > (2e-2 if args.dtype == "bf16" else 1e-4) * abs(l1):
+        raise SystemExit(f"{name}: the models disagree on the first padded batch: loss {l0:.6f} vs {l1:.6f}")
     sides = {"nanosft_packed": (ours, step_ours, packed), "nanosft_padded": (ours_padded, step_ours, padded),
              "hf_padded": (hf, step_hf, padded)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _, _) in sides.items()}
@@ -140,6 +148,7 @@ def measure(name, samples, args, vocab):
             "median_len": lengths[len(lengths) // 2], "max_len": lengths[-1],
             "over_1000": sum(n > 1000 for n in lengths), "real_tokens": real,
             "row_len": args.row_len, "rows_per_batch": rows_per_batch, "batch": args.batch,
+            "padded_steps": len(padded), "packed_steps": len(packed), "initial_loss": l0,
             "packed_padding_fraction": pack_frac, "padded_padding_fraction": pad_frac,
             **{f"{k}_tokens_per_s": v for k, v in tps.items()},
             "ratio": tps["nanosft_packed"] / tps["hf_padded"]}
@@ -162,10 +171,10 @@ def main():
     results = []
     for name in args.data.split(","):
         if name == "default":
-            args.row_len, args.seq = 257, 256  # train.py's default rows
+            args.row_len = 257  # train.py's default rows
             samples, vocab = default_samples(args.conversations or 3000, 1024, args.row_len)
         elif name == "longtail":
-            args.row_len, args.seq = args.longtail_max + 1, 256
+            args.row_len = args.longtail_max + 1
             vocab = CONFIGS[args.config][3]
             samples = longtail_samples(args.conversations or 400, vocab, args.row_len, args.seed)
         else:
@@ -175,11 +184,11 @@ def main():
     print(f"model {args.config}, {args.dtype}, {torch.get_num_threads()} threads; real tokens per second "
           "(padding excluded), median of the rounds")
     print(f"\n{'data':9} {'convs':>5} {'median':>6} {'max':>5} {'>1000':>5}  {'padding: packed':>15} {'padded':>7}  "
-          f"{'nanosft packed':>14} {'nanosft padded':>14} {'hf padded':>9}  ratio")
+          f"{'steps: packed':>13} {'padded':>6}  {'nanosft packed':>14} {'nanosft padded':>14} {'hf padded':>9}  ratio")
     for r in results:
         print(f"{r['data']:9} {r['conversations']:5} {r['median_len']:6} {r['max_len']:5} {r['over_1000']:5}  "
               f"{r['packed_padding_fraction']:15.1%} {r['padded_padding_fraction']:7.1%}  "
-              f"{r['nanosft_packed_tokens_per_s']:14,.0f} {r['nanosft_padded_tokens_per_s']:14,.0f} "
+              f"{r['packed_steps']:13} {r['padded_steps']:6}  {r['nanosft_packed_tokens_per_s']:14,.0f} {r['nanosft_padded_tokens_per_s']:14,.0f} "
               f"{r['hf_padded_tokens_per_s']:9,.0f}  {r['ratio']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:

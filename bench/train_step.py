@@ -10,7 +10,9 @@ in which every token is supervised, so both models do exactly the same work. Bot
 same plain PyTorch loop below (no DeepSpeed, no Trainer); bf16 means torch.autocast with fp32
 weights, the usual mixed-precision recipe on either library. The two models alternate in rounds
 within this one process, so a slow moment of the machine hits both; the median round is reported.
-Before timing, the script checks that the two models start from the same loss.
+Before timing, the script checks that the two models start from the same loss. Both are also run
+compiled with torch.compile (nanosft's train.py --compile; --no-compile skips them), and the
+compiled pair is compared with each other.
 
 FLOPs per token follow the usual model-FLOPs convention (PaLM, nanoGPT): 6 per weight of every
 matrix the token passes through (including the LM head, not the embedding lookup), plus
@@ -131,10 +133,11 @@ def compare(name, dtype, args, peak):
         raise SystemExit(f"{name} {dtype}: the models disagree before training: loss {l0:.6f} vs {l1:.6f}")
 
     sides = {"nanosft": (ours, ours_loss), "hf": (hf, hf_loss)}
-    if args.compile:  # the same weights again, compiled (train.py --compile): the first steps compile
-        compiled, _ = build(name, args.seq)
+    if args.compile:  # both again with the same weights, compiled (train.py --compile): the first steps compile
+        compiled, hf_compiled = build(name, args.seq)
         compiled.compile()
-        sides["nanosft_compiled"] = (compiled, ours_loss)
+        hf_compiled.compile()
+        sides.update(nanosft_compiled=(compiled, ours_loss), hf_compiled=(hf_compiled, hf_loss))
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in sides.items()}
     steps = args.steps or STEPS[name]
     warmup_s = {}
@@ -159,9 +162,10 @@ def compare(name, dtype, args, peak):
          "nanosft_gflops": tps["nanosft"] * fpt / 1e9, "hf_gflops": tps["hf"] * fpt / 1e9,
          "mfu": tps["nanosft"] * fpt / peak, "hf_mfu": tps["hf"] * fpt / peak}
     if args.compile:
-        c = tps["nanosft_compiled"]
-        r.update(compiled_tokens_per_s=c, compiled_ratio=c / tps["hf"], compiled_mfu=c * fpt / peak,
-                 compile_and_warmup_s=warmup_s["nanosft_compiled"])
+        c, hc = tps["nanosft_compiled"], tps["hf_compiled"]
+        r.update(compiled_tokens_per_s=c, hf_compiled_tokens_per_s=hc, compiled_ratio=c / hc,
+                 compiled_mfu=c * fpt / peak, hf_compiled_mfu=hc * fpt / peak,
+                 compile_and_warmup_s=warmup_s["nanosft_compiled"], hf_compile_and_warmup_s=warmup_s["hf_compiled"])
     return r
 
 
@@ -174,7 +178,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per model; the median is reported")
     p.add_argument("--steps", type=int, default=0, help="steps per round (default: by config, a few seconds)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="skip the torch.compile'd nanosft model (its first steps compile for a minute or so)")
+                   help="skip the torch.compile'd pair of models (their first steps compile for a while)")
     p.add_argument("--peak-seconds", type=float, default=1.0, help="time per matmul size when measuring the peak")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", default="", help="also write the figures here")
@@ -202,17 +206,20 @@ def main():
     print(f"{machine['gpu'] or machine['cpu'] + ', ' + str(machine['threads']) + ' threads'}, torch {machine['torch']}, "
           f"transformers {machine['transformers']}; batch {args.batch} x {args.seq}, AdamW")
     print("matmul peak: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in peaks.items()))
-    print(f"\n{'config':8} {'dtype':5} {'params':>8} {'nanosft tok/s':>14} {'hf tok/s':>9} {'ratio':>6} "
-          f"{'nanosft GFLOP/s':>16} {'MFU':>5} {'hf MFU':>7}" + ("   compiled tok/s  ratio   MFU" if args.compile else ""))
+    print(f"\n{'':22} {'eager':^45}" + (f"  {'compiled (torch.compile)':^45}" if args.compile else ""))
+    head = f"{'nanosft tok/s':>13} {'hf tok/s':>9} {'ratio':>6} {'MFU':>5} {'hf MFU':>7}"
+    print(f"{'config':8} {'dtype':5} {'params':>7} {head}" + (f"  {head}" if args.compile else ""))
     results = []
     for c in configs:
         for d in dtypes:
             r = compare(c, d, args, peaks[d])
             results.append(r)
-            print(f"{c:8} {d:5} {r['params'] / 1e6:7.1f}M {r['nanosft_tokens_per_s']:14,.0f} "
-                  f"{r['hf_tokens_per_s']:9,.0f} {r['ratio']:5.2f}x {r['nanosft_gflops']:16.1f} "
-                  f"{r['mfu']:5.0%} {r['hf_mfu']:7.0%}" + (f" {r['compiled_tokens_per_s']:16,.0f} {r['compiled_ratio']:5.2f}x "
-                                                          f"{r['compiled_mfu']:5.0%}" if args.compile else ""), flush=True)
+            line = (f"{c:8} {d:5} {r['params'] / 1e6:6.1f}M {r['nanosft_tokens_per_s']:13,.0f} "
+                    f"{r['hf_tokens_per_s']:9,.0f} {r['ratio']:5.2f}x {r['mfu']:5.0%} {r['hf_mfu']:7.0%}")
+            if args.compile:
+                line += (f"  {r['compiled_tokens_per_s']:13,.0f} {r['hf_compiled_tokens_per_s']:9,.0f} "
+                         f"{r['compiled_ratio']:5.2f}x {r['compiled_mfu']:5.0%} {r['hf_compiled_mfu']:7.0%}")
+            print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "matmul_peak_flops": peaks, "results": results}, f, indent=2)

@@ -118,10 +118,15 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
+def fused_rows(cfg: ModelConfig):
+    """Rows of each part of the fused matrices, in stacking order."""
+    return {"self_attn.qkv_proj": [cfg.n_head * cfg.head_dim] + [cfg.n_kv_head * cfg.head_dim] * 2,
+            "mlp.gate_up_proj": [cfg.ffn_hidden] * 2}
+
+
 def split_fused(state, cfg: ModelConfig):
     """nanosft's fused q/k/v and gate/up matrices (and biases) -> Llama's separate ones."""
-    rows = {"self_attn.qkv_proj": [cfg.n_head * cfg.head_dim] + [cfg.n_kv_head * cfg.head_dim] * 2,
-            "mlp.gate_up_proj": [cfg.ffn_hidden] * 2}
+    rows = fused_rows(cfg)
     out = {}
     for name, t in state.items():
         fused = next((f for f in FUSED if f".{f}." in name), None)
@@ -133,16 +138,24 @@ def split_fused(state, cfg: ModelConfig):
     return out
 
 
-def join_fused(state):
-    """The inverse of split_fused: Llama's q/k/v and gate/up matrices stacked into nanosft's."""
+def join_fused(state, cfg: ModelConfig):
+    """The inverse of split_fused: Llama's q/k/v and gate/up matrices stacked into nanosft's. Each
+    part must be there and have its own number of rows (a wrong k and v that add up to the right
+    total would otherwise stack into a matrix of the right shape)."""
     out = dict(state)
+    rows = fused_rows(cfg)
     for fused, parts in FUSED.items():
-        for name in [k for k in state if f".{parts[0]}." in k]:
-            names = [name.replace(parts[0], p) for p in parts]
+        # "layers.3.self_attn.q_proj.weight" -> "layers.3.self_attn.{}.weight", from any part present
+        groups = {name.replace(p, "{}") for name in state for p in parts if f".{p}." in name}
+        for pattern in sorted(groups):
+            names = [pattern.format(p) for p in parts]
             missing = [n for n in names if n not in state]
             if missing:
-                raise ValueError(f"{missing[0]} is missing (it goes with {name})")
-            out[name.replace(parts[0], fused)] = torch.cat([out.pop(n) for n in names])
+                raise ValueError(f"{missing[0]} is missing (it belongs with {', '.join(n for n in names if n in state)})")
+            for n, want in zip(names, rows[fused]):
+                if state[n].shape[0] != want:
+                    raise ValueError(f"{n} has {state[n].shape[0]} rows, config.json implies {want}")
+            out[pattern.format(fused)] = torch.cat([out.pop(n) for n in names])
     return out
 
 
@@ -150,7 +163,7 @@ def hf_state_dict(state, cfg: ModelConfig):
     """nanosft's state dict -> LlamaForCausalLM's names and matrices (the tied LM head left out)."""
     state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in split_fused(state, cfg).items()}
     if cfg.tie_embeddings:
-        del state["lm_head.weight"]  # stored once, as the embedding; the loader re-ties it
+        state.pop("lm_head.weight", None)  # stored once, as the embedding; the loader re-ties it
     return state
 
 
@@ -190,9 +203,12 @@ def load_weights(directory, model):
             raise ValueError(f"{directory}: config.json ties the LM head to the embedding, "
                              "but the file holds a different lm_head.weight")
     try:
-        state = join_fused(state)
+        state = join_fused(state, model.cfg)
+    except ValueError as e:  # a part of a fused matrix missing or of the wrong size
+        raise ValueError(f"{directory}: {e}") from None
+    try:
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except (RuntimeError, ValueError) as e:  # shape mismatches, a missing part of a fused matrix
+    except RuntimeError as e:  # shape mismatches
         raise ValueError(f"{directory}: weights do not match config.json: {e}") from None
     if model.cfg.tie_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]  # the tied head is the embedding

@@ -288,8 +288,9 @@ def measure_memory(engine):
     masters = [p for g in base.param_groups for p in g["params"]] + list(_tensors_in(engine.optimizer, MASTER_ATTRS))
     master = _storages(masters)
     grads = _storages([p.grad for p in module_params + masters] + list(_tensors_in(engine.optimizer, GRAD_ATTRS)))
-    # type(), not isinstance: no properties run; and the subclasses left around are torch.compile's
-    # fake tensors (--compile), which hold no memory and whose data pointer must not be read
+    # type(), not isinstance: no properties run. Tensor subclasses are skipped altogether: the ones
+    # found here are torch.compile's fake tensors (--compile), which hold no memory and whose data
+    # pointer must not be read; nanosft and DeepSpeed keep their data in plain tensors and Parameters
     alive = _storages(o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter))
     kinds = {"optimizer_state": state, "parameters": params, "master_weights": master, "gradients": grads}
     seen = set()

@@ -48,41 +48,46 @@ class LinearCrossEntropy(torch.autograd.Function):
         # matmuls in autocast's dtype when it is on (as nn.Linear would), the softmax in fp32 or better
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         acc = torch.promote_types(dtype, torch.float32)
+        need_h, need_w = need_grad and ctx.needs_input_grad[0], need_grad and ctx.needs_input_grad[1]
         w = weight.to(dtype)
         total = torch.zeros((), dtype=acc, device=h.device)
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grad else None
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
         for i in range(0, h.size(0), chunk):
             hc, tc = h[i:i + chunk].to(dtype), targets[i:i + chunk, None]  # (n, C), (n, 1)
             logp = torch.log_softmax((hc @ w.T).to(acc), dim=-1)  # (n, V) log-probabilities
             total -= logp.gather(1, tc).sum()
-            if need_grad:
+            if need_h or need_w:
                 g = logp.exp_()  # softmax, in place
                 g.scatter_add_(1, tc, torch.full(tc.shape, -1.0, dtype=acc, device=g.device))  # - onehot: d nll / d logits
                 g = g.to(dtype)
-                grad_h[i:i + chunk] = g @ w  # (n, C)
-                grad_w += g.T @ hc  # (V, C), summed over the chunks in fp32 (or better)
-        if need_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+                if need_h:
+                    grad_h[i:i + chunk] = g @ w  # (n, C)
+                if need_w:
+                    grad_w += g.T @ hc  # (V, C), summed over the chunks in fp32 (or better)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_total, grad_w * grad_total, None, None, None
+        return (grad_h * grad_total if grad_h is not None else None,
+                grad_w * grad_total if grad_w is not None else None, None, None, None)
 
 
 # Left out of torch.compile (train.py --compile): the number of supervised rows changes with every
 # batch, so a compiled version would recompile again and again, for a few large matmuls that
 # compilation cannot speed up anyway.
 @torch.compiler.disable
-def linear_masked_nll(h, weight, targets, loss_mask, chunk_elems=1 << 22):
+def linear_masked_nll(h, weight, targets, loss_mask, chunk_elems=1 << 22, min_rows=256):
     """h (B, T, C) final hidden states, weight (V, C) the LM head, targets and loss_mask (B, T)
-    -> (sum of NLL over supervised tokens, their count); equal to masked_nll(h @ weight.T, ...).
-    A chunk holds about chunk_elems logits (16 MiB in fp32)."""
+    -> (sum of NLL over supervised tokens, their count); masked_nll(h @ weight.T, ...) computes the
+    same (rounded to fp32). A chunk holds about chunk_elems logits (16 MiB in fp32), but at least
+    min_rows rows: with a large vocabulary, chunks of a few dozen rows would spend their time
+    re-reading the weight and its gradient instead of multiplying."""
     keep = loss_mask.flatten().bool()  # (B*T,)
     rows = h.flatten(0, 1)[keep]  # (N, C) supervised positions only
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    chunk = max(1, chunk_elems // weight.size(0))
+    chunk = max(min_rows, chunk_elems // weight.size(0))
     total = LinearCrossEntropy.apply(rows, weight, targets.flatten()[keep], chunk, need_grad)
     return total, keep.sum().to(total.dtype)

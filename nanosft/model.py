@@ -62,6 +62,8 @@ class LMHead(nn.Linear):
     def forward(self, x, targets=None, loss_mask=None):
         if targets is None:
             return super().forward(x)
+        if loss_mask is None:  # every target counts
+            loss_mask = torch.ones_like(targets)
         return linear_masked_nll(x, self.weight, targets, loss_mask)
 
 
@@ -118,8 +120,9 @@ class Transformer(nn.Module):
                        self.cfg.head_dim, p.dtype, p.device)
 
     def forward(self, idx, pos=None, doc=None, cache=None, targets=None, loss_mask=None):
-        """-> logits (B, T, vocab_size); with targets and loss_mask (B, T): (sum of NLL over the
-        supervised tokens, their count), as loss.masked_nll would compute it from the logits."""
+        """-> logits (B, T, vocab_size); with targets (B, T): (sum of NLL over the supervised tokens,
+        their count), as loss.masked_nll would compute it from the logits. loss_mask (B, T) says which
+        targets are supervised (default: all)."""
         B, T = idx.shape
         start = cache.len if cache is not None else 0
         if pos is None:

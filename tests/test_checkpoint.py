@@ -114,18 +114,33 @@ def test_a_tied_config_with_a_different_lm_head_in_the_file_is_refused(tmp_path,
         load_base(tmp_path)
 
 
-def test_a_file_missing_one_part_of_a_fused_matrix_is_refused_naming_it(tmp_path, sp_tokenizer):
+@pytest.mark.parametrize("change, complaint", [
+    ("drop v", "layers.1.self_attn.v_proj.weight is missing"),
+    ("drop q", "layers.1.self_attn.q_proj.weight is missing"),  # the first part, too
+    ("drop up", "layers.0.mlp.up_proj.weight is missing"),
+    # k loses a row to v: the stacked matrix would have the right shape, the model would be wrong
+    ("move a row", "layers.0.self_attn.k_proj.weight has 31 rows, config.json implies 32"),
+])
+def test_a_file_with_a_missing_or_misshapen_part_of_a_fused_matrix_is_refused_naming_it(change, complaint, tmp_path,
+                                                                                        sp_tokenizer):
     from nanosft.safetensors import load_file, save_file
-    hf_model("gqa_llama3_rope", tmp_path, sp_tokenizer)
+    hf_model("gqa_llama3_rope", tmp_path, sp_tokenizer)  # 2 kv heads of 16: k and v have 32 rows each
     state = load_file(tmp_path / "model.safetensors")
-    del state["model.layers.1.self_attn.v_proj.weight"]
+    if change == "move a row":
+        k, v = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+        state[k], state[v] = state[k][:-1], torch.cat([state[k][-1:], state[v]])
+    else:
+        name = {"drop v": "layers.1.self_attn.v_proj", "drop q": "layers.1.self_attn.q_proj",
+                "drop up": "layers.0.mlp.up_proj"}[change]
+        del state[f"model.{name}.weight"]
     save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="layers.1.self_attn.v_proj.weight is missing"):
+    with pytest.raises(ValueError, match=complaint):
         load_base(tmp_path)
 
 
-def test_one_sft_step_matches_transformers_loss_and_update(tmp_path, sp_tokenizer):
-    ref = hf_model("gqa_llama3_rope", tmp_path, sp_tokenizer)
+@pytest.mark.parametrize("name", ["gqa_llama3_rope", "gqa_tied"])
+def test_one_sft_step_matches_transformers_loss_and_update(name, tmp_path, sp_tokenizer):
+    ref = hf_model(name, tmp_path, sp_tokenizer)
     ours = load_base(tmp_path).train()
     ref.train()
     g = torch.Generator().manual_seed(2)
