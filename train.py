@@ -17,6 +17,7 @@ The DeepSpeed plumbing (config, optimizer, checkpoints, memory report) is in nan
 import argparse
 import csv
 import hashlib
+import faulthandler
 import importlib.util
 import io
 import json
@@ -600,6 +601,10 @@ def brief(m):
 
 
 if __name__ == "__main__":
+    # A crash in native code (a segfault, or an abort such as "terminate called ...") then prints the
+    # Python stack of every thread on stderr instead of dying silently: with several ranks, the
+    # only clue to which one failed and where.
+    faulthandler.enable(all_threads=True)
     args = parse_args()
     try:
         main(args)
