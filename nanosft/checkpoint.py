@@ -151,7 +151,8 @@ def join_fused(state, cfg: ModelConfig):
             names = [pattern.format(p) for p in parts]
             missing = [n for n in names if n not in state]
             if missing:
-                raise ValueError(f"{missing[0]} is missing (it belongs with {', '.join(n for n in names if n in state)})")
+                present = ", ".join(n for n in names if n in state)
+                raise ValueError(f"{missing[0]} is missing (it belongs with {present})")
             for n, want in zip(names, rows[fused]):
                 if state[n].shape[0] != want:
                     raise ValueError(f"{n} has {state[n].shape[0]} rows, config.json implies {want}")

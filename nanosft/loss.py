@@ -58,8 +58,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             logp = torch.log_softmax((hc @ w.T).to(acc), dim=-1)  # (n, V) log-probabilities
             total -= logp.gather(1, tc).sum()
             if need_h or need_w:
-                g = logp.exp_()  # softmax, in place
-                g.scatter_add_(1, tc, torch.full(tc.shape, -1.0, dtype=acc, device=g.device))  # - onehot: d nll / d logits
+                g = logp.exp_()  # softmax, in place; minus onehot(target) below: d nll / d logits (n, V)
+                g.scatter_add_(1, tc, torch.full(tc.shape, -1.0, dtype=acc, device=g.device))
                 g = g.to(dtype)
                 if need_h:
                     grad_h[i:i + chunk] = g @ w  # (n, C)
