@@ -55,20 +55,6 @@ def hf_generate(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-def hf_twin(model):
-    """LlamaForCausalLM with the weights of our model (transformers is a test/bench dependency)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from nanosft.checkpoint import config_to_hf, hf_state_dict
-    cfg = config_to_hf(model.cfg)
-    cfg.pop("torch_dtype")
-    hf = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
-    missing, unexpected = hf.load_state_dict(hf_state_dict(model.state_dict(), model.cfg), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    hf.tie_weights()
-    return hf.to(model.embed_tokens.weight.device).eval()
-
-
 def timed(method, model, prompt, n, device):
     """-> (ids, seconds to the first token, seconds for all n tokens)"""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -116,7 +102,8 @@ def main():
         model = Transformer(cfg).to(device).eval()
     methods = {"kv_cache": (with_cache, model), "recompute": (recompute, model)}
     if args.hf:
-        methods["hf_generate"] = (hf_generate, (model, hf_twin(model)))
+        from train_step import hf_twin  # transformers: a test and benchmark dependency
+        methods["hf_generate"] = (hf_generate, (model, hf_twin(model).eval()))
     cfg, n = model.cfg, args.new_tokens
 
     print(f"{type(model).__name__}: {model.num_params():,} parameters, dim {cfg.dim}, {cfg.n_layer} layers, "

@@ -18,8 +18,8 @@ loss over the supervised tokens + backward + AdamW, the loop of bench/train_step
                    labels = -100 on prompt and padding
 Before timing, the script checks that nanosft and transformers give the same loss on the first
 padded batch. Reported: the share of computed positions that are padding, the optimizer steps each
-way, and real (non-padding) tokens per second; padding computes nothing anyone learns from. "default" renders data/train.jsonl (made by
-data/generate.py) with a tokenizer trained on it; "longtail" draws lengths from a log-normal with
+way, and real (non-padding) tokens per second; padding computes nothing anyone learns from.
+"default" renders data/train.jsonl (made by data/generate.py) with a tokenizer trained on it; "longtail" draws lengths from a log-normal with
 median 150 tokens (a few percent over 1,000, capped at --longtail-max), the first 30-70% of each a
 prompt, random ids.
 """
@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from nanosft.data import load_conversations, pack, padding_fraction, to_batch, tokenize  # noqa: E402
 from nanosft.template import ChatTemplate  # noqa: E402
 from nanosft.tokenizer import Tokenizer  # noqa: E402
-from train_step import CONFIGS, build  # noqa: E402
+from train_step import CONFIGS, DEVICE, build, check_same_loss, run_steps, sync  # noqa: E402
 
 
 def default_samples(n, vocab_size, max_len):
@@ -105,18 +105,6 @@ def step_hf(model, b):
     return model(input_ids=b["idx"], attention_mask=b["attention_mask"], labels=labels, shift_labels=labels).loss
 
 
-def epoch(model, fn, opt, batches, bf16):
-    """One pass over the batches, an optimizer step each -> seconds."""
-    t0 = time.perf_counter()
-    for b in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = fn(model, b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
-
-
 def measure(name, samples, args, vocab):
     real = sum(len(ids) - 1 for ids, _ in samples)  # input positions that hold a real token
     padded = padded_batches(samples, args.batch, pad_id=0)
@@ -126,22 +114,25 @@ def measure(name, samples, args, vocab):
     # work and memory per optimizer step, which is what a user sizes a batch by
     rows_per_batch = max(1, round(positions / len(padded) / (args.row_len - 1)))
     packed, pack_frac = packed_batches(samples, args.row_len, rows_per_batch, pad_id=0)
+    padded, packed = ([{k: v.to(DEVICE) for k, v in b.items()} for b in bs] for bs in (padded, packed))
     ours, hf = build(args.config, args.row_len, vocab=vocab)
     ours_padded, _ = build(args.config, args.row_len, vocab=vocab)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+    bf16 = args.dtype == "bf16"
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
         l0, l1 = step_ours(ours_padded, padded[0]).item(), step_hf(hf, padded[0]).item()
-    if abs(l0 - l1) > (2e-2 if args.dtype == "bf16" else 1e-4) * abs(l1):
-        raise SystemExit(f"{name}: the models disagree on the first padded batch: loss {l0:.6f} vs {l1:.6f}")
+    check_same_loss(l0, l1, bf16, f"{name}, first padded batch")
     sides = {"nanosft_packed": (ours, step_ours, packed), "nanosft_padded": (ours_padded, step_ours, padded),
              "hf_padded": (hf, step_hf, padded)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _, _) in sides.items()}
-    bf16 = args.dtype == "bf16"
     for k, (m, fn, batches) in sides.items():  # warm-up on a few batches
-        epoch(m, fn, opts[k], batches[:2], bf16)
+        run_steps(m, fn, opts[k], batches, 2, bf16)
     seconds = {k: [] for k in sides}
     for _ in range(args.rounds):  # alternate, so that all see the same machine
-        for k, (m, fn, batches) in sides.items():
-            seconds[k].append(epoch(m, fn, opts[k], batches, bf16))
+        for k, (m, fn, batches) in sides.items():  # one pass over the batches, an optimizer step each
+            sync()
+            t0 = time.perf_counter()
+            run_steps(m, fn, opts[k], batches, len(batches), bf16)
+            seconds[k].append(time.perf_counter() - t0)
     tps = {k: real / statistics.median(s) for k, s in seconds.items()}
     lengths = sorted(len(ids) for ids, _ in samples)
     return {"data": name, "config": args.config, "dtype": args.dtype, "conversations": len(samples),
@@ -188,8 +179,8 @@ def main():
     for r in results:
         print(f"{r['data']:9} {r['conversations']:5} {r['median_len']:6} {r['max_len']:5} {r['over_1000']:5}  "
               f"{r['packed_padding_fraction']:15.1%} {r['padded_padding_fraction']:7.1%}  "
-              f"{r['packed_steps']:13} {r['padded_steps']:6}  {r['nanosft_packed_tokens_per_s']:14,.0f} {r['nanosft_padded_tokens_per_s']:14,.0f} "
-              f"{r['hf_padded_tokens_per_s']:9,.0f}  {r['ratio']:.2f}x")
+              f"{r['packed_steps']:13} {r['padded_steps']:6}  {r['nanosft_packed_tokens_per_s']:14,.0f} "
+              f"{r['nanosft_padded_tokens_per_s']:14,.0f} {r['hf_padded_tokens_per_s']:9,.0f}  {r['ratio']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": torch.get_num_threads(), "results": results}, f, indent=2)

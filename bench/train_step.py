@@ -77,42 +77,54 @@ def flops_per_token(cfg, seq):
     return 6 * matrices + 12 * cfg.n_layer * seq * cfg.n_head * cfg.head_dim
 
 
-def build(name, seq, seed=0, vocab=None):
-    """-> (nanosft model, transformers model) holding the same weights (the same seed gives the same
-    weights again, for the compiled copy)."""
+def hf_twin(model):
+    """transformers' LlamaForCausalLM holding the weights of our model, on its device."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dim, n_layer, n_head, default_vocab = CONFIGS[name]
-    vocab = vocab or default_vocab
-    cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, max_seq_len=seq)
-    torch.manual_seed(seed)
-    ours = Transformer(cfg)
-    hf_cfg = config_to_hf(cfg)
+    hf_cfg = config_to_hf(model.cfg)
     hf_cfg.pop("torch_dtype")
     hf = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
-    missing, unexpected = hf.load_state_dict(hf_state_dict(ours.state_dict(), cfg), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # the head is tied
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model.state_dict(), model.cfg), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # a tied head
     hf.tie_weights()
-    return ours.to(DEVICE).train(), hf.to(DEVICE).train()
+    return hf.to(model.embed_tokens.weight.device)
 
 
-def ours_loss(model, idx, targets):
+def build(name, seq, seed=0, vocab=None):
+    """-> (nanosft model, transformers model) holding the same weights, in training mode on DEVICE
+    (the same seed gives the same weights again, for the compiled copy)."""
+    dim, n_layer, n_head, default_vocab = CONFIGS[name]
+    cfg = ModelConfig(vocab_size=vocab or default_vocab, dim=dim, n_layer=n_layer, n_head=n_head, n_kv_head=n_head,
+                      max_seq_len=seq)
+    torch.manual_seed(seed)
+    ours = Transformer(cfg).to(DEVICE)
+    return ours.train(), hf_twin(ours).train()
+
+
+def check_same_loss(ours, hf, bf16, what):
+    """Stop unless the two models' losses (floats) on the same batch agree: same weights, same maths."""
+    if abs(ours - hf) > (2e-2 if bf16 else 1e-4) * abs(hf):
+        raise SystemExit(f"{what}: the models disagree before training: loss {ours:.6f} vs {hf:.6f}")
+
+
+def ours_loss(model, batch):
+    idx, targets = batch
     total, count = model(idx, targets=targets, loss_mask=torch.ones_like(targets))
     return total / count
 
 
-def hf_loss(model, idx, targets):
+def hf_loss(model, batch):
+    idx, targets = batch
     # shift_labels: the targets are already next tokens; transformers would otherwise shift again
     return model(input_ids=idx, labels=targets, shift_labels=targets).loss
 
 
 def run_steps(model, loss_fn, opt, batches, steps, bf16):
-    """`steps` optimizer steps over the batches in turn -> the losses (floats)."""
+    """`steps` optimizer steps, on the batches in turn, loss_fn(model, batch) each -> the losses (floats)."""
     losses = []
     for i in range(steps):
-        idx, targets = batches[i % len(batches)]
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model, idx, targets)
+            loss = loss_fn(model, batches[i % len(batches)])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -128,9 +140,8 @@ def compare(name, dtype, args, peak):
     rows = [torch.randint(0, vocab, (args.batch, args.seq + 1), generator=g) for _ in range(4)]
     batches = [(r[:, :-1].contiguous().to(DEVICE), r[:, 1:].contiguous().to(DEVICE)) for r in rows]
     with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
-        l0, l1 = ours_loss(ours, *batches[0]).item(), hf_loss(hf, *batches[0]).item()
-    if abs(l0 - l1) > (2e-2 if bf16 else 1e-4) * abs(l1):
-        raise SystemExit(f"{name} {dtype}: the models disagree before training: loss {l0:.6f} vs {l1:.6f}")
+        l0, l1 = ours_loss(ours, batches[0]).item(), hf_loss(hf, batches[0]).item()
+    check_same_loss(l0, l1, bf16, f"{name} {dtype}")
 
     sides = {"nanosft": (ours, ours_loss), "hf": (hf, hf_loss)}
     if args.compile:  # both again with the same weights, compiled (train.py --compile): the first steps compile
