@@ -11,7 +11,9 @@ NPROC  ?=
 # to try ZeRO on a laptop. The launcher passes --local_rank; train.py reads its rank from the env.
 LAUNCH := $(if $(NGPUS),.venv/bin/deepspeed --num_gpus $(NGPUS),$(if $(NPROC),CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu .venv/bin/deepspeed --num_gpus $(NPROC),$(PY)))
 
-.PHONY: install train chat plot evaluate test data clean
+VARIANTS ?=
+
+.PHONY: install train chat plot evaluate compare test data clean
 
 install: .venv/.installed
 
@@ -50,6 +52,11 @@ plot: install
 # make evaluate RUN=runs/NAME [DATA=file]: loss, exact match and BLEU on held-out prompts
 evaluate: install data
 	$(PY) -m nanosft.evaluate --ckpt $(RUN) $(if $(DATA),--data $(DATA))
+
+# make compare VARIANTS="mha gqa window alibi": train each attention variant on the same budget,
+# then a table and runs/compare/compare.png (variants: VARIANTS in nanosft/attention.py)
+compare: install data
+	$(PY) -m nanosft.compare $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(ARGS),-- $(ARGS))
 
 test: install .venv/.test-installed
 	$(PY) -m pytest $(ARGS)

@@ -31,6 +31,7 @@ import deepspeed
 import numpy as np
 import torch
 
+from nanosft.attention import ATTEND, VARIANTS
 from nanosft.checkpoint import load_model, point_latest, save_model, write_json
 from nanosft.data import (Batches, Blend, cache_path, error_list, file_digest, load_conversations, load_documents,
                           load_samples, pack, parse_source, save_samples, shard, split_off, tokenize,
@@ -95,7 +96,10 @@ def build_parser():
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-kv-head", type=int, default=2, help="key/value heads (grouped-query attention)")
-    p.add_argument("--attn-impl", default="sdpa", choices=["sdpa", "manual"])
+    p.add_argument("--attn", default=None, choices=sorted(VARIANTS),
+                   help="an attention variant from nanosft/attention.py's VARIANTS (its fields win over the flags)")
+    p.add_argument("--attn-impl", default="sdpa", choices=sorted(ATTEND),
+                   help="how attention is computed: sdpa (fused) or manual (the explicit math), see attention.py")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each decoder block in the backward pass instead of storing its activations")
     p.add_argument("--compile", action="store_true",
@@ -196,8 +200,12 @@ def resumed_args(args, given):
 def check_args(p, args):
     if args.dim % args.n_head or (args.dim // args.n_head) % 2:
         p.error(f"--dim {args.dim} must split into --n-head {args.n_head} heads of an even size (RoPE rotates pairs)")
-    if args.n_head % args.n_kv_head:
-        p.error(f"--n-head {args.n_head} must be a multiple of --n-kv-head {args.n_kv_head}")
+    n_kv_head = VARIANTS.get(args.attn, {}).get("n_kv_head", args.n_kv_head)
+    if args.n_head % n_kv_head:
+        p.error(f"--n-head {args.n_head} must be a multiple of the {n_kv_head} key/value heads"
+                + (f" of --attn {args.attn}" if args.attn else " of --n-kv-head"))
+    if args.attn and args.init_from:
+        p.error("--attn builds a new model; a model from --init-from keeps the attention it was trained with")
     if min(args.batch_size, args.grad_accum, args.max_seq_len, args.n_layer) < 1 or args.steps < 0:
         p.error("--batch-size, --grad-accum, --max-seq-len and --n-layer must be at least 1, --steps not negative")
     if args.offload == "optimizer" and args.zero_stage == 0:
@@ -435,9 +443,9 @@ def main(args):
     # ---- model and deepspeed
     args.dtype = pick_dtype(args.dtype, device)
     if model is None:
-        model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layer=args.n_layer,
-                                        n_head=args.n_head, n_kv_head=args.n_kv_head,
-                                        max_seq_len=args.max_seq_len, attn_impl=args.attn_impl))
+        fields = dict(vocab_size=tok.vocab_size, dim=args.dim, n_layer=args.n_layer, n_head=args.n_head,
+                      n_kv_head=args.n_kv_head, max_seq_len=args.max_seq_len, attn_impl=args.attn_impl)
+        model = Transformer(ModelConfig(**{**fields, **VARIANTS.get(args.attn, {})}))
     cfg = model.cfg
     if args.max_seq_len > cfg.max_seq_len:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {cfg.max_seq_len} positions")

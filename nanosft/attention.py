@@ -1,24 +1,41 @@
 """
-Causal multi-head self-attention with grouped key/value heads, and the KV cache for generation.
+Causal self-attention, its variants, and the KV cache for generation. This is the one file to edit
+for an attention experiment; docs/attention.md walks through it and adds a variant in three steps.
 
-    x (B, T, C) -> q (B, n_head, T, hd), k and v (B, n_kv_head, T, hd) -> rotate q, k (RoPE)
-      -> [KV cache: append k, v to the keys and values of earlier tokens]
-      -> each query attends over the keys it may see -> (B, T, C) -> output projection
+    x (B, T, C) -> q (B, H, T, hd), k and v (B, H_kv, T, hd)
+      -> [QK-norm] -> [RoPE: rotate q and k by position]
+      -> [KV cache: append k, v after the keys and values of earlier tokens]  (S keys in all)
+      -> scores q.k / sqrt(hd) (B, H, T, S) -> [soft-cap] -> mask (causal, window, ALiBi) -> softmax
+      -> weighted sum of v (B, H, T, hd) -> (B, T, C) -> output projection
 
-n_kv_head <= n_head: with n_kv_head < n_head (grouped-query attention, GQA) each group of
-n_head / n_kv_head query heads shares one key/value head, which shrinks the KV cache by the same
-factor. n_kv_head = 1 is multi-query attention; n_kv_head = n_head is classic multi-head.
+The variants, each a ModelConfig field (VARIANTS at the bottom names the ones that
+`train.py --attn NAME` and `python -m nanosft.compare` know):
+  n_kv_head  key/value heads. n_head: classic multi-head (MHA). Fewer: grouped-query (GQA), where
+             each group of n_head / n_kv_head query heads shares one key/value head, shrinking the
+             KV cache by that factor. 1: multi-query (MQA).
+  window     sliding-window (local) attention: a query sees itself and the window - 1 tokens
+             before it, never further back (Mistral's convention). 0: no limit.
+  pos_emb    how a query learns where keys are. "rope": q and k rotated by their positions
+             (embedding.py), so q.k depends on their distance. "alibi": no rotation; each head
+             subtracts slope * distance from its scores, a different slope per head. "none"
+             (NoPE): nothing; the causal mask alone lets the model infer order.
+  qk_norm    RMSNorm over each head's q and k (learned scale per channel) before the scores, as in
+             Qwen3 and OLMo 2: the scores stay bounded however large the activations grow.
+  softcap    scores squashed smoothly into (-softcap, softcap) by tanh before the softmax, as in
+             Gemma 2. 0: off.
+  attn_impl  the function that turns q, k, v and the mask into the output, a name in ATTEND:
+             "manual", the explicit math (read this one, edit this one), or "sdpa", PyTorch's fused
+             scaled_dot_product_attention. The tests hold the two to the same outputs and
+             gradients. sdpa cannot soft-cap, so with softcap the manual path is used, with a notice.
 
-Two interchangeable ways to compute the attention itself, chosen by `impl`:
-  "manual": the explicit math (scores, mask, softmax, weighted sum); read this one, edit this one.
-  "sdpa":   torch.nn.functional.scaled_dot_product_attention, the fused fast path.
-The tests hold them to the same outputs and gradients.
-
-Which keys a query may see is given by a boolean `mask` (True = may attend), built once per
-forward by model.py and shared by all layers; mask=None means plain causal attention.
+What each query may see is one tensor, `mask`, built once per forward by attention_mask() (model.py
+calls it) and shared by all layers: None for plain causal attention (the fused kernels need no
+tensor for that), a bool (B or 1, 1, T, S) with True = may attend, or with ALiBi a float
+(B or 1, H, T, S) added to the scores: -inf where hidden, -slope * distance elsewhere.
 """
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -27,11 +44,48 @@ import torch.nn.functional as F
 from nanosft.embedding import apply_rotary
 
 
-def causal_mask(T, S, device, offset=0):
-    """(T, S) bool: query i (at absolute position offset + i) may see key j iff j <= offset + i."""
-    q = torch.arange(T, device=device)[:, None] + offset
-    return torch.arange(S, device=device)[None, :] <= q
+# ---- masks: which keys each query sees, and ALiBi's distance penalty
 
+def causal_mask(T, S, device, offset=0, window=0):
+    """(T, S) bool: query i (at absolute position offset + i) may see key j iff j <= offset + i,
+    and, with a window, offset + i - j < window."""
+    q = torch.arange(T, device=device)[:, None] + offset
+    k = torch.arange(S, device=device)[None, :]
+    mask = k <= q
+    if window:
+        mask &= q - k < window
+    return mask
+
+
+def alibi_slopes(n_head):
+    """ALiBi's slope per head: 2^(-8/n), 2^(-16/n), ..., 2^(-8) for n a power of two, so some heads
+    look far back and some only nearby. For other head counts the paper takes the slopes of the
+    largest power of two p below n, then every other slope of 2p heads."""
+    p = 2 ** math.floor(math.log2(n_head))
+    slopes = [2 ** (-8 * (i + 1) / p) for i in range(p)]
+    slopes += [2 ** (-8 * (i + 1) / (2 * p)) for i in range(0, 2 * (n_head - p), 2)]
+    return torch.tensor(slopes)  # (n_head,)
+
+
+def attention_mask(T, S, device, doc=None, window=0, slopes=None):
+    """The mask of one forward: T queries, the last T of S positions (S > T when a KV cache holds
+    the first S - T). doc (B, T): each token's conversation in a packed row; attention never
+    crosses conversations. slopes (H,): ALiBi's. -> None, bool or float mask (see the docstring)."""
+    if doc is None and not window and slopes is None:
+        return None  # plain causal
+    offset = S - T
+    mask = causal_mask(T, S, device, offset, window)[None, None]  # (1, 1, T, S)
+    if doc is not None:
+        assert S == T, "packed rows (doc) are for training; generation uses one sequence"
+        mask = mask & (doc[:, :, None] == doc[:, None, :])[:, None]  # (B, 1, T, T)
+    if slopes is None:
+        return mask
+    distance = (torch.arange(T, device=device)[:, None] + offset - torch.arange(S, device=device)).float()  # (T, S)
+    bias = -slopes.to(device)[:, None, None] * distance  # (H, T, S): far keys count less
+    return torch.where(mask, bias, float("-inf"))  # (B or 1, H, T, S)
+
+
+# ---- the attention computation itself: q, k, v and the mask -> output
 
 def repeat_kv(x, n_head):
     """(B, H_kv, S, hd) -> (B, n_head, S, hd): each key/value head copied for the n_head / H_kv
@@ -39,24 +93,31 @@ def repeat_kv(x, n_head):
     return x.repeat_interleave(n_head // x.size(1), dim=1)
 
 
-def attend_manual(q, k, v, mask=None):
-    """q (B, H, T, hd), k and v (B, H_kv, S, hd), mask broadcastable to (B, H, T, S) -> (B, H, T, hd).
-    Each key/value head serves H / H_kv query heads (grouped-query attention)."""
+def attend_manual(q, k, v, mask=None, softcap=0.0):
+    """q (B, H, T, hd), k and v (B, H_kv, S, hd), mask None, bool or float (see the docstring)
+    -> (B, H, T, hd). Each key/value head serves H / H_kv query heads (grouped-query attention)."""
     k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # (B, H, S, hd)
     T, S = q.size(-2), k.size(-2)
     if mask is None:
         mask = causal_mask(T, S, q.device, offset=S - T)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    # softmax in at least fp32: in bf16 the normalising sum loses precision over long rows
-    weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    weights = weights.to(q.dtype)  # (B, H, T, S), each row sums to 1
+    # from here in at least fp32: in bf16 the softmax's normalising sum, and ALiBi's penalties at
+    # large distances, lose precision
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)  # in (-softcap, softcap); ~unchanged near 0
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask  # -inf where hidden, ALiBi's penalty elsewhere
+    weights = F.softmax(scores, dim=-1).to(q.dtype)  # (B, H, T, S), each row sums to 1
     return weights @ v  # (B, H, T, hd)
 
 
-def attend_sdpa(q, k, v, mask=None):
+def attend_sdpa(q, k, v, mask=None, softcap=0.0):
     """Same contract as attend_manual, through PyTorch's fused kernel. Without a mask the kernel
     reads the grouped key/value heads in place (enable_gqa) instead of copying them per query head."""
+    assert not softcap, "sdpa cannot soft-cap scores; CausalSelfAttention uses the manual path for it"
     T, S = q.size(-2), k.size(-2)
     gqa = q.size(1) != k.size(1)
     if mask is None and T == 1:  # one new token (generation): it sees every key, nothing to mask
@@ -66,11 +127,14 @@ def attend_sdpa(q, k, v, mask=None):
     if mask is None:
         # queries come after cached keys: is_causal would align them to the start, so spell it out
         mask = causal_mask(T, S, q.device, offset=S - T)
+    if mask.is_floating_point():
+        mask = mask.to(q.dtype)  # the kernel wants an additive mask in the dtype of q
     # NOTE: with a mask (packed rows, prefill after a cache), CUDA's memory-efficient kernel does not
     # take grouped heads and enable_gqa would fall back to the slow math kernel: copy them instead
     return F.scaled_dot_product_attention(q, repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1)), attn_mask=mask)
 
 
+# Every function here takes (q, k, v, mask=None, softcap=0.0) and returns (B, H, T, hd).
 ATTEND = {"manual": attend_manual, "sdpa": attend_sdpa}
 
 
@@ -95,27 +159,63 @@ class KVCache:
         return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]  # (B, n_kv_head, t1, hd)
 
 
+NOTICED = set()  # fallbacks already announced: one line per process, not one per layer
+
+
+def pick_impl(impl, softcap):
+    """The ATTEND function to use: `impl`, unless it is the fused kernel and the config soft-caps."""
+    if softcap and impl == "sdpa":
+        if impl not in NOTICED:
+            print(f"attention: {impl} cannot soft-cap scores, using the manual path", file=sys.stderr)
+            NOTICED.add(impl)
+        return "manual"
+    return impl
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim, n_head, n_kv_head, impl="sdpa", head_dim=None, qkv_bias=False, o_bias=False):
+    def __init__(self, cfg):
         super().__init__()
-        head_dim = head_dim or dim // n_head  # usually dim // n_head; some checkpoints differ
-        assert n_head % n_kv_head == 0, f"n_head {n_head} is not a multiple of n_kv_head {n_kv_head}"
-        assert impl in ATTEND, f"impl must be one of {list(ATTEND)}"
-        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
-        self.impl = impl
+        H, H_kv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        assert H % H_kv == 0, f"n_head {H} is not a multiple of n_kv_head {H_kv}"
+        assert cfg.attn_impl in ATTEND, f"attn_impl must be one of {list(ATTEND)}"
+        self.n_head, self.n_kv_head, self.head_dim = H, H_kv, hd
+        self.impl = pick_impl(cfg.attn_impl, cfg.softcap)
+        self.softcap = cfg.softcap
         # One matrix computes q, k and v (their rows stacked in that order): one big matmul instead
         # of three small ones. checkpoint.py splits it into Llama's q_proj/k_proj/v_proj and back.
-        self.qkv_proj = nn.Linear(dim, (n_head + 2 * n_kv_head) * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(n_head * head_dim, dim, bias=o_bias)
+        self.qkv_proj = nn.Linear(cfg.dim, (H + 2 * H_kv) * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * hd, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:  # a learned scale per channel, shared by all heads (Qwen3's q_norm, k_norm)
+            self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        """x (B, T, C); cos, sin (B, 1, T, hd) from the Rotary module, or None without RoPE."""
         B, T, _ = x.shape
         H, H_kv = self.n_head, self.n_kv_head
         qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, self.head_dim).transpose(1, 2)  # (B, H + 2 H_kv, T, hd)
-        qk = apply_rotary(qkv[:, :H + H_kv], cos, sin)  # q and k heads rotated together
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv:]  # (B, H, T, hd), (B, H_kv, T, hd) twice
+        qk, v = qkv[:, :H + H_kv], qkv[:, H + H_kv:]  # q and k heads (B, H + H_kv, T, hd); v (B, H_kv, T, hd)
+        if hasattr(self, "q_norm"):
+            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
+        if cos is not None:
+            qk = apply_rotary(qk, cos, sin)  # q and k heads rotated together
+        q, k = qk[:, :H], qk[:, H:]  # (B, H, T, hd), (B, H_kv, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, hd) with S = cached + T
-        y = ATTEND[self.impl](q, k, v, mask)  # (B, H, T, hd); each kv head serves H / H_kv query heads
+        y = ATTEND[self.impl](q, k, v, mask, self.softcap)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # (B, T, C)
         return self.o_proj(y)
+
+
+# Named variants: ModelConfig fields to set, for `train.py --attn NAME` and `python -m nanosft.compare`.
+# The head counts assume the default 4 heads.
+VARIANTS = {
+    "mha": dict(n_kv_head=4),
+    "gqa": dict(n_kv_head=2),
+    "mqa": dict(n_kv_head=1),
+    "window": dict(window=16),
+    "alibi": dict(pos_emb="alibi"),
+    "nope": dict(pos_emb="none"),
+    "qknorm": dict(qk_norm=True),
+    "softcap": dict(softcap=5.0),
+}

@@ -47,8 +47,7 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = CausalSelfAttention(cfg.dim, cfg.n_head, cfg.n_kv_head, cfg.attn_impl,
-                                             head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias)
+        self.self_attn = CausalSelfAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden)
 

@@ -3,7 +3,8 @@ A model on disk. Every nanosft run directory is a Hugging Face model directory, 
 Llama-family Hugging Face directory can be loaded here: one format in and out.
 
     runs/<name>/
-      config.json         Hugging Face config (LlamaForCausalLM, or Qwen2ForCausalLM for q/k/v biases)
+      config.json         Hugging Face config (LlamaForCausalLM, or Qwen2ForCausalLM for q/k/v biases;
+                          model_type "nanosft" for attention variants Llama cannot describe)
       model.safetensors   the weights (or shards + model.safetensors.index.json when loading)
       tokenizer.model     SentencePiece format, see tokenizer.py
       ds_config.json      the DeepSpeed config the run used          (train.py)
@@ -30,7 +31,14 @@ from nanosft.safetensors import load_sharded, save_file
 from nanosft.tokenizer import Tokenizer
 
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "nanosft")
+# Llama's attention. A model whose attention differs (attention.py's variants) is saved as the
+# Hugging Face type that computes the same (Qwen3: QK-norm; Mistral: a sliding window), or else as
+# model_type "nanosft": transformers refuses to load that, where a Llama config would have it build
+# a model that silently computes something else. nanosft reads its keys back.
+LLAMA_ATTENTION = {"window": 0, "pos_emb": "rope", "qk_norm": False, "softcap": 0.0}
+STANDARD_IMPLS = ("sdpa", "manual")  # two ways to compute the same attention; any other is a variant
+NANOSFT_KEYS = {"pos_emb", "qk_norm", "attn_logit_softcapping", "attn_impl", "qkv_bias", "o_bias"}
 # keys that describe the file, training or generation defaults, not the forward pass
 IGNORED = {"architectures", "model_type", "dtype", "torch_dtype", "transformers_version", "_name_or_path",
            "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
@@ -38,7 +46,7 @@ IGNORED = {"architectures", "model_type", "dtype", "torch_dtype", "transformers_
            "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "id2label",
            "label2id", "layer_types", "embd_pdrop", "resid_pdrop"}
 # keys whose only supported value is the one given (None: absent or null)
-DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768, "nanosft": 2048}
 REQUIRED = {"hidden_act": "silu", "mlp_bias": False, "use_sliding_window": False, "quantization_config": None}
 
 
@@ -65,7 +73,7 @@ def config_from_hf(hf, where="config.json"):
     mapped = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps",
               "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
-              "sliding_window"}
+              "sliding_window"} | (NANOSFT_KEYS if hf["model_type"] == "nanosft" else set())
     unknown = sorted(set(hf) - mapped - IGNORED - set(REQUIRED))
     if unknown:
         raise ValueError(f"{where}: unsupported config keys {unknown}; nanosft would not build the same model")
@@ -74,27 +82,54 @@ def config_from_hf(hf, where="config.json"):
             raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (only {want!r})")
     # an absent key means the defaults of that model type's config class in transformers
     max_pos = hf.get("max_position_embeddings", DEFAULT_MAX_POSITIONS[hf["model_type"]])
-    window = hf.get("sliding_window", 4096) if hf["model_type"] == "mistral" else None
-    if window is not None and window < max_pos:
-        raise ValueError(f"{where}: sliding-window attention (sliding_window={window}) is not supported")
+    window = hf.get("sliding_window", 4096 if hf["model_type"] == "mistral" else None) or 0
+    if hf["model_type"] in ("llama", "qwen2", "qwen3") or window >= max_pos:
+        window = 0  # Llama has none; Qwen's needs use_sliding_window; one as long as the context is none
     theta, scaling = _rope(hf, where)
     qwen2 = hf["model_type"] == "qwen2"  # Qwen2: biases on q/k/v only
+    bias = hf.get("attention_bias", False)
+    variant = dict(qk_norm=True) if hf["model_type"] == "qwen3" else {}
+    if hf["model_type"] == "nanosft":
+        variant = dict(pos_emb=hf.get("pos_emb", "rope"), qk_norm=hf.get("qk_norm", False),
+                       softcap=hf.get("attn_logit_softcapping") or 0.0, attn_impl=hf.get("attn_impl", "sdpa"))
+        bias = False
     n_head = hf["num_attention_heads"]
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head, ffn_hidden=hf["intermediate_size"],
-        max_seq_len=max_pos, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-        rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=hf.get("tie_word_embeddings", False),  # transformers' default: untied
-        qkv_bias=qwen2 or hf.get("attention_bias", False), o_bias=not qwen2 and hf.get("attention_bias", False))
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head, ffn_hidden=hf["intermediate_size"],
+            max_seq_len=max_pos, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+            rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=hf.get("tie_word_embeddings", False),  # transformers' default: untied
+            qkv_bias=hf.get("qkv_bias", qwen2 or bias), o_bias=hf.get("o_bias", not qwen2 and bias),
+            window=window, **variant)
+    except ValueError as e:  # e.g. an attention variant this copy of attention.py does not have
+        raise ValueError(f"{where}: {e}") from None
+
+
+def hf_model_type(cfg: ModelConfig):
+    """The Hugging Face model type that computes what cfg describes ("nanosft" when none does)."""
+    differs = {k for k, v in LLAMA_ATTENTION.items() if getattr(cfg, k) != v}
+    if cfg.attn_impl not in STANDARD_IMPLS:
+        differs.add("attn_impl")
+    if not differs:
+        return "qwen2" if cfg.qkv_bias and not cfg.o_bias else "llama"  # Qwen2: biases on q/k/v only
+    if differs == {"qk_norm"} and cfg.qkv_bias == cfg.o_bias:
+        return "qwen3"
+    if differs == {"window"} and not cfg.qkv_bias and not cfg.o_bias:
+        return "mistral"
+    return "nanosft"
+
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "mistral": "MistralForCausalLM", "nanosft": "NanosftForCausalLM"}
 
 
 def config_to_hf(cfg: ModelConfig, bos_id=None, eos_id=None, dtype="float32"):
     if cfg.qkv_bias != cfg.o_bias and not cfg.qkv_bias:
         raise ValueError("a bias on the output projection alone has no Hugging Face architecture")
-    qwen2 = cfg.qkv_bias and not cfg.o_bias
-    hf = {"architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-          "model_type": "qwen2" if qwen2 else "llama",
+    kind = hf_model_type(cfg)
+    hf = {"architectures": [ARCHITECTURES[kind]], "model_type": kind,
           "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_hidden,
           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
           "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
@@ -102,8 +137,17 @@ def config_to_hf(cfg: ModelConfig, bos_id=None, eos_id=None, dtype="float32"):
           "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
           "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
           "bos_token_id": bos_id, "eos_token_id": eos_id}
-    if not qwen2:
-        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    if kind in ("llama", "qwen3"):
+        hf.update(attention_bias=cfg.qkv_bias)
+    if kind == "llama":
+        hf.update(mlp_bias=False)
+    if kind == "mistral":
+        hf.update(sliding_window=cfg.window)
+    if kind == "nanosft":
+        hf.update(qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, sliding_window=cfg.window or None,
+                  pos_emb=cfg.pos_emb, qk_norm=cfg.qk_norm, attn_logit_softcapping=cfg.softcap or None)
+        if cfg.attn_impl not in STANDARD_IMPLS:
+            hf["attn_impl"] = cfg.attn_impl  # the attention function itself, a name in attention.ATTEND
     return hf
 
 
@@ -236,7 +280,8 @@ def load_model(directory, device="cpu", attn_impl="sdpa"):
     if not os.path.exists(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{os.path.join(directory, 'config.json')} not found")
     cfg = read_config(directory)
-    cfg.attn_impl = attn_impl
+    if cfg.attn_impl in STANDARD_IMPLS:  # a variant's own function stays
+        cfg.attn_impl = attn_impl
     base = load_tokenizer(directory)
     tok = base.with_control_tokens(Tokenizer.CHAT_TOKENS)
     model = Transformer(cfg)

@@ -21,10 +21,13 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from nanosft.attention import KVCache, causal_mask
+from nanosft.attention import ATTEND, KVCache, alibi_slopes, attention_mask
 from nanosft.block import Block, RMSNorm
 from nanosft.embedding import Rotary, TokenEmbedding
 from nanosft.loss import linear_masked_nll
+
+
+POS_EMB = ("rope", "alibi", "none")
 
 
 @dataclass
@@ -44,13 +47,26 @@ class ModelConfig:
     tie_embeddings: bool = True
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2; Llama with attention_bias)
     o_bias: bool = False  # bias on the output projection (Llama with attention_bias)
-    attn_impl: str = "sdpa"  # "sdpa" (fast) or "manual" (explicit math), see attention.py
+    # attention and its variants (attention.py explains each)
+    attn_impl: str = "sdpa"  # "sdpa" (fast) or "manual" (explicit math), or another name in ATTEND
+    window: int = 0  # sliding window: a query sees itself and window - 1 tokens back (0: all)
+    pos_emb: str = "rope"  # "rope", "alibi" or "none"
+    qk_norm: bool = False  # RMSNorm on each head's q and k
+    softcap: float = 0.0  # attention scores squashed into (-softcap, softcap) (0: off)
 
     def __post_init__(self):
         if not self.ffn_hidden:
             self.ffn_hidden = math.ceil(8 * self.dim / 3 / 32) * 32
         if not self.head_dim:
             self.head_dim = self.dim // self.n_head
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.attn_impl not in ATTEND:
+            raise ValueError(f"attn_impl {self.attn_impl!r} is not one of {sorted(ATTEND)} (attention.py's ATTEND)")
+        if self.pos_emb not in POS_EMB:
+            raise ValueError(f"pos_emb {self.pos_emb!r} is not one of {POS_EMB}")
+        if self.window < 0 or self.softcap < 0:
+            raise ValueError(f"window ({self.window}) and softcap ({self.softcap}) must be >= 0")
 
 
 class LMHead(nn.Linear):
@@ -72,7 +88,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.dim)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if cfg.pos_emb == "rope" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = LMHead(cfg.dim, cfg.vocab_size, bias=False)
@@ -127,13 +143,11 @@ class Transformer(nn.Module):
         start = cache.len if cache is not None else 0
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        mask = None  # plain causal
-        if doc is not None:
-            assert cache is None, "packed rows (doc) are for training; generation uses one sequence"
-            same_doc = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
-            mask = (same_doc & causal_mask(T, T, idx.device))[:, None]  # (B, 1, T, T)
+        slopes = alibi_slopes(self.cfg.n_head) if self.cfg.pos_emb == "alibi" else None
+        # what each query may see (conversation, window, ALiBi): None, (B or 1, 1 or H, T, start + T)
+        mask = attention_mask(T, start + T, idx.device, doc, self.cfg.window, slopes)
         x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = self.rotary(pos, x.dtype)  # (B, 1, T, hd) each
+        cos, sin = self.rotary(pos, x.dtype) if self.rotary is not None else (None, None)  # (B, 1, T, hd) each
         for i, block in enumerate(self.layers):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)  # (B, T, C)

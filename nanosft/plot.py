@@ -46,29 +46,34 @@ def smooth(values, weight=0.95):
     return out
 
 
+def curves(run_dir):
+    """-> {"train": [(tokens seen, loss), ...], "val": [...], "lr": [...]}: the run's curves against
+    the tokens seen at each logged step."""
+    s = read_monitor(run_dir)
+    tokens = {0: 0.0, **s.get("Train_tokens", {})}  # step -> tokens seen after it
+    picked = {"train": "Train_loss", "val": "Eval_val_loss", "lr": "Train_lr"}
+    return {k: [(tokens[st], v) for st, v in sorted(s.get(name, {}).items()) if st in tokens]
+            for k, name in picked.items()}
+
+
 def plot_run(run_dir, path=None):
     """Draw loss.png from the run's monitor CSVs; returns its path."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed, none opened
     import matplotlib.pyplot as plt
 
-    s = read_monitor(run_dir)
-    tokens = {0: 0.0, **s.get("Train_tokens", {})}  # step -> tokens seen after it
-    train = sorted(s.get("Train_loss", {}).items())
-    val = sorted((st, v) for st, v in s.get("Eval_val_loss", {}).items() if st in tokens)
-    lr = sorted(s.get("Train_lr", {}).items())
-
+    c = curves(run_dir)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    x = [tokens[st] for st, _ in train]
-    ax.plot(x, [v for _, v in train], lw=0.6, color="tab:blue", alpha=0.35, label="train loss")
-    ax.plot(x, smooth([v for _, v in train]), lw=1.2, color="tab:blue", label="train loss (smoothed)")
-    ax.plot([tokens[st] for st, _ in val], [v for _, v in val], "o-", color="tab:orange", label="validation loss")
+    x, train = [t for t, _ in c["train"]], [v for _, v in c["train"]]
+    ax.plot(x, train, lw=0.6, color="tab:blue", alpha=0.35, label="train loss")
+    ax.plot(x, smooth(train), lw=1.2, color="tab:blue", label="train loss (smoothed)")
+    ax.plot([t for t, _ in c["val"]], [v for _, v in c["val"]], "o-", color="tab:orange", label="validation loss")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats per supervised token)")
     ax.set_yscale("log")  # SFT losses fall by orders of magnitude; a linear axis hides the second half
     ax.grid(True, which="both", alpha=0.3)
     ax2 = ax.twinx()
-    ax2.plot([tokens[st] for st, _ in lr], [v for _, v in lr], color="tab:gray", lw=0.8, ls="--",
+    ax2.plot([t for t, _ in c["lr"]], [v for _, v in c["lr"]], color="tab:gray", lw=0.8, ls="--",
              label="learning rate")
     ax2.set_ylabel("learning rate")
     lines = ax.get_lines() + ax2.get_lines()

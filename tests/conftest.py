@@ -64,7 +64,10 @@ CONFIGS = {
     "gqa_llama3_rope": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=ROPE_LLAMA3),
     "head_dim_32": dict(num_key_value_heads=2, head_dim=32),
     "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=False),  # q/k/v biases, no o_proj bias
+    "qwen3": dict(num_key_value_heads=2, head_dim=16),  # QK-norm (attention.py's qk_norm)
+    "mistral_window": dict(num_key_value_heads=2, sliding_window=8),  # sliding-window attention
 }
+HF_CLASSES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral_window": "Mistral"}  # others: Llama
 
 
 @pytest.fixture(scope="session")
@@ -80,12 +83,12 @@ def sp_tokenizer(tmp_path_factory):
 
 
 def hf_model(name, directory, sp_tokenizer, shard=False, seed=0, dtype=torch.float32):
-    """A random transformers model (LlamaForCausalLM, or Qwen2ForCausalLM for "qwen2") saved as a
+    """A random transformers model (LlamaForCausalLM, or the class HF_CLASSES names) saved as a
     base model directory with a tokenizer.model. Returns it in fp32, holding the saved weights."""
     import transformers
     torch.manual_seed(seed)
-    kind = (transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if name == "qwen2" else \
-        (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    arch = HF_CLASSES.get(name, "Llama")
+    kind = getattr(transformers, arch + "Config"), getattr(transformers, arch + "ForCausalLM")
     cfg = kind[0](vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6, **CONFIGS[name])
     model = kind[1](cfg).eval()

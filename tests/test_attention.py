@@ -1,12 +1,20 @@
 """attention.py promises: the explicit math and the fused SDPA path are the same function (outputs
 and gradients), grouped KV heads are exactly PyTorch's own GQA, attention never looks ahead, and
-decoding through the KV cache reproduces a full forward."""
+decoding through the KV cache reproduces a full forward -- for every variant in VARIANTS. A sliding
+window hides every key beyond it; ALiBi's slopes are the paper's (as transformers' BLOOM computes
+them) and its penalty, the soft-cap and QK-norm are the textbook formulas. (QK-norm and the sliding
+window are also checked against transformers' Qwen3 and Mistral in test_checkpoint.py.)"""
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from nanosft.attention import CausalSelfAttention, attend_manual, attend_sdpa, causal_mask
+from nanosft.attention import (VARIANTS, CausalSelfAttention, alibi_slopes, attend_manual, attend_sdpa,
+                               attention_mask)
 from nanosft.embedding import Rotary
+from nanosft.model import ModelConfig, Transformer
 
 
 def rand_qkv(B=2, H=4, T=9, S=9, hd=16, seed=0):
@@ -14,21 +22,21 @@ def rand_qkv(B=2, H=4, T=9, S=9, hd=16, seed=0):
     return [torch.randn(B, H, n, hd, generator=g, dtype=torch.float64, requires_grad=True) for n in (T, S, S)]
 
 
-def test_manual_attention_equals_sdpa_outputs_and_gradients():
-    for mask_kind in ("causal", "block", "offset"):
-        T, S = (3, 9) if mask_kind == "offset" else (9, 9)
-        q, k, v = rand_qkv(T=T, S=S)
-        mask = None
-        if mask_kind == "block":  # two packed documents: 0..3 and 4..8
-            doc = torch.tensor([0] * 4 + [1] * 5)
-            mask = (doc[:, None] == doc[None, :]) & causal_mask(9, 9, "cpu")
-        out_m = attend_manual(q, k, v, mask)
-        out_s = attend_sdpa(q, k, v, mask)
-        torch.testing.assert_close(out_m, out_s, rtol=1e-10, atol=1e-10)
-        g_m = torch.autograd.grad(out_m.pow(2).sum(), (q, k, v))
-        g_s = torch.autograd.grad(out_s.pow(2).sum(), (q, k, v))
-        for a, b in zip(g_m, g_s):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+@pytest.mark.parametrize("mask_kind", ["causal", "block", "offset", "window", "window_offset", "alibi",
+                                       "alibi_block", "alibi_window_offset"])
+def test_manual_attention_equals_sdpa_outputs_and_gradients(mask_kind):
+    T, S = (3, 9) if "offset" in mask_kind else (9, 9)  # offset: 6 keys cached before the 3 queries
+    q, k, v = rand_qkv(T=T, S=S)
+    doc = torch.tensor([[0] * 4 + [1] * 5] * 2) if "block" in mask_kind else None  # packed: 0..3, 4..8
+    mask = attention_mask(T, S, "cpu", doc, window=3 if "window" in mask_kind else 0,
+                          slopes=alibi_slopes(4).double() if "alibi" in mask_kind else None)
+    out_m = attend_manual(q, k, v, mask)
+    out_s = attend_sdpa(q, k, v, mask)
+    torch.testing.assert_close(out_m, out_s, rtol=1e-10, atol=1e-10)
+    g_m = torch.autograd.grad(out_m.pow(2).sum(), (q, k, v))
+    g_s = torch.autograd.grad(out_s.pow(2).sum(), (q, k, v))
+    for a, b in zip(g_m, g_s):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_manual_attention_equals_the_textbook_formula():
@@ -40,8 +48,8 @@ def test_manual_attention_equals_the_textbook_formula():
 
 def module_pair(n_head=4, n_kv_head=2, dim=32, seed=0):
     torch.manual_seed(seed)
-    a = CausalSelfAttention(dim, n_head, n_kv_head, impl="manual").double()
-    b = CausalSelfAttention(dim, n_head, n_kv_head, impl="sdpa").double()
+    a = CausalSelfAttention(ModelConfig(dim=dim, n_head=n_head, n_kv_head=n_kv_head, attn_impl="manual")).double()
+    b = CausalSelfAttention(ModelConfig(dim=dim, n_head=n_head, n_kv_head=n_kv_head, attn_impl="sdpa")).double()
     b.load_state_dict(a.state_dict())
     return a, b
 
@@ -89,3 +97,117 @@ def test_changing_a_future_token_never_changes_earlier_outputs():
         y2 = impl_module(x2, cos, sin)
         torch.testing.assert_close(y[:, :5], y2[:, :5])
         assert not torch.allclose(y[:, 5:], y2[:, 5:])
+
+
+# ---- the variants, at the level of the whole model (where the mask and positions are built)
+
+def model_of(variant, impl="sdpa", seed=0, n_layer=2):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=97, dim=32, n_layer=n_layer, n_head=4, ffn_hidden=64, max_seq_len=64,
+                      **{"n_kv_head": 2, "attn_impl": impl, **VARIANTS[variant]})  # the variant's fields win
+    model = Transformer(cfg).double().eval()
+    with torch.no_grad():  # random norm scales, so QK-norm's weights matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+    return model
+
+
+def test_softcap_asks_for_the_manual_path_with_a_one_line_notice(capsys):
+    import nanosft.attention
+    nanosft.attention.NOTICED.clear()
+    model = model_of("softcap", impl="sdpa")
+    assert {layer.self_attn.impl for layer in model.layers} == {"manual"}
+    assert capsys.readouterr().err.strip().splitlines() == ["attention: sdpa cannot soft-cap scores, using the manual path"]
+    assert {layer.self_attn.impl for layer in model_of("alibi", impl="sdpa").layers} == {"sdpa"}
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "softcap"])  # sdpa cannot soft-cap
+def test_every_variant_manual_path_equals_sdpa_path_with_packed_rows(variant):
+    manual, sdpa = model_of(variant, "manual"), model_of(variant, "sdpa")
+    manual.train(), sdpa.train()
+    idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    doc = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])  # the first row packs two conversations
+    pos = torch.stack([torch.cat([torch.arange(10), torch.arange(14)]), torch.arange(24)])
+    outs = [m(idx, pos=pos, doc=doc) for m in (manual, sdpa)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    grads = [torch.autograd.grad(o.pow(2).sum(), list(m.parameters())) for o, m in zip(outs, (manual, sdpa))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ["manual", "sdpa"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_never_looks_ahead_and_decodes_through_the_kv_cache_like_a_full_forward(variant, impl):
+    model = model_of(variant, impl)
+    idx = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
+    full = model(idx)  # (2, 30, 97)
+    changed = idx.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % 97
+    after = model(changed)
+    torch.testing.assert_close(after[:, :20], full[:, :20], rtol=0, atol=0)  # earlier positions: untouched
+    assert not torch.allclose(after[:, 20], full[:, 20])
+    cache = model.new_cache(batch=2, max_len=30)
+    pieces = [model(idx[:, :7], cache=cache)]  # prefill 7, then one token at a time, past the window
+    pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 30)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full)
+
+
+@pytest.mark.parametrize("impl", ["manual", "sdpa"])
+def test_a_key_beyond_the_window_never_affects_the_output(impl):
+    window = VARIANTS["window"]["window"]
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(ModelConfig(dim=32, n_head=4, n_kv_head=2, window=window, attn_impl=impl)).double()
+    T = window + 12
+    x = torch.randn(1, T, 32, dtype=torch.float64)
+    cos, sin = rope(1, T, 8)
+    mask = attention_mask(T, T, "cpu", window=window)
+    y = attn(x, cos, sin, mask)
+    j = 5  # change one token: outputs at distance >= window from it must not move, nearer ones must
+    x2 = x.clone()
+    x2[:, j] += 1.0
+    y2 = attn(x2, cos, sin, mask)
+    for i in range(T):
+        moved = not torch.allclose(y[:, i], y2[:, i], rtol=0, atol=0)
+        assert moved == (j <= i < j + window), (i, moved)
+    # through a stack of layers the reach adds up: n_layer * (window - 1) tokens back, no further
+    model = model_of("window", impl, n_layer=2)
+    idx = torch.randint(0, 97, (1, 2 * window + 8), generator=torch.Generator().manual_seed(3))
+    changed = idx.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % 97
+    reach = 2 * (window - 1)
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, reach + 1:], b[:, reach + 1:], rtol=0, atol=0)
+    assert not torch.allclose(a[:, reach], b[:, reach])
+
+
+def test_alibi_slopes_are_those_of_transformers_bloom():
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor  # the reference ALiBi
+    for n_head in (1, 4, 6, 8, 12, 16):
+        alibi = build_alibi_tensor(torch.ones(1, 3), n_head, torch.float64)  # (H, 1, 3): slope * position
+        torch.testing.assert_close(alibi_slopes(n_head).double(), alibi[:, 0, 1])
+
+
+def test_alibi_and_softcap_follow_the_textbook_formulas():
+    q, k, v = rand_qkv(T=6, S=6)
+    scores = q @ k.transpose(-2, -1) / 16 ** 0.5  # (B, H, T, S)
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    future = torch.where(j > i, float("-inf"), 0.0).double()
+    slopes = torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8], dtype=torch.float64)[:, None, None]  # 4 heads
+    alibi = torch.softmax(scores - slopes * (i - j) + future, -1) @ v
+    torch.testing.assert_close(attend_manual(q, k, v, attention_mask(6, 6, "cpu", slopes=alibi_slopes(4))), alibi)
+    capped = torch.softmax(2.0 * torch.tanh(scores / 2.0) + future, -1) @ v
+    torch.testing.assert_close(attend_manual(q, k, v, softcap=2.0), capped)
+    assert not torch.allclose(capped, attend_manual(q, k, v))  # the cap bit: these scores exceed 2
+
+
+def test_qk_norm_gives_each_head_unit_rms_queries_and_keys_before_rotation():
+    cfg = ModelConfig(dim=32, n_head=4, n_kv_head=2, qk_norm=True, pos_emb="none")
+    attn = CausalSelfAttention(cfg).double()
+    seen = {}
+    attn.q_norm.register_forward_hook(lambda m, i, o: seen.update(q=o))
+    attn.k_norm.register_forward_hook(lambda m, i, o: seen.update(k=o))
+    attn(torch.randn(2, 5, 32, dtype=torch.float64) * 100, None, None)  # huge activations
+    for t in seen.values():  # (B, heads, T, hd), weights still ones: each vector has rms 1
+        torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(t.shape[:-1], dtype=torch.float64))
+    assert math.isclose(cfg.norm_eps, attn.q_norm.eps)

@@ -228,14 +228,12 @@ def test_saved_run_loads_back_to_identical_logits_with_tied_weights_shared(tmp_p
     ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "rope scaling type 'yarn' is not supported"),
     ("some_new_knob", 3, "unsupported config keys ['some_new_knob']"),
     ("model_type", "gpt2", "model_type 'gpt2' is not supported"),
-    ("sliding_window", 16, None),  # mistral with a window below the context refuses
+    ("pos_emb", "alibi", "unsupported config keys ['pos_emb']"),  # a nanosft key in a Llama file
 ])
 def test_unsupported_config_fails_loudly_naming_the_key(tmp_path, sp_tokenizer, key, value, complaint):
     hf_model("gqa_tied", tmp_path, sp_tokenizer)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg[key] = value
-    if key == "sliding_window":
-        cfg["model_type"], complaint = "mistral", "sliding-window attention"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="config.json") as e:
         read_config(tmp_path)
@@ -246,11 +244,37 @@ def test_llama_ignores_sliding_window_and_mistral_without_the_key_uses_its_4096_
     hf_model("gqa_tied", tmp_path, sp_tokenizer)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "sliding_window": 16}))
-    assert read_config(tmp_path).n_layer == 2  # llama has no sliding window: the key changes nothing
+    assert read_config(tmp_path).window == 0  # llama has no sliding window: the key changes nothing
     mistral = {**cfg, "model_type": "mistral", "max_position_embeddings": 8192}
     (tmp_path / "config.json").write_text(json.dumps(mistral))
-    with pytest.raises(ValueError, match="sliding_window=4096"):
-        read_config(tmp_path)
+    assert read_config(tmp_path).window == 4096
+    (tmp_path / "config.json").write_text(json.dumps({**mistral, "sliding_window": None}))
+    assert read_config(tmp_path).window == 0
+
+
+@pytest.mark.parametrize("variant, model_type", [
+    (dict(qk_norm=True), "qwen3"), (dict(window=8), "mistral"), (dict(pos_emb="alibi"), "nanosft"),
+    (dict(pos_emb="none", window=4), "nanosft"), (dict(softcap=5.0, qk_norm=True), "nanosft"),
+    (dict(attn_impl="manual"), "llama")])
+def test_attention_variants_save_as_the_architecture_that_computes_them_and_load_back(
+        tmp_path, sp_tokenizer, variant, model_type):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=324, dim=32, n_layer=2, n_head=4, n_kv_head=2, **variant)).eval()
+    tok = Tokenizer.load(str(sp_tokenizer)).with_control_tokens(CHAT_TOKENS)
+    save_model(tmp_path, model.state_dict(), model.cfg, tok)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["model_type"] == model_type
+    loaded = load_base(tmp_path)
+    fields = {k: v for k, v in variant.items() if k != "attn_impl"}  # manual vs sdpa: how, not what
+    assert {k: getattr(loaded.cfg, k) for k in fields} == fields
+    idx = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loaded(idx), model(idx))
+    if model_type != "nanosft":  # transformers computes the same
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(ref(idx).logits, model(idx), rtol=1e-4, atol=1e-4)
+    else:
+        with pytest.raises(ValueError):  # transformers refuses the type instead of building a Llama
+            transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_tokenizer_json_only_directory_gets_a_clear_message(tmp_path, sp_tokenizer):
