@@ -10,7 +10,7 @@ for an attention experiment; docs/attention.md walks through it and adds a varia
 
 The variants, each a ModelConfig field (VARIANTS at the bottom names the ones that
 `train.py --attn NAME` and `python -m nanosft.compare` know):
-  n_kv_head  key/value heads. n_head: classic multi-head (MHA). Fewer: grouped-query (GQA), where
+  n_kv_head  key/value heads. n_head (0 in ModelConfig): classic multi-head (MHA). Fewer: grouped-query (GQA), where
              each group of n_head / n_kv_head query heads shares one key/value head, shrinking the
              KV cache by that factor. 1: multi-query (MQA).
   window     sliding-window (local) attention: a query sees itself and the window - 1 tokens
@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanosft.embedding import apply_rotary
+from nanosft.norm import RMSNorm
 
 
 # ---- masks: which keys each query sees, and ALiBi's distance penalty
@@ -60,7 +61,7 @@ def causal_mask(T, S, device, offset=0, window=0):
 def alibi_slopes(n_head):
     """ALiBi's slope per head: 2^(-8/n), 2^(-16/n), ..., 2^(-8) for n a power of two, so some heads
     look far back and some only nearby. For other head counts the paper takes the slopes of the
-    largest power of two p below n, then every other slope of 2p heads."""
+    largest power of two p at most n, then every other slope of 2p heads."""
     p = 2 ** math.floor(math.log2(n_head))
     slopes = [2 ** (-8 * (i + 1) / p) for i in range(p)]
     slopes += [2 ** (-8 * (i + 1) / (2 * p)) for i in range(0, 2 * (n_head - p), 2)]
@@ -81,7 +82,7 @@ def attention_mask(T, S, device, doc=None, window=0, slopes=None):
     if slopes is None:
         return mask
     distance = (torch.arange(T, device=device)[:, None] + offset - torch.arange(S, device=device)).float()  # (T, S)
-    bias = -slopes.to(device)[:, None, None] * distance  # (H, T, S): far keys count less
+    bias = -slopes.float()[:, None, None] * distance  # (H, T, S): far keys count less
     return torch.where(mask, bias, float("-inf"))  # (B or 1, H, T, S)
 
 
@@ -101,7 +102,7 @@ def attend_manual(q, k, v, mask=None, softcap=0.0):
     if mask is None:
         mask = causal_mask(T, S, q.device, offset=S - T)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
-    # from here in at least fp32: in bf16 the softmax's normalising sum, and ALiBi's penalties at
+    # from here on in at least fp32: in bf16 the softmax's normalising sum, and ALiBi's penalties at
     # large distances, lose precision
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     if softcap:
@@ -128,7 +129,7 @@ def attend_sdpa(q, k, v, mask=None, softcap=0.0):
         # queries come after cached keys: is_causal would align them to the start, so spell it out
         mask = causal_mask(T, S, q.device, offset=S - T)
     if mask.is_floating_point():
-        mask = mask.to(q.dtype)  # the kernel wants an additive mask in the dtype of q
+        mask = mask.to(q.dtype)  # an additive mask in the dtype of q, which every backend accepts
     # NOTE: with a mask (packed rows, prefill after a cache), CUDA's memory-efficient kernel does not
     # take grouped heads and enable_gqa would fall back to the slow math kernel: copy them instead
     return F.scaled_dot_product_attention(q, repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1)), attn_mask=mask)
@@ -163,7 +164,7 @@ NOTICED = set()  # fallbacks already announced: one line per process, not one pe
 
 
 def pick_impl(impl, softcap):
-    """The ATTEND function to use: `impl`, unless it is the fused kernel and the config soft-caps."""
+    """The name in ATTEND to use: `impl`, unless it is the fused kernel and the config soft-caps."""
     if softcap and impl == "sdpa":
         if impl not in NOTICED:
             print(f"attention: {impl} cannot soft-cap scores, using the manual path", file=sys.stderr)
@@ -186,8 +187,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.dim, (H + 2 * H_kv) * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * hd, cfg.dim, bias=cfg.o_bias)
         if cfg.qk_norm:  # a learned scale per channel, shared by all heads (Qwen3's q_norm, k_norm)
-            self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
         """x (B, T, C); cos, sin (B, 1, T, hd) from the Rotary module, or None without RoPE."""
@@ -208,9 +209,9 @@ class CausalSelfAttention(nn.Module):
 
 
 # Named variants: ModelConfig fields to set, for `train.py --attn NAME` and `python -m nanosft.compare`.
-# The head counts assume the default 4 heads.
+# gqa's 2 key/value heads serve pairs of query heads with the default 4 heads.
 VARIANTS = {
-    "mha": dict(n_kv_head=4),
+    "mha": dict(n_kv_head=0),  # 0: as many as the query heads
     "gqa": dict(n_kv_head=2),
     "mqa": dict(n_kv_head=1),
     "window": dict(window=16),

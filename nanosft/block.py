@@ -8,26 +8,11 @@ Normalising the input of each branch (not the residual stream itself) keeps a cl
 from the embedding to the head, which is why deep pre-norm stacks train without warm-up tricks.
 """
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nanosft.attention import CausalSelfAttention
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight. No mean subtraction and no bias, unlike LayerNorm."""
-
-    def __init__(self, dim, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # normalise in fp32: squares of bf16 activations overflow their precision quickly
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+from nanosft.norm import RMSNorm
 
 
 class SwiGLU(nn.Module):

@@ -94,11 +94,12 @@ def config_from_hf(hf, where="config.json"):
                        softcap=hf.get("attn_logit_softcapping") or 0.0, attn_impl=hf.get("attn_impl", "sdpa"))
         bias = False
     n_head = hf["num_attention_heads"]
+    default_head_dim = 128 if hf["model_type"] == "qwen3" else hf["hidden_size"] // n_head  # transformers' defaults
     try:
         return ModelConfig(
             vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
             n_kv_head=hf.get("num_key_value_heads") or n_head, ffn_hidden=hf["intermediate_size"],
-            max_seq_len=max_pos, head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+            max_seq_len=max_pos, head_dim=hf.get("head_dim") or default_head_dim,
             rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_embeddings=hf.get("tie_word_embeddings", False),  # transformers' default: untied
             qkv_bias=hf.get("qkv_bias", qwen2 or bias), o_bias=hf.get("o_bias", not qwen2 and bias),

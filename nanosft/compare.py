@@ -6,7 +6,8 @@ then compare them side by side.
     make compare VARIANTS="mha gqa window alibi"
 
 Each variant is a fresh `train.py --attn NAME` run in runs/compare/<name>/ (its own process, so no
-variant inherits another's threads, memory or compiled kernels), with every other flag the same.
+variant inherits another's threads, memory or compiled kernels), with every other flag the same:
+--steps, --seed and the train.py flags after `--` (paths in them relative to where you are).
 Variants are the names in attention.py's VARIANTS. Afterwards, in runs/compare/:
   compare.png   validation loss (markers) and smoothed training loss of every variant, one chart
   compare.json  per variant: parameters, training tokens/s, final validation loss, exact match per
@@ -28,24 +29,25 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 
 
 def train_variant(name, out, steps, seed, extra):
-    """Run train.py for one variant; its output streams through. -> the run's metrics.json."""
+    """Run train.py for one variant (out: an absolute path); its output streams through. -> the
+    run's metrics.json."""
     run_dir = os.path.join(out, name)
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--attn", name, "--out", run_dir, "--steps", str(steps),
            "--seed", str(seed), "--eval-every", str(max(steps // 5, 1)), "--quiet", "--log-every", "100"] + extra
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-    if subprocess.run(cmd, cwd=HERE).returncode != 0:
+    if subprocess.run(cmd).returncode != 0:
         sys.exit(f"error: the {name!r} run failed (see its output above); the runs before it are in {out}")
     with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
         return json.load(f)
 
 
-def summary(metrics, run_dir):
+def summary(name, metrics, run_dir):
     """The figures compare.json keeps of one run, and its loss curves against tokens seen."""
     c = curves(run_dir)
     return {"params": metrics["params"], "tokens_per_s": metrics["train_tokens_per_s"],
             "val_loss": metrics["val_loss"], "exact_match": metrics["exact_match"], "bleu": metrics["bleu"],
             "steps": metrics["steps"], "tokens": metrics["tokens"], "train_time_s": metrics["train_time_s"],
-            "config": VARIANTS[os.path.basename(run_dir)],
+            "config": VARIANTS[name],
             "curves": {"train": c["train"], "val": c["val"]}}
 
 
@@ -63,6 +65,8 @@ def table(results):
 
 
 def plot(results, path):
+    """compare.png: each variant's smoothed training loss (line) and validation loss (markers) in one
+    colour, against tokens seen, all variants on one log-scale chart."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed, none opened
     import matplotlib.pyplot as plt
@@ -99,12 +103,17 @@ def main(argv=None):
         p.error(f"unknown variant(s) {unknown}: attention.py's VARIANTS has {', '.join(VARIANTS)}")
     if len(set(args.variants)) != len(args.variants):
         p.error("a variant is named twice")
+    fixed = [f for f in ("--attn", "--out", "--steps", "--seed") if any(a.split("=")[0] == f for a in args.train_args)]
+    if fixed:
+        p.error(f"{', '.join(fixed)} after -- would differ from what compare sets and records; "
+                "use compare's own --steps and --seed")
+    args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     results = {}
     for name in args.variants:
         metrics = train_variant(name, args.out, args.steps, args.seed, args.train_args)
-        results[name] = summary(metrics, os.path.join(args.out, name))
+        results[name] = summary(name, metrics, os.path.join(args.out, name))
     with open(os.path.join(args.out, "compare.json"), "w", encoding="utf-8") as f:
         json.dump({"steps": args.steps, "seed": args.seed, "train_args": args.train_args, "variants": results},
                   f, indent=2, ensure_ascii=False)

@@ -22,9 +22,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from nanosft.attention import ATTEND, KVCache, alibi_slopes, attention_mask
-from nanosft.block import Block, RMSNorm
+from nanosft.block import Block
 from nanosft.embedding import Rotary, TokenEmbedding
 from nanosft.loss import linear_masked_nll
+from nanosft.norm import RMSNorm
 
 
 POS_EMB = ("rope", "alibi", "none")
@@ -36,7 +37,7 @@ class ModelConfig:
     dim: int = 128
     n_layer: int = 4
     n_head: int = 4
-    n_kv_head: int = 2
+    n_kv_head: int = 2  # key/value heads (grouped-query attention); 0: as many as n_head
     ffn_hidden: int = 0  # SwiGLU width; 0: 8/3 * dim rounded up to a multiple of 32, which keeps
     #                      the three-matrix MLP at the cost of the classic 4*dim two-matrix one
     max_seq_len: int = 256
@@ -59,6 +60,7 @@ class ModelConfig:
             self.ffn_hidden = math.ceil(8 * self.dim / 3 / 32) * 32
         if not self.head_dim:
             self.head_dim = self.dim // self.n_head
+        self.n_kv_head = self.n_kv_head or self.n_head
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
             raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if self.attn_impl not in ATTEND:
@@ -89,6 +91,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.dim)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if cfg.pos_emb == "rope" else None
+        if cfg.pos_emb == "alibi":  # powers of two: exact in bf16 too; derived, so never saved
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head), persistent=False)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = LMHead(cfg.dim, cfg.vocab_size, bias=False)
@@ -143,8 +147,8 @@ class Transformer(nn.Module):
         start = cache.len if cache is not None else 0
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        slopes = alibi_slopes(self.cfg.n_head) if self.cfg.pos_emb == "alibi" else None
-        # what each query may see (conversation, window, ALiBi): None, (B or 1, 1 or H, T, start + T)
+        slopes = self.alibi_slopes if self.cfg.pos_emb == "alibi" else None  # (H,)
+        # what each query may see (conversation, window, ALiBi): None or (B or 1, 1 or H, T, start + T)
         mask = attention_mask(T, start + T, idx.device, doc, self.cfg.window, slopes)
         x = self.embed_tokens(idx)  # (B, T, C)
         cos, sin = self.rotary(pos, x.dtype) if self.rotary is not None else (None, None)  # (B, 1, T, hd) each

@@ -113,6 +113,11 @@ def model_of(variant, impl="sdpa", seed=0, n_layer=2):
     return model
 
 
+# variants computed both ways; the others fix their own function (softcap: the manual path only)
+TWO_PATHS = [v for v in VARIANTS if "attn_impl" not in VARIANTS[v] and not VARIANTS[v].get("softcap")]
+EACH_PATH = [(v, impl) for v in VARIANTS for impl in (("manual", "sdpa") if v in TWO_PATHS else ("manual",))]
+
+
 def test_softcap_asks_for_the_manual_path_with_a_one_line_notice(capsys):
     import nanosft.attention
     nanosft.attention.NOTICED.clear()
@@ -122,7 +127,7 @@ def test_softcap_asks_for_the_manual_path_with_a_one_line_notice(capsys):
     assert {layer.self_attn.impl for layer in model_of("alibi", impl="sdpa").layers} == {"sdpa"}
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "softcap"])  # sdpa cannot soft-cap
+@pytest.mark.parametrize("variant", TWO_PATHS)
 def test_every_variant_manual_path_equals_sdpa_path_with_packed_rows(variant):
     manual, sdpa = model_of(variant, "manual"), model_of(variant, "sdpa")
     manual.train(), sdpa.train()
@@ -136,8 +141,7 @@ def test_every_variant_manual_path_equals_sdpa_path_with_packed_rows(variant):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("impl", ["manual", "sdpa"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant, impl", EACH_PATH)
 def test_every_variant_never_looks_ahead_and_decodes_through_the_kv_cache_like_a_full_forward(variant, impl):
     model = model_of(variant, impl)
     idx = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
@@ -151,6 +155,33 @@ def test_every_variant_never_looks_ahead_and_decodes_through_the_kv_cache_like_a
     pieces = [model(idx[:, :7], cache=cache)]  # prefill 7, then one token at a time, past the window
     pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 30)]
     torch.testing.assert_close(torch.cat(pieces, 1), full)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_computes_something_no_other_variant_does(variant):
+    """A variant that silently did nothing (a soft-cap never applied, ALiBi without its slopes)
+    would compute what another variant computes: same weights wherever the shapes allow."""
+    idx = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(4))
+    ours = model_of(variant)
+    with torch.no_grad():  # large q/k weights: scores beyond the soft-cap
+        for layer in ours.layers:
+            layer.self_attn.qkv_proj.weight.mul_(4.0)
+    for other in VARIANTS:
+        if other != variant:
+            m = model_of(other)
+            m.load_state_dict({k: v for k, v in ours.state_dict().items()
+                               if k in m.state_dict() and m.state_dict()[k].shape == v.shape}, strict=False)
+            assert not torch.allclose(m(idx), ours(idx), rtol=1e-6, atol=1e-6), other
+
+
+@pytest.mark.parametrize("variant, rotations", [("gqa", 2), ("alibi", 0), ("nope", 0), ("qknorm", 2)])
+def test_only_rope_rotates_queries_and_keys(variant, rotations, monkeypatch):
+    import nanosft.attention
+    calls = []
+    rotate = nanosft.attention.apply_rotary
+    monkeypatch.setattr(nanosft.attention, "apply_rotary", lambda *a: calls.append(1) or rotate(*a))
+    model_of(variant)(torch.randint(0, 97, (1, 8)))
+    assert len(calls) == rotations  # one per layer with RoPE, none otherwise
 
 
 @pytest.mark.parametrize("impl", ["manual", "sdpa"])
@@ -201,13 +232,14 @@ def test_alibi_and_softcap_follow_the_textbook_formulas():
     assert not torch.allclose(capped, attend_manual(q, k, v))  # the cap bit: these scores exceed 2
 
 
-def test_qk_norm_gives_each_head_unit_rms_queries_and_keys_before_rotation():
+def test_qk_norm_gives_each_head_unit_rms_queries_and_keys():  # (before RoPE: the Qwen3 test in test_checkpoint)
     cfg = ModelConfig(dim=32, n_head=4, n_kv_head=2, qk_norm=True, pos_emb="none")
     attn = CausalSelfAttention(cfg).double()
     seen = {}
     attn.q_norm.register_forward_hook(lambda m, i, o: seen.update(q=o))
     attn.k_norm.register_forward_hook(lambda m, i, o: seen.update(k=o))
     attn(torch.randn(2, 5, 32, dtype=torch.float64) * 100, None, None)  # huge activations
+    assert set(seen) == {"q", "k"}
     for t in seen.values():  # (B, heads, T, hd), weights still ones: each vector has rms 1
         torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(t.shape[:-1], dtype=torch.float64))
     assert math.isclose(cfg.norm_eps, attn.q_norm.eps)

@@ -260,6 +260,10 @@ def test_attention_variants_save_as_the_architecture_that_computes_them_and_load
         tmp_path, sp_tokenizer, variant, model_type):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=324, dim=32, n_layer=2, n_head=4, n_kv_head=2, **variant)).eval()
+    with torch.no_grad():  # random norm scales: swapped q_norm/k_norm names would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
     tok = Tokenizer.load(str(sp_tokenizer)).with_control_tokens(CHAT_TOKENS)
     save_model(tmp_path, model.state_dict(), model.cfg, tok)
     hf = json.loads((tmp_path / "config.json").read_text())

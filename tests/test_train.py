@@ -153,7 +153,7 @@ def test_malformed_jsonl_stops_with_file_line_and_reason(tmp_path):
 @pytest.mark.parametrize("flags, complaint", [
     (["--dim", "30"], "--dim 30 must split into --n-head 4 heads"),
     (["--n-kv-head", "3"], "must be a multiple of the 3 key/value heads of --n-kv-head"),
-    (["--n-head", "2", "--dim", "64", "--attn", "mha"], "multiple of the 4 key/value heads of --attn mha"),
+    (["--n-head", "3", "--dim", "48", "--attn", "gqa"], "multiple of the 2 key/value heads of --attn gqa"),
     (["--attn", "alibi", "--init-from", "runs/x"], "--attn builds a new model"),
     (["--batch-size", "0"], "--batch-size"),
     (["--offload", "optimizer"], "--offload optimizer needs --zero-stage 1, 2 or 3"),
