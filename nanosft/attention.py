@@ -10,9 +10,9 @@ for an attention experiment; docs/attention.md walks through it and adds a varia
 
 The variants, each a ModelConfig field (VARIANTS at the bottom names the ones that
 `train.py --attn NAME` and `python -m nanosft.compare` know):
-  n_kv_head  key/value heads. n_head (0 in ModelConfig): classic multi-head (MHA). Fewer: grouped-query (GQA), where
-             each group of n_head / n_kv_head query heads shares one key/value head, shrinking the
-             KV cache by that factor. 1: multi-query (MQA).
+  n_kv_head  key/value heads. n_head (or 0): classic multi-head (MHA). Fewer: grouped-query
+             (GQA), where each group of n_head / n_kv_head query heads shares one key/value head,
+             shrinking the KV cache by that factor. 1: multi-query (MQA).
   window     sliding-window (local) attention: a query sees itself and the window - 1 tokens
              before it, never further back (Mistral's convention). 0: no limit.
   pos_emb    how a query learns where keys are. "rope": q and k rotated by their positions
@@ -82,7 +82,7 @@ def attention_mask(T, S, device, doc=None, window=0, slopes=None):
     if slopes is None:
         return mask
     distance = (torch.arange(T, device=device)[:, None] + offset - torch.arange(S, device=device)).float()  # (T, S)
-    bias = -slopes.float()[:, None, None] * distance  # (H, T, S): far keys count less
+    bias = -slopes.to(device, torch.float32)[:, None, None] * distance  # (H, T, S): far keys count less
     return torch.where(mask, bias, float("-inf"))  # (B or 1, H, T, S)
 
 

@@ -91,8 +91,6 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.dim)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if cfg.pos_emb == "rope" else None
-        if cfg.pos_emb == "alibi":  # powers of two: exact in bf16 too; derived, so never saved
-            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head), persistent=False)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = LMHead(cfg.dim, cfg.vocab_size, bias=False)
@@ -147,7 +145,8 @@ class Transformer(nn.Module):
         start = cache.len if cache is not None else 0
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        slopes = self.alibi_slopes if self.cfg.pos_emb == "alibi" else None  # (H,)
+        # ALiBi's slopes, made here in fp32 rather than kept in a buffer that bf16 training would round
+        slopes = alibi_slopes(self.cfg.n_head) if self.cfg.pos_emb == "alibi" else None  # (H,)
         # what each query may see (conversation, window, ALiBi): None or (B or 1, 1 or H, T, start + T)
         mask = attention_mask(T, start + T, idx.device, doc, self.cfg.window, slopes)
         x = self.embed_tokens(idx)  # (B, T, C)
