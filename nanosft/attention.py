@@ -94,25 +94,36 @@ def repeat_kv(x, n_head):
     return x.repeat_interleave(n_head // x.size(1), dim=1)
 
 
-def attend_manual(q, k, v, mask=None, softcap=0.0):
-    """q (B, H, T, hd), k and v (B, H_kv, S, hd), mask None, bool or float (see the docstring)
-    -> (B, H, T, hd). Each key/value head serves H / H_kv query heads (grouped-query attention)."""
-    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # (B, H, S, hd)
-    T, S = q.size(-2), k.size(-2)
-    if mask is None:
-        mask = causal_mask(T, S, q.device, offset=S - T)
+def attention_scores(q, k, softcap=0.0):
+    """q (B, H, T, hd), k (B, H, S, hd) -> scores (B, H, T, S): how well each query matches each key.
+    In at least fp32 from here on: in bf16 the softmax's normalising sum, and ALiBi's penalties at
+    large distances, lose precision."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
-    # from here on in at least fp32: in bf16 the softmax's normalising sum, and ALiBi's penalties at
-    # large distances, lose precision
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)  # in (-softcap, softcap); ~unchanged near 0
+    return scores
+
+
+def masked_softmax(scores, mask=None):
+    """scores (B, H, T, S) -> weights (B, H, T, S): each query's row sums to 1 over the keys the mask
+    lets it see. mask None: causal, the T queries being the last T of the S positions."""
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = causal_mask(T, S, scores.device, offset=S - T)
     if mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     else:
         scores = scores + mask  # -inf where hidden, ALiBi's penalty elsewhere
-    weights = F.softmax(scores, dim=-1).to(q.dtype)  # (B, H, T, S), each row sums to 1
-    return weights @ v  # (B, H, T, hd)
+    return F.softmax(scores, dim=-1)
+
+
+def attend_manual(q, k, v, mask=None, softcap=0.0):
+    """q (B, H, T, hd), k and v (B, H_kv, S, hd), mask None, bool or float (see the docstring)
+    -> (B, H, T, hd). Each key/value head serves H / H_kv query heads (grouped-query attention)."""
+    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # (B, H, S, hd)
+    weights = masked_softmax(attention_scores(q, k, softcap), mask)  # (B, H, T, S)
+    return weights.to(q.dtype) @ v  # (B, H, T, hd)
 
 
 def attend_sdpa(q, k, v, mask=None, softcap=0.0):

@@ -106,10 +106,9 @@ def model_of(variant, impl="sdpa", seed=0, n_layer=2):
     cfg = ModelConfig(vocab_size=97, dim=32, n_layer=n_layer, n_head=4, ffn_hidden=64, max_seq_len=64,
                       **{"n_kv_head": 2, "attn_impl": impl, **VARIANTS[variant]})  # the variant's fields win
     model = Transformer(cfg).double().eval()
-    with torch.no_grad():  # random norm scales, so QK-norm's weights matter
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
+    with torch.no_grad():  # every weight moved off its initial value, so weights that start neutral
+        for p in model.parameters():  # (norm scales of one, a variant's identity matrix) still matter
+            p.add_(torch.randn_like(p), alpha=0.05)
     return model
 
 
