@@ -3,8 +3,9 @@ A model on disk. Every nanosft run directory is a Hugging Face model directory, 
 Llama-family Hugging Face directory can be loaded here: one format in and out.
 
     runs/<name>/
-      config.json         Hugging Face config (LlamaForCausalLM, or Qwen2ForCausalLM for q/k/v biases;
-                          model_type "nanosft" for attention variants Llama cannot describe)
+      config.json         Hugging Face config: LlamaForCausalLM, or Qwen2 (q/k/v biases), Qwen3
+                          (QK-norm), Mistral (sliding window), or model_type "nanosft" for
+                          attention variants no Hugging Face architecture computes
       model.safetensors   the weights (or shards + model.safetensors.index.json when loading)
       tokenizer.model     SentencePiece format, see tokenizer.py
       ds_config.json      the DeepSpeed config the run used          (train.py)
@@ -45,8 +46,8 @@ IGNORED = {"architectures", "model_type", "dtype", "torch_dtype", "transformers_
            "attention_dropout", "pretraining_tp", "max_window_layers", "tokenizer_class", "return_dict",
            "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "id2label",
            "label2id", "layer_types", "embd_pdrop", "resid_pdrop"}
-# keys whose only supported value is the one given (None: absent or null)
 DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768, "nanosft": 2048}
+# keys whose only supported value is the one given (None: absent or null)
 REQUIRED = {"hidden_act": "silu", "mlp_bias": False, "use_sliding_window": False, "quantization_config": None}
 
 
