@@ -198,11 +198,12 @@ def resumed_args(args, given):
 
 
 def check_args(p, args):
-    rope = VARIANTS.get(args.attn, {}).get("pos_emb", "rope") == "rope"
+    variant = VARIANTS.get(args.attn, {})  # its fields win over the flags
+    rope = variant.get("pos_emb", "rope") == "rope"
     if args.dim % args.n_head or (rope and (args.dim // args.n_head) % 2):
         p.error(f"--dim {args.dim} must split into --n-head {args.n_head} heads"
                 + (" of an even size (RoPE rotates pairs)" if rope else ""))
-    n_kv_head = VARIANTS.get(args.attn, {}).get("n_kv_head", args.n_kv_head) or args.n_head
+    n_kv_head = variant.get("n_kv_head", args.n_kv_head) or args.n_head
     if args.n_head % n_kv_head:
         p.error(f"--n-head {args.n_head} must be a multiple of the {n_kv_head} key/value heads"
                 + (f" of --attn {args.attn}" if args.attn else " of --n-kv-head"))

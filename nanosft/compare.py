@@ -10,9 +10,10 @@ variant inherits another's threads, memory or compiled kernels), with every othe
 --steps, --seed and the train.py flags after `--` (paths in them relative to where you are).
 Variants are the names in attention.py's VARIANTS. Afterwards, in runs/compare/:
   compare.png   validation loss (markers) and smoothed training loss of every variant, one chart
-  compare.json  per variant: parameters, training tokens/s, final validation loss, exact match per
-                family on the held-out prompts, steps and tokens
-and the same figures as a table on stdout. Rerunning a variant replaces its run directory.
+  compare.json  per variant: parameters, training tokens/s, final validation loss and perplexity,
+                exact match per family on the held-out prompts and BLEU, steps and tokens
+and the same figures as a table on stdout (evaluate.py's table, one column per variant). Rerunning
+a variant replaces its run directory.
 """
 
 import argparse
@@ -23,6 +24,7 @@ import sys
 import time
 
 from nanosft.attention import VARIANTS
+from nanosft.evaluate import table
 from nanosft.plot import curves, smooth
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py is there
@@ -45,23 +47,11 @@ def summary(name, metrics, run_dir):
     """The figures compare.json keeps of one run, and its loss curves against tokens seen."""
     c = curves(run_dir)
     return {"params": metrics["params"], "tokens_per_s": metrics["train_tokens_per_s"],
-            "val_loss": metrics["val_loss"], "exact_match": metrics["exact_match"], "bleu": metrics["bleu"],
+            "val_loss": metrics["val_loss"], "val_ppl": metrics["val_ppl"], "exact_match": metrics["exact_match"],
+            "bleu": metrics["bleu"],
             "steps": metrics["steps"], "tokens": metrics["tokens"], "train_time_s": metrics["train_time_s"],
             "config": VARIANTS[name],
             "curves": {"train": c["train"], "val": c["val"]}}
-
-
-def table(results):
-    """{variant: summary} -> a text table, one column per variant."""
-    names = list(results)
-    families = sorted({f for r in results.values() for f in r["exact_match"]} - {"overall"}) + ["overall"]
-    rows = [("params", lambda r: f"{r['params']:,}"), ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
-            ("val loss", lambda r: f"{r['val_loss']:.4f}")]
-    rows += [(f"exact match {f}", lambda r, f=f: f"{r['exact_match'].get(f, float('nan')):.1%}") for f in families]
-    width = max(12, *(len(n) + 2 for n in names))
-    lines = [f"{'':<20}" + "".join(f"{n:>{width}}" for n in names)]
-    lines += [f"{label:<20}" + "".join(f"{cell(results[n]):>{width}}" for n in names) for label, cell in rows]
-    return "\n".join(lines)
 
 
 def plot(results, path):

@@ -123,20 +123,23 @@ def as_conversations(records):
 # reporting: the before/after table and sample conversations
 
 def table(columns):
-    """columns: {"label": metrics dict, ...} -> a text table, one row per number."""
+    """columns: {"label": metrics dict, ...} -> a text table, one row per number (a row no column
+    has is left out: params and tokens/s only appear in compare.py's table)."""
     names = list(columns)
-    rows = [("val loss", "val_loss", "{:.4f}"), ("val ppl", "val_ppl", "{:.3f}"), ("BLEU", "bleu", "{:.2f}")]
+    rows = [("params", "params", "{:,}"), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("val loss", "val_loss", "{:.4f}"),
+            ("val ppl", "val_ppl", "{:.3f}"), ("BLEU", "bleu", "{:.2f}")]
     families = sorted({f for m in columns.values() for f in m.get("exact_match", {})} - {"overall"})
     rows += [(f"exact match {f}", ("exact_match", f), "{:.1%}") for f in families + ["overall"]]
 
     def cell(m, key, fmt):
         v = m.get(key[0], {}).get(key[1]) if isinstance(key, tuple) else m.get(key)
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
-    lines = [f"{'':22}" + "".join(f"{n:>12}" for n in names)]
+    width = max(12, *(len(n) + 2 for n in names))  # long labels (compare's variant names) still line up
+    lines = [f"{'':22}" + "".join(f"{n:>{width}}" for n in names)]
     for label, key, fmt in rows:
         cells = [cell(columns[n], key, fmt) for n in names]
         if any(c != "-" for c in cells):
-            lines.append(f"{label:22}" + "".join(f"{c:>12}" for c in cells))
+            lines.append(f"{label:22}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
 
