@@ -155,9 +155,10 @@ class KVCache:
     The model appends to it layer by layer, then advances `len` once per forward."""
 
     def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype, device):
-        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, n_kv_head, max_len, head_dim)  # one tensor per layer: a list lookup is
+        # cheaper than slicing a layer out of one big tensor, twice per layer at every token
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.len = 0  # tokens already cached
         self.max_len = max_len
 
@@ -166,9 +167,10 @@ class KVCache:
         t0, t1 = self.len, self.len + k.size(2)
         if t1 > self.max_len:
             raise ValueError(f"KV cache full: {t1} tokens > max_len {self.max_len}")
-        self.k[layer, :, :, t0:t1] = k
-        self.v[layer, :, :, t0:t1] = v
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]  # (B, n_kv_head, t1, hd)
+        K, V = self.k[layer], self.v[layer]
+        K[:, :, t0:t1] = k
+        V[:, :, t0:t1] = v
+        return K[:, :, :t1], V[:, :, :t1]  # (B, n_kv_head, t1, hd)
 
 
 NOTICED = set()  # fallbacks already announced: one line per process, not one per layer

@@ -46,9 +46,9 @@ class Rotary(nn.Module):
 
     def forward(self, pos, dtype):
         """pos (B, T) int -> cos, sin each (B, 1, T, head_dim), ready to broadcast over heads."""
-        angles = pos.to(torch.float32)[..., None] * self.inv_freq.float()  # (B, T, head_dim/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (B, T, head_dim)
-        return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+        angles = pos[:, None, :, None] * self.inv_freq.float()  # (B, 1, T, head_dim/2), fp32 (int * fp32)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, 1, T, head_dim)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rotate_half(x):
