@@ -8,6 +8,8 @@ Llama-family Hugging Face directory can be loaded here: one format in and out.
                           attention variants no Hugging Face architecture computes
       model.safetensors   the weights (or shards + model.safetensors.index.json when loading)
       tokenizer.model     SentencePiece format, see tokenizer.py
+      tokenizer_config.json  special tokens and the chat template, for Hugging Face tokenizers
+      generation_config.json  the end tokens
       ds_config.json      the DeepSpeed config the run used          (train.py)
       monitor/            DeepSpeed's CSV monitor, one row per step    (train.py)
       metrics.json        validation loss/perplexity, exact match, speed (train.py)
@@ -29,6 +31,7 @@ import torch
 
 from nanosft.model import ModelConfig, Transformer
 from nanosft.safetensors import load_sharded, save_file
+from nanosft.template import JINJA
 from nanosft.tokenizer import Tokenizer
 
 
@@ -215,8 +218,8 @@ def hf_state_dict(state, cfg: ModelConfig):
 
 
 def save_model(directory, state, cfg: ModelConfig, tok: Tokenizer):
-    """Write config.json, model.safetensors and tokenizer.model: a directory that transformers'
-    AutoModelForCausalLM.from_pretrained and this module's load_model both read."""
+    """Write config.json, model.safetensors and the tokenizer files: a directory that transformers'
+    AutoModelForCausalLM / AutoTokenizer.from_pretrained and this module's load_model all read."""
     os.makedirs(directory, exist_ok=True)
     state = hf_state_dict(state, cfg)
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})  # atomic
@@ -227,6 +230,19 @@ def save_model(directory, state, cfg: ModelConfig, tok: Tokenizer):
     write_json(os.path.join(directory, "config.json"), config_to_hf(cfg, bos, eos, dtype))
     write_json(os.path.join(directory, "generation_config.json"), {"bos_token_id": bos, "eos_token_id": eos})
     tok.save(os.path.join(directory, "tokenizer.model"))
+    write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_config(tok, cfg.max_seq_len))
+
+
+def tokenizer_config(tok: Tokenizer, max_len):
+    """What Hugging Face tokenizers read beside tokenizer.model: the special tokens, that encoding
+    text starts with <s> (as in Llama), and the chat template."""
+    special = {name: tok.id_to_piece(i) for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id),
+                                                         ("unk_token", tok.unk_id), ("pad_token", tok.pad_id)) if i >= 0}
+    # no "tokenizer_class": transformers then builds its tokenizer from tokenizer.model and
+    # config.json, and that one splits text as sentencepiece does (LlamaTokenizer's own rules differ
+    # for text after a special token that starts with a space)
+    return {**special, "add_bos_token": tok.bos_id >= 0, "add_eos_token": False, "model_max_length": max_len,
+            "chat_template": JINJA}
 
 
 def read_config(directory):

@@ -4,8 +4,9 @@ converters):
 
     python -m nanosft.export runs/latest exported/      # a nanosft run, or any directory load_model reads
 
-writes config.json, model.safetensors and tokenizer.model; transformers'
-AutoModelForCausalLM.from_pretrained("exported/") then loads the very same model. (Except for an
+writes config.json, model.safetensors, tokenizer.model, and tokenizer_config.json with the chat
+template; transformers' AutoModelForCausalLM.from_pretrained("exported/") then loads the very same
+model, and AutoTokenizer's apply_chat_template prompts it as chat.py does. (Except for an
 attention variant no Hugging Face architecture computes, ALiBi or soft-capping for example: its
 config.json says model_type "nanosft", which transformers refuses rather than build another model.)
 """

@@ -17,6 +17,20 @@ chat.py (prompts ending in "<|assistant|>").
 ROLES = ("system", "user", "assistant")
 TRAIN_ON = ("all-assistant", "last-assistant")
 
+# The same rendering as a Jinja template, the form a Hugging Face tokenizer carries it in
+# (tokenizer_config.json's "chat_template"; checkpoint.py writes it there), so that other tools
+# prompt an exported model exactly as nanosft does: apply_chat_template(messages,
+# add_generation_prompt=True) gives render_prompt's ids (tests/test_checkpoint.py holds them equal).
+# Each content is tokenized on its own there too, as the markers around it are special tokens.
+JINJA = ("{%- if bos_token %}{{ bos_token }}{% endif -%}"
+         "{%- for message in messages -%}"
+         "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+         "{{ raise_exception('the roles are system, user and assistant, not ' + message['role']) }}"
+         "{%- endif -%}"
+         "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+         "{%- endfor -%}"
+         "{%- if add_generation_prompt %}{{ '<|assistant|>' }}{% endif -%}")
+
 
 class ChatTemplate:
     def __init__(self, tokenizer):

@@ -15,6 +15,7 @@ from nanosft.checkpoint import hf_state_dict, load_model, load_weights, point_la
 from nanosft.generate import generate
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
+from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
 CHAT_TOKENS = Tokenizer.CHAT_TOKENS
@@ -205,6 +206,36 @@ def test_export_cli_writes_a_directory_transformers_loads(tmp_path, sp_tokenizer
     idx = torch.randint(0, 324, (1, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(logits_of(ref, idx), logits_of(ours, idx), rtol=1e-4, atol=1e-4)
+
+
+CONVERSATIONS = [  # roles, multi-turn, Chinese, emoji, newlines, leading and doubled spaces
+    [{"role": "user", "content": "the number 12 is even"}],
+    [{"role": "system", "content": "You are terse. 😀"}, {"role": "user", "content": "two  spaces\n\nand a line"},
+     {"role": "assistant", "content": "你好 odd\n"}, {"role": "user", "content": " is 7 odd?"}],
+    [{"role": "user", "content": "我的名字是小明。"}, {"role": "assistant", "content": " 你好，小明 "},
+     {"role": "user", "content": "我叫什么名字？"}],
+]
+
+
+@pytest.mark.parametrize("base", ["sentencepiece", "nanosft"])
+def test_saved_tokenizer_applies_the_chat_template_in_transformers_as_nanosft_does(tmp_path, sp_tokenizer, base):
+    """tokenizer_config.json carries the chat template (template.py's JINJA): transformers'
+    AutoTokenizer prompts the model with the very ids chat.py does, and trains on the same."""
+    tok = (Tokenizer.load(sp_tokenizer) if base == "sentencepiece" else
+           Tokenizer.train(["the number 12 is even", "你好，小明。我叫什么名字？", "You are terse."] * 20, vocab_size=300))
+    tok = tok.with_control_tokens(Tokenizer.CHAT_TOKENS)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=1, n_head=2, n_kv_head=1)
+    save_model(tmp_path, Transformer(cfg).state_dict(), cfg, tok)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    template = ChatTemplate(tok)
+    for messages in CONVERSATIONS:
+        assert ref.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == template.render_prompt(messages)
+        whole = messages + [{"role": "assistant", "content": "My name is 小明."}]
+        assert ref.apply_chat_template(whole)["input_ids"] == template.render(whole)[0]
+    assert ref("the number 7")["input_ids"] == [tok.bos_id] + tok.encode("the number 7")  # <s> first, as Llama
+    assert (ref.bos_token, ref.eos_token) == ("<s>", "</s>")
+    with pytest.raises(Exception, match="roles are system, user and assistant, not tool"):
+        ref.apply_chat_template([{"role": "tool", "content": "42"}])
 
 
 def test_saved_run_loads_back_to_identical_logits_with_tied_weights_shared(tmp_path):
