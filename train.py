@@ -369,24 +369,50 @@ def record_memory(engine, args, n_params, world, run_dir, show=print0):
 
 
 def trim_monitor(engine, run_dir, upto, samples_per_step):
-    """A resumed run recomputes the steps after its checkpoint: cut the monitor's CSVs back to
-    steps 0..upto (DeepSpeed's own Train/Samples files count samples, not steps). Each file is
-    replaced atomically, so a kill now cannot lose the rows kept."""
+    """A resumed run recomputes the steps after its checkpoint: cut the monitor's CSVs (and
+    TensorBoard's events) back to steps 0..upto (DeepSpeed's own Train/Samples series count
+    samples, not steps). Each CSV is replaced atomically, so a kill now cannot lose the rows kept."""
     if not is_rank0():  # the monitor writes on rank 0 only
         return
+    def limit(name):  # "Train_Samples_lr" in the CSVs, "Train/Samples/lr" in TensorBoard
+        return upto * samples_per_step if name.replace("/", "_").startswith("Train_Samples_") else upto
     folder = os.path.join(run_dir, MONITOR_DIR)
     names = [n for n in os.listdir(folder) if n.endswith(".csv")] if os.path.isdir(folder) else []
     for name in names:
-        limit = upto * samples_per_step if name.startswith("Train_Samples_") else upto
         with open(os.path.join(folder, name), newline="") as f:
             rows = list(csv.reader(f))
         text = io.StringIO()
-        csv.writer(text).writerows(rows[:1] + [r for r in rows[1:] if len(r) == 2 and row_step(r) <= limit])
+        csv.writer(text).writerows(rows[:1] + [r for r in rows[1:] if len(r) == 2 and row_step(r) <= limit(name)])
         write_text_atomic(os.path.join(folder, name), text.getvalue())
     # NOTE: DeepSpeed's csv monitor writes a header the first time a process writes to a file, and
     # remembers which in `filenames`; these files have theirs already
     if engine.monitor.csv_monitor is not None:
         engine.monitor.csv_monitor.filenames += [n[:-4] for n in names]
+    tb = engine.monitor.tb_monitor
+    if tb is not None and tb.summary_writer is not None:
+        tb.summary_writer = trim_tensorboard(tb.summary_writer, limit)
+
+
+def trim_tensorboard(writer, limit):
+    """TensorBoard's event files cannot be cut in place: copy the events to keep (step <= limit(tag))
+    into a new writer's file, then delete the old files. A kill in between leaves events twice,
+    never loses one. -> the new writer."""
+    # (as written: the plain loader would turn the scalars into tensors on the way)
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader  # with --tensorboard
+    from torch.utils.tensorboard import SummaryWriter
+    folder = writer.get_logdir()
+    writer.close()
+    old = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith("events.out.tfevents.")]
+    writer = SummaryWriter(log_dir=folder)
+    for path in old:
+        for event in LegacyEventFileLoader(path).Load():
+            values = event.summary.value
+            if values and event.step <= limit(values[0].tag):  # one scalar per event, as the monitor writes them
+                writer.file_writer.add_event(event, step=event.step, walltime=event.wall_time)
+    writer.flush()
+    for path in old:
+        os.remove(path)
+    return writer
 
 
 def row_step(row):

@@ -236,7 +236,7 @@ def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_pat
     batch = ["--batch-size", "4", "--grad-accum", "2"] if nproc == 1 else ["--batch-size", "2", "--grad-accum", "2"]
     flags = ["--data", str(tiny_data / "train.jsonl"), "--val-data", str(tiny_data / "val.jsonl"), "--eval-data", "",
              "--steps", "50", "--dtype", "fp32", "--zero-stage", zero, "--save-every", "8", "--log-every", "1",
-             *ZERO_TINY, *batch]
+             "--tensorboard", *ZERO_TINY, *batch]
     whole = tmp_path / "whole"
     r = run(train_command(nproc, *flags, "--out", str(whole)))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -260,6 +260,13 @@ def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_pat
     for name in ("Train_loss", "Train_lr", "Train_tokens", "Train_Samples_lr", "Eval_val_loss"):
         want, got = ((d / "monitor" / f"{name}.csv").read_text() for d in (whole, killed))
         assert got == want, name  # every step once (one header), each loss to the last printed digit
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    want, got = (EventAccumulator(str(d / "tensorboard")).Reload() for d in (whole, killed))
+    assert sorted(got.Tags()["scalars"]) == sorted(want.Tags()["scalars"])
+    for name in want.Tags()["scalars"]:  # TensorBoard's events too: every step once, the same values
+        timing = name in ("Train/tokens_per_s", "Train/elapsed_s")  # (clock readings differ)
+        assert ([(e.step, None if timing else e.value) for e in got.Scalars(name)] ==
+                [(e.step, None if timing else e.value) for e in want.Scalars(name)]), name
     a, b = load_model(whole)[0].state_dict(), load_model(killed)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     m = json.loads((killed / "metrics.json").read_text())
