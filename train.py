@@ -603,7 +603,7 @@ def main(args):
         samples = pick_samples(evals, {k: v for k, v in replies.items() if v is not None}) if evals else []
         metrics = {"val_loss": after.get("val_loss", float("nan")), "val_ppl": after.get("val_ppl", float("nan")),
                    "val_loss_before": before.get("val_loss", float("nan")), "exact_match": after.get("exact_match", {}),
-                   "bleu": after.get("bleu"), "before": before, "after": after, "samples": samples,
+                   "bleu": after.get("bleu"), "bleu_tokenize": after.get("bleu_tokenize"), "before": before, "after": after, "samples": samples,
                    "train_tokens_per_s": (tokens - tokens_at_start) / train_time,
                    "wall_time_s": time.time() - t_start, "train_time_s": train_time, "steps": total_steps,
                    "skipped_steps": engine.skipped_steps, "tokens": tokens, "supervised_tokens": sup_tokens,

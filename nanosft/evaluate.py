@@ -8,7 +8,8 @@ Evaluation: did the model learn? Two kinds of numbers.
     which would let a batch with 3 supervised tokens weigh as much as one with 300.
   Generation metrics: greedy replies to held-out prompts against their reference answers:
       exact_match  the share of replies equal to the reference (stripped), per family and overall
-      bleu         corpus BLEU of the replies against the references, 0-100 (bleu.py)
+      bleu         corpus BLEU of the replies against the references, 0-100 (bleu.py), with
+                   sacrebleu's 13a tokenization, or its 'zh' one when a reference contains Chinese
 
 train.py evaluates the model at step 0 and after training (and the loss every --eval-every
 steps), and prints the before/after table and a few sample conversations that this file formats.
@@ -29,7 +30,7 @@ from collections import defaultdict
 
 import torch
 
-from nanosft.bleu import corpus_bleu
+from nanosft.bleu import corpus_bleu, pick_tokenizer
 from nanosft.checkpoint import load_model
 from nanosft.data import check_conversation, check_prompt, pack, read_file, to_batch, tokenize
 from nanosft.formats import FormatError, to_messages
@@ -90,7 +91,8 @@ def load_held_out(path, fmt="auto"):
 @torch.no_grad()
 def generation_metrics(model, template, records, max_new_tokens=None):
     """Greedy replies to held-out prompts, scored against the references ->
-    ({"exact_match": {family: share, ..., "overall": share}, "bleu": 0-100}, replies in order).
+    ({"exact_match": {family: share, ..., "overall": share}, "bleu": 0-100, "bleu_tokenize": "13a" or
+    "zh"}, replies in order).
     A prompt too long for the model's context gets the reply None: a miss, never a crash. Replies
     stop at max_new_tokens, by default 16 tokens past the longest reference (a reply that long
     cannot match any more; BLEU counts what it said up to there). No records: NaN, not 0."""
@@ -110,8 +112,10 @@ def generation_metrics(model, template, records, max_new_tokens=None):
         hits[fam] += int(out is not None and out.strip() == r["answer"].strip())
     em = {f: hits[f] / totals[f] for f in sorted(totals)}
     em["overall"] = sum(hits.values()) / sum(totals.values())
-    bleu = corpus_bleu([out or "" for out in replies], [r["answer"] for r in records])
-    return {"exact_match": em, "bleu": bleu}, replies
+    references = [r["answer"] for r in records]
+    tokenize = pick_tokenizer(references)
+    bleu = corpus_bleu([out or "" for out in replies], references, tokenize)
+    return {"exact_match": em, "bleu": bleu, "bleu_tokenize": tokenize}, replies
 
 
 def as_conversations(records):

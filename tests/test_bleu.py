@@ -1,15 +1,17 @@
 """bleu.py promises: corpus_bleu is sacrebleu's default corpus BLEU (`sacrebleu.corpus_bleu(hyps, [refs])
 .score`: 13a tokenization, clipped n-gram counts summed over the corpus, brevity penalty on total
 lengths, 'exp' smoothing, 0 when an order has no n-grams), and tokenize_13a is sacrebleu's 13a
-tokenizer, token for token, on any string. Mismatched hypothesis/reference lists are an error."""
+tokenizer, token for token, on any string. With tokenize="zh" it is sacrebleu's Chinese BLEU, and
+pick_tokenizer chooses that for Chinese references. Mismatched hypothesis/reference lists are an error."""
 
 import random
 
 import pytest
 import sacrebleu
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
 
-from nanosft.bleu import corpus_bleu, tokenize_13a
+from nanosft.bleu import corpus_bleu, pick_tokenizer, tokenize_13a, tokenize_zh
 
 WORDS = ("the cat sat on mat a dog ran fast and slow it's don't U.S. e.g. 3.5 1,000 2.0.1 -5 1990-2000 "
          "well-known state-of-the-art \"quoted\" 'single' (paren) [x] {y} 50% $5 a/b x+y <b> "
@@ -154,3 +156,41 @@ def test_tokenize_13a_matches_sacrebleu_on_random_strings():
     for _ in range(3000):
         text = random_text(rng)
         assert tokenize_13a(text) == tok(text).split(), repr(text)
+
+
+# ---- Chinese: sacrebleu's 'zh' tokenization, chosen when a reference contains Chinese
+
+def test_tokenize_zh_matches_sacrebleu_on_random_strings_and_every_character():
+    rng, tok = random.Random(1), TokenizerZh()
+    for _ in range(3000):
+        text = random_text(rng)
+        assert tokenize_zh(text) == tok(text).split(), repr(text)
+    # each character between two letters, all of the first three planes: the split set is exact
+    chars = (chr(c) for c in range(0x20, 0x30000) if not 0xD800 <= c <= 0xDFFF)
+    assert [c for c in chars if tokenize_zh(f"a{c}b") != tok(f"a{c}b").split()] == []
+
+
+def chinese_corpus(seed, noise, n=250):
+    """Chinese sentences (no spaces between words), some with English, digits and punctuation mixed in."""
+    rng = random.Random(seed)
+    words = ("我们", "今天", "天气", "很好", "你好", "世界", "名字", "小明", "学习", "中文", "，", "。", "？",
+             "“", "”", "—", "3.5", "GPU", "ok")
+    refs = ["".join(rng.choice(words) for _ in range(rng.randint(2, 20))) for _ in range(n)]
+    hyps = ["".join(w if rng.random() > noise else rng.choice(words) for w in rng.sample(r, len(r)) if rng.random() > noise / 3)
+            if rng.random() < 0.8 else r for r in refs]
+    return hyps, refs
+
+
+@pytest.mark.parametrize("seed,noise", [(0, 0.1), (1, 0.4)])
+def test_chinese_corpora_match_sacrebleu_zh(seed, noise):
+    hyps, refs = chinese_corpus(seed, noise)
+    ref = sacrebleu.corpus_bleu(hyps, [refs], tokenize="zh")
+    assert 0 < ref.score < 100
+    assert abs(corpus_bleu(hyps, refs, tokenize="zh") - ref.score) <= 1e-9
+
+
+def test_pick_tokenizer_takes_zh_for_chinese_references_where_13a_sees_whole_sentences():
+    hyps, refs = chinese_corpus(2, 0.2)
+    assert pick_tokenizer(refs) == "zh" and pick_tokenizer(["plain English.", "“quoted” — text"]) == "13a"
+    # 13a finds almost no n-grams in text without spaces: only replies equal to the reference score
+    assert corpus_bleu(hyps, refs, "zh") > corpus_bleu(hyps, refs, "13a") + 20

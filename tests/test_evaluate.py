@@ -79,6 +79,7 @@ def test_generation_metrics_are_exact_match_per_family_and_corpus_bleu(tiny_run)
         mine = [(out, r) for out, r in zip(replies, records) if r["family"] == fam]
         assert scores["exact_match"][fam] == sum((o or "").strip() == r["answer"] for o, r in mine) / len(mine)
     assert scores["bleu"] == corpus_bleu([o or "" for o in replies], [r["answer"] for r in records])
+    assert scores["bleu_tokenize"] == "13a"  # no Chinese in the references
 
     # a reference answer that is the model's own reply is a hit; a prompt too long for the context a miss
     fixed = [dict(r, answer=o.strip(), family="own") for r, o in zip(records[:3], replies)]
