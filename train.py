@@ -395,19 +395,20 @@ def trim_monitor(engine, run_dir, upto, samples_per_step):
 
 def trim_tensorboard(writer, limit):
     """TensorBoard's event files cannot be cut in place: copy the events to keep (step <= limit(tag))
-    into a new writer's file, then delete the old files. A kill in between leaves events twice,
-    never loses one. -> the new writer."""
+    into a new writer's file, then delete the old files. A kill in between leaves the kept events in
+    two files, never in none; the next resume copies each (tag, step) once. -> the new writer."""
     # (as written: the plain loader would turn the scalars into tensors on the way)
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader  # with --tensorboard
     from torch.utils.tensorboard import SummaryWriter
     folder = writer.get_logdir()
     writer.close()
     old = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith("events.out.tfevents.")]
-    writer = SummaryWriter(log_dir=folder)
+    writer, copied = SummaryWriter(log_dir=folder), set()
     for path in old:
         for event in LegacyEventFileLoader(path).Load():
-            values = event.summary.value
-            if values and event.step <= limit(values[0].tag):  # one scalar per event, as the monitor writes them
+            values = event.summary.value  # one scalar per event, as the monitor writes them
+            if values and event.step <= limit(values[0].tag) and (values[0].tag, event.step) not in copied:
+                copied.add((values[0].tag, event.step))
                 writer.file_writer.add_event(event, step=event.step, walltime=event.wall_time)
     writer.flush()
     for path in old:

@@ -260,6 +260,28 @@ def test_resume_reads_args_json_and_fills_in_settings_it_lacks(tmp_path):
     assert args.packing == "on" and args.train_on == "all-assistant"  # the defaults of what it does not say
 
 
+def test_trim_tensorboard_keeps_each_event_up_to_the_checkpoint_once(tmp_path):
+    """What a resume does to TensorBoard's logs (the SIGKILL test in test_zero.py runs it for real):
+    here the folder also holds a copy left by a resume killed halfway through an earlier trim."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+    from train import trim_tensorboard
+    for _ in range(2):  # two files with the same events
+        w = SummaryWriter(log_dir=str(tmp_path))
+        for step in range(1, 11):
+            w.add_scalar("Train/loss", 1.0 / step, step)
+            w.add_scalar("Train/Samples/lr", 0.1 * step, 8 * step)  # counted in samples, 8 a step
+        w.close()
+    w = SummaryWriter(log_dir=str(tmp_path))  # the writer DeepSpeed opened for the resumed run
+    w = trim_tensorboard(w, lambda tag: 6 * 8 if "Samples" in tag else 6)  # back to step 6
+    w.add_scalar("Train/loss", 0.5, 7)  # the resumed run goes on
+    w.close()
+    assert len(os.listdir(tmp_path)) == 1
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("Train/loss")] == [(s, pytest.approx(1 / s)) for s in range(1, 7)] + [(7, 0.5)]
+    assert [e.step for e in events.Scalars("Train/Samples/lr")] == [8 * s for s in range(1, 7)]
+
+
 def test_tensorboard_flag_and_quiet_log(tiny_run, tmp_path):
     data_dir, _ = tiny_run
     out = tmp_path / "tb"
