@@ -388,8 +388,9 @@ def trim_monitor(engine, run_dir, upto, samples_per_step):
     # remembers which in `filenames`; these files have theirs already
     if engine.monitor.csv_monitor is not None:
         engine.monitor.csv_monitor.filenames += [n[:-4] for n in names]
-    tb = engine.monitor.tb_monitor
-    if tb is not None and tb.summary_writer is not None:
+    tb = engine.monitor.tb_monitor  # (a TensorBoard section of --ds-config may log elsewhere: not ours to cut)
+    if tb is not None and tb.summary_writer is not None and \
+            os.path.abspath(tb.summary_writer.get_logdir()) == os.path.abspath(os.path.join(run_dir, "tensorboard")):
         tb.summary_writer = trim_tensorboard(tb.summary_writer, limit)
 
 
@@ -411,6 +412,10 @@ def trim_tensorboard(writer, limit):
                 copied.add((values[0].tag, event.step))
                 writer.file_writer.add_event(event, step=event.step, walltime=event.wall_time)
     writer.flush()
+    for name in os.listdir(folder):  # the new file on disk before the old ones go
+        if os.path.join(folder, name) not in old:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
     for path in old:
         os.remove(path)
     return writer

@@ -75,7 +75,8 @@ TOKENIZERS = {"13a": tokenize_13a, "zh": tokenize_zh}
 
 
 def pick_tokenizer(references):
-    """'zh' when any reference contains a Chinese character, else sacrebleu's default '13a'."""
+    """'zh' when any reference contains a Han character (Chinese, or Japanese kanji), else
+    sacrebleu's default '13a'."""
     return "zh" if any(HAN.search(r) for r in references) else "13a"
 
 

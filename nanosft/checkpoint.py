@@ -230,19 +230,25 @@ def save_model(directory, state, cfg: ModelConfig, tok: Tokenizer):
     write_json(os.path.join(directory, "config.json"), config_to_hf(cfg, bos, eos, dtype))
     write_json(os.path.join(directory, "generation_config.json"), {"bos_token_id": bos, "eos_token_id": eos})
     tok.save(os.path.join(directory, "tokenizer.model"))
-    write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_config(tok, cfg.max_seq_len))
+    write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_config(tok, cfg))
 
 
-def tokenizer_config(tok: Tokenizer, max_len):
+def tokenizer_config(tok: Tokenizer, cfg: ModelConfig):
     """What Hugging Face tokenizers read beside tokenizer.model: the special tokens, that encoding
     text starts with <s> (as in Llama), and the chat template."""
+    pad = tok.pad_id if tok.pad_id >= 0 else tok.unk_id  # what the chat template pads with
     special = {name: tok.id_to_piece(i) for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id),
-                                                         ("unk_token", tok.unk_id), ("pad_token", tok.pad_id)) if i >= 0}
-    # no "tokenizer_class": transformers then builds its tokenizer from tokenizer.model and
-    # config.json, and that one splits text as sentencepiece does (LlamaTokenizer's own rules differ
-    # for text after a special token that starts with a space)
-    return {**special, "add_bos_token": tok.bos_id >= 0, "add_eos_token": False, "model_max_length": max_len,
-            "chat_template": JINJA}
+                                                         ("unk_token", tok.unk_id), ("pad_token", pad)) if i >= 0}
+    out = {**special, "add_bos_token": tok.bos_id >= 0, "add_eos_token": False, "model_max_length": cfg.max_seq_len,
+           "chat_template": JINJA}
+    # Without a "tokenizer_class", transformers builds its tokenizer from tokenizer.model and splits
+    # text as sentencepiece does ("LlamaTokenizer" would not, for text that starts with a space after
+    # a special token). Except that for Qwen model types it picks Qwen's byte-level tokenizer: there,
+    # name the generic class, which also reads tokenizer.model. NOTE: transformers 5 overrides that
+    # for "qwen2" (q/k/v biases only); load such a tokenizer with PreTrainedTokenizerFast itself.
+    if hf_model_type(cfg) in ("qwen2", "qwen3"):
+        out["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return out
 
 
 def read_config(directory):

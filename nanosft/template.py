@@ -22,6 +22,8 @@ TRAIN_ON = ("all-assistant", "last-assistant")
 # prompt an exported model exactly as nanosft does: apply_chat_template(messages,
 # add_generation_prompt=True) gives render_prompt's ids (tests/test_checkpoint.py holds them equal).
 # Each content is tokenized on its own there too, as the markers around it are special tokens.
+# NOTE: one difference remains, in the nature of a template that renders text: a content that spells
+# a marker ("<|end|>") becomes that marker there, where nanosft's template keeps it plain text.
 JINJA = ("{%- if bos_token %}{{ bos_token }}{% endif -%}"
          "{%- for message in messages -%}"
          "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"

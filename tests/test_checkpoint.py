@@ -217,23 +217,32 @@ CONVERSATIONS = [  # roles, multi-turn, Chinese, emoji, newlines, leading and do
 ]
 
 
-@pytest.mark.parametrize("base", ["sentencepiece", "nanosft"])
-def test_saved_tokenizer_applies_the_chat_template_in_transformers_as_nanosft_does(tmp_path, sp_tokenizer, base):
+@pytest.mark.parametrize("base, model_type", [("sentencepiece", "llama"), ("nanosft", "llama"), ("sentencepiece", "qwen2"),
+                                              ("sentencepiece", "qwen3"), ("sentencepiece", "mistral"),
+                                              ("sentencepiece", "nanosft")])
+def test_saved_tokenizer_applies_the_chat_template_in_transformers_as_nanosft_does(tmp_path, sp_tokenizer, base, model_type):
     """tokenizer_config.json carries the chat template (template.py's JINJA): transformers'
-    AutoTokenizer prompts the model with the very ids chat.py does, and trains on the same."""
+    AutoTokenizer prompts the model with the very ids chat.py does, and trains on the same, whatever
+    model type the directory is saved as."""
     tok = (Tokenizer.load(sp_tokenizer) if base == "sentencepiece" else
            Tokenizer.train(["the number 12 is even", "你好，小明。我叫什么名字？", "You are terse."] * 20, vocab_size=300))
     tok = tok.with_control_tokens(Tokenizer.CHAT_TOKENS)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=1, n_head=2, n_kv_head=1)
+    variant = {"llama": {}, "qwen2": dict(qkv_bias=True), "qwen3": dict(qk_norm=True), "mistral": dict(window=8),
+               "nanosft": dict(pos_emb="alibi")}[model_type]
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=1, n_head=2, n_kv_head=1, **variant)
     save_model(tmp_path, Transformer(cfg).state_dict(), cfg, tok)
-    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
+    # (for "qwen2", AutoTokenizer insists on Qwen's own byte-level tokenizer: checkpoint.py's NOTE)
+    loader = transformers.PreTrainedTokenizerFast if model_type == "qwen2" else transformers.AutoTokenizer
+    ref = loader.from_pretrained(tmp_path)
     template = ChatTemplate(tok)
     for messages in CONVERSATIONS:
         assert ref.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == template.render_prompt(messages)
         whole = messages + [{"role": "assistant", "content": "My name is 小明."}]
         assert ref.apply_chat_template(whole)["input_ids"] == template.render(whole)[0]
     assert ref("the number 7")["input_ids"] == [tok.bos_id] + tok.encode("the number 7")  # <s> first, as Llama
-    assert (ref.bos_token, ref.eos_token) == ("<s>", "</s>")
+    assert (ref.bos_token, ref.eos_token) == ("<s>", "</s>") and len(ref) == tok.vocab_size
+    assert ref.pad_token_id == template.pad  # <pad>, or <unk> where the tokenizer has none, as nanosft pads
     with pytest.raises(Exception, match="roles are system, user and assistant, not tool"):
         ref.apply_chat_template([{"role": "tool", "content": "42"}])
 

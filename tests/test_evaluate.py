@@ -87,6 +87,12 @@ def test_generation_metrics_are_exact_match_per_family_and_corpus_bleu(tiny_run)
     scores, replies = generation_metrics(model, template, fixed + [too_long], max_new_tokens=16)
     assert scores["exact_match"] == {"long": 0.0, "own": 1.0, "overall": 0.75} and replies[-1] is None
 
+    # Chinese references are scored with sacrebleu's zh tokenization, a token per character
+    chinese = [dict(r, answer="你好，我叫小明。") for r in records[:4]]
+    scores, replies = generation_metrics(model, template, chinese, max_new_tokens=16)
+    assert scores["bleu_tokenize"] == "zh"
+    assert scores["bleu"] == corpus_bleu([o or "" for o in replies], [r["answer"] for r in chinese], "zh")
+
 
 def test_held_out_prompts_come_from_eval_records_or_any_conversation_format(tmp_path):
     path = tmp_path / "held.jsonl"

@@ -282,6 +282,22 @@ def test_trim_tensorboard_keeps_each_event_up_to_the_checkpoint_once(tmp_path):
     assert [e.step for e in events.Scalars("Train/Samples/lr")] == [8 * s for s in range(1, 7)]
 
 
+def test_resume_leaves_tensorboard_logs_outside_the_run_alone(tmp_path):
+    """A TensorBoard section in --ds-config may write to a folder other runs share: not cut."""
+    from types import SimpleNamespace
+    from torch.utils.tensorboard import SummaryWriter
+    from train import trim_monitor
+    w = SummaryWriter(log_dir=str(tmp_path / "shared"))
+    w.add_scalar("Other/loss", 1.0, 100)
+    w.flush()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "shared").iterdir()}
+    engine = SimpleNamespace(monitor=SimpleNamespace(csv_monitor=None, tb_monitor=SimpleNamespace(summary_writer=w)))
+    trim_monitor(engine, str(tmp_path / "run"), upto=6, samples_per_step=8)
+    assert engine.monitor.tb_monitor.summary_writer is w
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shared").iterdir()} == before
+    w.close()
+
+
 def test_tensorboard_flag_and_quiet_log(tiny_run, tmp_path):
     data_dir, _ = tiny_run
     out = tmp_path / "tb"
