@@ -26,6 +26,7 @@ train.py writes runs and loads `--init-from`; chat.py, evaluate.py and export.py
 
 import json
 import os
+import sys
 
 import torch
 
@@ -223,6 +224,7 @@ def save_model(directory, state, cfg: ModelConfig, tok: Tokenizer):
     os.makedirs(directory, exist_ok=True)
     state = hf_state_dict(state, cfg)
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})  # atomic
+    remove_shards(directory)
     # generation ends at the chat template's <|end|> as well as at </s>
     eos = [tok.token_id("<|end|>")] + ([tok.eos_id] if tok.eos_id >= 0 else [])
     bos = tok.bos_id if tok.bos_id >= 0 else None
@@ -231,6 +233,24 @@ def save_model(directory, state, cfg: ModelConfig, tok: Tokenizer):
     write_json(os.path.join(directory, "generation_config.json"), {"bos_token_id": bos, "eos_token_id": eos})
     tok.save(os.path.join(directory, "tokenizer.model"))
     write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_config(tok, cfg))
+
+
+def remove_shards(directory):
+    """A sharded checkpoint saved here before (an index and the shards it names) is stale next to
+    the model.safetensors just written: other tools could read either. Remove it."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return
+    try:
+        with open(index, encoding="utf-8") as f:
+            shards = set(json.load(f).get("weight_map", {}).values())
+    except (ValueError, AttributeError):
+        shards = set()  # not an index we can read: the index alone goes
+    for shard in shards:
+        path = os.path.join(directory, os.path.basename(str(shard)))
+        if path.endswith(".safetensors") and os.path.basename(path) != "model.safetensors" and os.path.isfile(path):
+            os.remove(path)
+    os.remove(index)
 
 
 def tokenizer_config(tok: Tokenizer, cfg: ModelConfig):
@@ -316,9 +336,14 @@ def load_model(directory, device="cpu", attn_impl="sdpa"):
 
 
 def point_latest(run_dir):
-    """Make runs/latest (next to run_dir) point at run_dir."""
-    parent, name = os.path.split(os.path.abspath(run_dir))
+    """Make runs/latest (next to run_dir) point at run_dir. run_dir may be runs/latest itself
+    (`--out runs/latest --resume`): the link then keeps naming the run it leads to. A `latest` that is
+    not a link is somebody's file or folder: it is left alone, with a warning."""
+    parent, name = os.path.split(os.path.realpath(run_dir))  # the run itself, not a link to it
     link = os.path.join(parent, "latest")
+    if os.path.lexists(link) and not os.path.islink(link) or name == "latest":
+        print(f"warning: {link} is not a link nanosft made; left as it is", file=sys.stderr)
+        return
     tmp = link + ".tmp"
     if os.path.lexists(tmp):
         os.remove(tmp)

@@ -162,13 +162,13 @@ def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] |
 
 def load_sharded(directory) -> dict[str, torch.Tensor]:
     """A Hugging Face checkpoint directory: model.safetensors, or model.safetensors.index.json
-    ({"weight_map": {name: shard file}}) and the shards it names, which must agree with it exactly."""
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if not os.path.exists(index):
-        single = os.path.join(directory, "model.safetensors")
-        if not os.path.exists(single):
-            raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    ({"weight_map": {name: shard file}}) and the shards it names, which must agree with it exactly.
+    With both, model.safetensors wins, as in transformers."""
+    index, single = (os.path.join(directory, n) for n in ("model.safetensors.index.json", "model.safetensors"))
+    if os.path.exists(single):
         return load_file(single)
+    if not os.path.exists(index):
+        raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
     try:
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f, object_pairs_hook=_no_duplicates)["weight_map"]

@@ -198,10 +198,14 @@ def test_export_cli_writes_a_directory_transformers_loads(tmp_path, sp_tokenizer
     import sys
     src = tmp_path / "src"
     hf_model("gqa_tied", src, sp_tokenizer)
+    hf_model("gqa_tied", tmp_path / "dst", sp_tokenizer, shard=True, seed=1)  # an older, sharded model there
     r = subprocess.run([sys.executable, "-m", "nanosft.export", str(src), str(tmp_path / "dst")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "dst").glob("model*")) == ["model.safetensors"]  # old shards gone
     ours, _ = load_model(src)
+    exported, _ = load_model(tmp_path / "dst")
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in ours.state_dict().items())
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
     idx = torch.randint(0, 324, (1, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -334,3 +338,15 @@ def test_latest_points_at_the_newest_run(tmp_path):
         (tmp_path / name).mkdir()
         point_latest(tmp_path / name)
     assert os.path.realpath(tmp_path / "latest") == str(tmp_path / "b")
+    point_latest(tmp_path / "latest")  # --out runs/latest: the run it leads to, not a link to itself
+    assert os.readlink(tmp_path / "latest") == "b"
+
+
+def test_latest_that_is_not_a_link_is_left_alone(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "latest").write_text("my notes")
+    point_latest(tmp_path / "a")
+    assert (tmp_path / "latest").read_text() == "my notes" and "left as it is" in capsys.readouterr().err
+    (tmp_path / "other" / "latest").mkdir(parents=True)  # a run folder named latest
+    point_latest(tmp_path / "other" / "latest")
+    assert not os.path.islink(tmp_path / "other" / "latest")

@@ -108,6 +108,9 @@ def test_sharded_and_single_file_directories_load(tmp_path):
     assert_same(load_sharded(tmp_path / "single"), t)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_sharded(tmp_path / "nothing")
+    other = {"x": torch.ones(3)}  # both kinds in one directory: model.safetensors wins, as in transformers
+    save_file(other, tmp_path / "sharded" / "model.safetensors")
+    assert_same(load_sharded(tmp_path / "sharded"), other)
 
 
 def test_transformers_sharded_checkpoint_loads(tmp_path):
