@@ -48,8 +48,8 @@ def parse_args():
         p.error("--top-k must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
-    if args.max_new_tokens < 1 or args.temperature < 0:
-        p.error("--max-new-tokens must be at least 1 and --temperature not negative")
+    if args.max_new_tokens < 1 or not 0 <= args.temperature < float("inf"):
+        p.error("--max-new-tokens must be at least 1 and --temperature a number not negative")
     return args
 
 
@@ -113,6 +113,11 @@ def interactive(model, template, args, generator):
         except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
             print("\n(Ctrl-D or /quit to leave)")
             continue
+        try:  # bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer can encode
+            line.encode("utf-8")
+        except UnicodeEncodeError as e:
+            print(f"(not valid UTF-8 text at character {e.start + 1}; line ignored)")
+            continue
         command, _, rest = line.strip().partition(" ")
         if command == "/quit":
             return
@@ -148,12 +153,14 @@ def main():
     except FileNotFoundError as e:
         sys.exit(f"No trained model at {args.ckpt} ({e}).\n"
                  "Train one first:  make train   (or: python train.py --out runs/NAME, then --ckpt runs/NAME)")
+    except OSError as e:  # a folder where a file should be, no permission, ...
+        sys.exit(f"error: {e}")
     template = ChatTemplate(tok)
     generator = torch.Generator().manual_seed(args.seed)
     if args.batch:
         try:
             records = load_jsonl(args.batch, check_prompt)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:
             sys.exit(f"error: {e}")
         for rec in records:  # greedy, one JSON line per input line, in order
             messages = fit_history(template, rec["messages"], model.cfg.max_seq_len, reserve(model, args))

@@ -198,6 +198,13 @@ def resumed_args(args, given):
 
 
 def check_args(p, args):
+    if min(args.batch_size, args.grad_accum, args.max_seq_len, args.n_layer, args.n_head, args.dim) < 1 or args.steps < 0:
+        p.error("--batch-size, --grad-accum, --max-seq-len, --n-layer, --n-head and --dim must be at least 1, "
+                "--steps not negative")
+    if args.n_kv_head < 0 or args.warmup_steps < 0 or args.seed < 0 or (args.grad_clip or 0) < 0:
+        p.error("--n-kv-head (0: as many as --n-head), --warmup-steps, --seed and --grad-clip must not be negative")
+    if not args.steps and not 0 < args.epochs < float("inf"):
+        p.error("--epochs must be a positive number (or give --steps)")
     variant = VARIANTS.get(args.attn, {})  # its fields win over the flags
     rope = variant.get("pos_emb", "rope") == "rope"
     if args.dim % args.n_head or (rope and (args.dim // args.n_head) % 2):
@@ -209,8 +216,6 @@ def check_args(p, args):
                 + (f" of --attn {args.attn}" if args.attn else " of --n-kv-head"))
     if args.attn and args.init_from:
         p.error("--attn builds a new model; a model from --init-from keeps the attention it was trained with")
-    if min(args.batch_size, args.grad_accum, args.max_seq_len, args.n_layer) < 1 or args.steps < 0:
-        p.error("--batch-size, --grad-accum, --max-seq-len and --n-layer must be at least 1, --steps not negative")
     if args.offload == "optimizer" and args.zero_stage == 0:
         p.error("--offload optimizer needs --zero-stage 1, 2 or 3 (ZeRO-Offload moves the partitioned optimizer)")
     if args.offload == "all" and args.zero_stage != 3:
@@ -489,6 +494,9 @@ def main(args):
     batches = Batches(samples, row_len, template.pad, args.batch_size, args.seed, rank, world, args.packing == "on")
     steps_per_epoch = batches.rows_per_epoch / (args.batch_size * args.grad_accum)
     total_steps = args.steps or max(math.ceil(args.epochs * steps_per_epoch), 1)
+    if steps_per_epoch < 1:  # every step then sees some conversations more than once
+        print0(f"note: one step takes {1 / steps_per_epoch:.1f} epochs of this data ({batches.rows_per_epoch} rows "
+               f"per epoch per rank, {args.batch_size * args.grad_accum} per step): lower --batch-size or --grad-accum")
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
     ds_cfg = deepspeed_config(args.ds_base, world=world, micro_batch=args.batch_size, grad_accum=args.grad_accum,
@@ -651,5 +659,5 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         main(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message names file, line, reason
+    except (ValueError, OSError) as e:  # bad input: the message names file, line, reason
         raise SystemExit(f"error: {e}")

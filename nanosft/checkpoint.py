@@ -71,7 +71,36 @@ def _rope(hf, where):
     return float(theta), {"rope_type": "llama3", **{k: params[k] for k in keys}}
 
 
+# the shape of the model: whole numbers, those in SIZES required and at least 1, the others 0 or
+# null for "the default"; and the positive real numbers
+SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+REALS = ("rms_norm_eps", "rope_theta")
+
+
+def _check_types(hf, where):
+    """A clear error for a config.json whose values would otherwise fail deep inside (a traceback)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+    for key in SIZES + OPTIONAL_SIZES + REALS:
+        v, required = hf.get(key), key in SIZES
+        if v is None and not required:
+            continue
+        if key not in hf:
+            raise ValueError(f"{where}: {key} is missing")
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if key in REALS and not (number and v > 0):
+            raise ValueError(f"{where}: {key} must be a positive number, not {v!r}")
+        least = 1 if required or key == "max_position_embeddings" else 0
+        if key not in REALS and not (number and isinstance(v, int) and v >= least):
+            raise ValueError(f"{where}: {key} must be a whole number of at least {least}, not {v!r}")
+    for key in ("rope_scaling", "rope_parameters"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise ValueError(f"{where}: {key} must be an object, not {hf[key]!r}")
+
+
 def config_from_hf(hf, where="config.json"):
+    _check_types(hf, where)
     if hf.get("model_type") not in MODEL_TYPES:
         raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not supported "
                          f"(nanosft loads {', '.join(MODEL_TYPES)})")
@@ -278,6 +307,8 @@ def read_config(directory):
             return config_from_hf(json.load(f), path)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def load_weights(directory, model):

@@ -25,7 +25,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from nanosft.formats import FormatError, read_records, read_text, to_messages
+from nanosft.formats import UNREADABLE, FormatError, read_records, read_text, to_messages
 from nanosft.template import ROLES
 
 
@@ -80,7 +80,9 @@ def error_list(path, errors):
 def read_file(path, check, convert=None, skip_invalid=False, reader=read_records):
     """-> (records, errors): the records that pass `check` (after `convert`, which may raise
     FormatError), and "path:line: reason" for every one that does not. Unless skip_invalid, any
-    error raises ValueError listing them (the first 20 shown, all counted)."""
+    error raises ValueError listing them (the first 20 shown, all counted); so does, even with
+    skip_invalid, an error after which the file cannot be read on (the records after it would be
+    lost without being counted)."""
     records, errors = [], []
     for lineno, rec, reason in reader(path):
         if reason is None:
@@ -93,7 +95,7 @@ def read_file(path, check, convert=None, skip_invalid=False, reader=read_records
             errors.append(f"{path}:{lineno}: {reason}")
         else:
             records.append(rec)
-    if errors and not skip_invalid:
+    if errors and (not skip_invalid or errors[-1].endswith(UNREADABLE)):
         raise ValueError(error_list(path, errors))
     return records, errors
 
@@ -273,7 +275,7 @@ def parse_source(spec):
         w = float(weight)
     except ValueError:
         return spec, 1.0
-    if not path or not w > 0:
+    if not path or not 0 < w < float("inf"):
         raise ValueError(f"--data {spec}: the weight after ':' must be a positive number")
     return path, w
 
@@ -425,7 +427,12 @@ def check_files(paths, fmt="auto"):
     one line when all is well, else the bad records of each file."""
     lines, bad, formats = [], 0, Counter()
     for path in paths:
-        records, errors = load_conversations(path, fmt, skip_invalid=True)
+        try:
+            records, errors = load_conversations(path, fmt, skip_invalid=True)
+        except (ValueError, OSError) as e:  # a file that cannot be read to its end
+            lines.append(str(e))
+            bad += 1
+            continue
         formats.update(r["format"] for r in records)
         bad += len(errors)
         if errors:
@@ -496,7 +503,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     for f in args.files:
         if not os.path.isfile(f):
-            p.error(f"{f}: no such file")
+            p.error(f"{f}: {'a folder, not a file' if os.path.isdir(f) else 'no such file'}")
     if args.cmd == "check":
         report, bad = check_files(args.files, args.format)
         print(report)
@@ -505,7 +512,10 @@ def main(argv=None):
     if not os.path.isfile(model):
         p.error(f"--tokenizer {args.tokenizer}: no tokenizer.model there (train a run first, or name a .model file)")
     template = ChatTemplate(Tokenizer.load(model).with_control_tokens(Tokenizer.CHAT_TOKENS))
-    print(stats(args.files, template, args.max_seq_len + 1, args.format, args.train_on, sys.stdout.isatty()))
+    try:
+        print(stats(args.files, template, args.max_seq_len + 1, args.format, args.train_on, sys.stdout.isatty()))
+    except (ValueError, OSError) as e:  # a file that cannot be read to its end
+        sys.exit(f"error: {e}")
     return 0
 
 

@@ -25,6 +25,7 @@ the numbers as JSON (--json).
 import argparse
 import json
 import math
+import os
 import sys
 from collections import defaultdict
 
@@ -33,7 +34,7 @@ import torch
 from nanosft.bleu import corpus_bleu, pick_tokenizer
 from nanosft.checkpoint import load_model
 from nanosft.data import check_conversation, check_prompt, pack, read_file, to_batch, tokenize
-from nanosft.formats import FormatError, to_messages
+from nanosft.formats import FORMATS, FormatError, to_messages
 from nanosft.generate import reply
 from nanosft.template import ChatTemplate
 
@@ -70,6 +71,8 @@ def check_eval_record(rec):
     reason = check_prompt(rec)
     if reason is None and not isinstance(rec.get("answer"), str):
         reason = 'missing "answer" (a string)'
+    if reason is None and not isinstance(rec.get("family", "all"), str):
+        reason = '"family" must be a string (a name the scores are grouped by)'
     return reason
 
 
@@ -84,7 +87,7 @@ def load_held_out(path, fmt="auto"):
         reason = check_conversation({"messages": msgs})
         if reason:
             raise FormatError(reason)
-        return {"family": rec.get("family", "all"), "messages": msgs[:-1], "answer": msgs[-1]["content"]}
+        return {"family": rec.get("family", "all"), "messages": msgs[:-1], "answer": msgs[-1]["content"]}  # (checked)
     return read_file(path, check_eval_record, convert)[0]
 
 
@@ -176,15 +179,17 @@ def format_samples(samples, labels):
 # the command line: evaluate a saved run
 
 def evaluate_run(model, template, records, batch_size=16, max_new_tokens=None):
-    """All the numbers for one model on held-out records; the loss is over the reference answers."""
-    samples, _ = tokenize(as_conversations(records), template, model.cfg.max_seq_len + 1, train_on="last-assistant")
+    """All the numbers for one model on held-out records; the loss is over the reference answers
+    (val_dropped: conversations too long for the context even without their earlier exchanges,
+    left out of it; the replies count them as misses)."""
+    samples, counts = tokenize(as_conversations(records), template, model.cfg.max_seq_len + 1, train_on="last-assistant")
     # rows as long as the longest conversation, not the model's whole context (131,072 for some
     # Hugging Face models: the attention masks alone would not fit)
     row_len = max((len(ids) for ids, _ in samples), default=2)
     packed = pack(samples, row_len, template.pad)
     val_loss, val_ppl = loss_and_ppl(*validation_loss(model, packed, batch_size))
     scores, replies = generation_metrics(model, template, records, max_new_tokens)
-    return {"val_loss": val_loss, "val_ppl": val_ppl, **scores}, replies
+    return {"val_loss": val_loss, "val_ppl": val_ppl, "val_dropped": counts["dropped"], **scores}, replies
 
 
 def main(argv=None):
@@ -192,13 +197,18 @@ def main(argv=None):
     p.add_argument("--ckpt", default="runs/latest", help="run directory or Hugging Face directory")
     p.add_argument("--data", default="data/eval.jsonl",
                    help='held-out prompts with an "answer", or conversations (the last assistant turn is the answer)')
-    p.add_argument("--format", default="auto", help="the data's format when it holds conversations")
+    p.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
+                   help="the data's format when it holds conversations")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="reply length limit (default: 16 tokens past the longest reference answer)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--samples", type=int, default=1, help="sample conversations to show per family")
     p.add_argument("--json", default=None, help="also write the numbers (and the samples) to this JSON file")
     args = p.parse_args(argv)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its folder does not exist")  # found out now, not after the evaluation
     try:
         model, tok = load_model(args.ckpt, device=args.device)
         records = load_held_out(args.data, args.format)
@@ -206,7 +216,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     metrics, replies = evaluate_run(model, ChatTemplate(tok), records, max_new_tokens=args.max_new_tokens)
     samples = pick_samples(records, {"model": replies}, args.samples)
-    print(f"{args.ckpt} on {len(records)} held-out prompts from {args.data}:")
+    print(f"{args.ckpt} on {len(records)} held-out prompts from {args.data}"
+          + (f" ({metrics['val_dropped']} too long for the context, left out of the loss)" if metrics["val_dropped"] else "")
+          + ":")
     print(table({"model": metrics}))
     print(format_samples(samples, ["model"]))
     if args.json:

@@ -56,7 +56,7 @@ def from_sharegpt(rec):
     for i, t in enumerate(turns):
         if not isinstance(t, dict):
             raise FormatError(f"conversations[{i}] is not an object")
-        role = SHAREGPT_ROLES.get(t.get("from"))
+        role = SHAREGPT_ROLES.get(t.get("from")) if isinstance(t.get("from"), str) else None
         if role is None:
             raise FormatError(f"conversations[{i}] has from {t.get('from')!r}; expected one of "
                               + ", ".join(sorted(SHAREGPT_ROLES)))
@@ -140,12 +140,32 @@ def read_records(path):
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line), None
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
+                if b"\r" in raw.rstrip(b"\r\n"):
+                    yield lineno, None, ("lines end with a bare carriage return (\\r, old Mac style), so the file "
+                                         "reads as one line; save it with \\n line endings")
+                    return
                 cut = not raw.endswith(b"\n")  # the file ends inside this line
                 yield lineno, None, (f"truncated last line (no newline at the end of the file, and {e.msg} at "
                                      f"column {e.colno}): the file was probably cut off" if cut
                                      else f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            reason = unpaired_surrogate(rec) if "\\u" in line else None  # only a \u escape can make one
+            yield lineno, None if reason else rec, reason
+
+
+def unpaired_surrogate(rec):
+    """The reason a JSON record holds a string that is not text, or None. JSON allows "\\ud83d" alone,
+    half of a UTF-16 pair (an emoji cut in two, typically); it is no character and cannot be encoded."""
+    try:
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a string holds an unpaired UTF-16 surrogate ({e.object[e.start]!r}), half of a character: not valid text"
+    return None
+
+
+UNREADABLE = "the rest of the array is unreadable"  # an error --skip-invalid cannot skip: records would be lost
 
 
 def _read_array(data):
@@ -172,7 +192,7 @@ def _read_array(data):
     first = True
     while True:
         if i >= len(text):
-            yield line_at(i), None, "truncated JSON array (no closing ']'): the file was probably cut off"
+            yield line_at(i), None, f"truncated JSON array (no closing ']'): the file was probably cut off; {UNREADABLE}"
             return
         if text[i] == "]":
             if skip_space(i + 1) < len(text):
@@ -180,7 +200,7 @@ def _read_array(data):
             return
         if not first:
             if text[i] != ",":
-                yield line_at(i), None, "expected ',' or ']' between the array's records"
+                yield line_at(i), None, f"expected ',' or ']' between the array's records; {UNREADABLE}"
                 return
             i = skip_space(i + 1)
         first = False
@@ -188,9 +208,10 @@ def _read_array(data):
         try:
             rec, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
-            yield e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno}); the rest of the array is unreadable"
+            yield e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno}); {UNREADABLE}"
             return
-        yield start, rec, None
+        reason = unpaired_surrogate(rec)
+        yield start, None if reason else rec, reason
         i = skip_space(i)
 
 

@@ -8,12 +8,13 @@ import os
 import pty
 import select
 import signal
+import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT, run, run_chat
+from conftest import DIST_VARS, ROOT, run, run_chat
 
 from nanosft.checkpoint import load_model, save_model
 from nanosft.data import load_jsonl
@@ -50,6 +51,14 @@ def test_a_message_longer_than_the_context_is_an_error_not_a_traceback(tiny_run)
     assert r.returncode != 0 and "leaves no room in the context" in r.stderr and "Traceback" not in r.stderr
     r = run_chat("--ckpt", str(out), input="word " * 500 + "\nhello\n")  # interactive: goes on after it
     assert r.returncode == 0 and "message too long" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_piped_bytes_that_are_not_utf8_are_named_and_the_chat_goes_on(tiny_run):
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--ckpt", str(tiny_run[1]), "--max-new-tokens", "4"],
+                       input="caf\xe9\nhello\n".encode("latin-1"), cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr
+    assert b"(not valid UTF-8 text at character 4; line ignored)" in r.stdout and b"> hello" in r.stdout
 
 
 @pytest.mark.parametrize("flags", [["--top-k", "0"], ["--top-p", "0"], ["--top-p", "1.5"], ["--max-new-tokens", "0"]])

@@ -273,6 +273,13 @@ def test_saved_run_loads_back_to_identical_logits_with_tied_weights_shared(tmp_p
     ("some_new_knob", 3, "unsupported config keys ['some_new_knob']"),
     ("model_type", "gpt2", "model_type 'gpt2' is not supported"),
     ("pos_emb", "alibi", "unsupported config keys ['pos_emb']"),  # a nanosft key in a Llama file
+    # values of the wrong kind: named, not a traceback from deep inside
+    ("hidden_size", "64", "hidden_size must be a whole number of at least 1, not '64'"),
+    ("hidden_size", None, "hidden_size must be a whole number of at least 1, not None"),
+    ("num_attention_heads", 0, "num_attention_heads must be a whole number of at least 1, not 0"),
+    ("max_position_embeddings", 0, "max_position_embeddings must be a whole number of at least 1"),
+    ("rope_theta", "abc", "rope_theta must be a positive number, not 'abc'"),
+    ("rope_scaling", [1], "rope_scaling must be an object"),
 ])
 def test_unsupported_config_fails_loudly_naming_the_key(tmp_path, sp_tokenizer, key, value, complaint):
     hf_model("gqa_tied", tmp_path, sp_tokenizer)
@@ -282,6 +289,16 @@ def test_unsupported_config_fails_loudly_naming_the_key(tmp_path, sp_tokenizer, 
     with pytest.raises(ValueError, match="config.json") as e:
         read_config(tmp_path)
     assert complaint in str(e.value)
+
+
+def test_config_that_is_not_an_object_or_lacks_a_size_is_refused(tmp_path, sp_tokenizer):
+    hf_model("gqa_tied", tmp_path, sp_tokenizer)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for bad, complaint in ((json.dumps([cfg]), "expected a JSON object, got list"),
+                           (json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}), "hidden_size is missing")):
+        (tmp_path / "config.json").write_text(bad)
+        with pytest.raises(ValueError, match=f"config.json: {complaint}"):
+            read_config(tmp_path)
 
 
 def test_llama_ignores_sliding_window_and_mistral_without_the_key_uses_its_4096_default(tmp_path, sp_tokenizer):

@@ -107,6 +107,9 @@ def test_held_out_prompts_come_from_eval_records_or_any_conversation_format(tmp_
     path.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(ValueError, match=f"{path}:2: the conversation ends with a user turn"):
         load_held_out(path)
+    path.write_text(json.dumps(dict(lines[0], family=["max"])) + "\n")
+    with pytest.raises(ValueError, match=f'{path}:1: "family" must be a string'):
+        load_held_out(path)
 
 
 def test_before_after_table_and_samples_show_every_model_side_by_side():

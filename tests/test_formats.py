@@ -83,6 +83,17 @@ def test_records_of_a_json_array_keep_their_line_and_nothing_after_it_is_lost(tm
                                             f"{p}:6: text after the array's closing ']'"]
 
 
+def test_an_array_unreadable_past_an_error_is_refused_even_when_skipping_invalid_records(tmp_path):
+    # 20 records, a syntax error in the 11th (line 12): skipping it would silently lose the 9 after it too
+    recs = [json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(20)]
+    recs[10] = recs[10].replace('"output"', '"output" oops')
+    p = write(tmp_path, "alpaca.json", "[\n" + ",\n".join(recs) + "\n]\n")
+    with pytest.raises(ValueError, match=f"{p}:12: invalid JSON .*the rest of the array is unreadable"):
+        load_conversations(p, skip_invalid=True)
+    a_good_json_line = json.dumps({"messages": [{"role": "user", "content": "😀"}, {"role": "assistant", "content": "ok"}]})
+    assert len(load_conversations(write(tmp_path, "emoji.jsonl", a_good_json_line + "\n"))[0]) == 1  # \ud83d\ude00: whole
+
+
 def test_deepspeed_chat_markers_inside_a_turn_are_not_turns(tmp_path):
     quoted = {"prompt": " Human: What does 'Assistant: ' mean? Assistant:", "chosen": " A label."}
     stray = {"prompt": " Human: the Human: says Assistant:", "chosen": " x"}
@@ -132,6 +143,8 @@ BAD = {  # case -> (file content, line, reason)
     "missing role": ('{"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}\n', 1,
                      "messages[0] has role None"),
     "unknown role": ('{"conversations": [{"from": "robot", "value": "x"}]}\n', 1, "conversations[0] has from 'robot'"),
+    "role not a string": ('{"conversations": [{"from": ["human"], "value": "x"}]}\n', 1,
+                          "conversations[0] has from ['human']"),
     "non-string content": ('{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}\n',
                            1, "messages[0] content is not a string"),
     "empty assistant turn": ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}\n',
@@ -141,6 +154,9 @@ BAD = {  # case -> (file content, line, reason)
     "invalid UTF-8": (b'{"messages": "\xff"}\n', 1, "invalid UTF-8"),
     "BOM": (b"\xef\xbb\xbf" + GOOD.encode() + b"\n", 1, "the file starts with a UTF-8 byte-order mark"),
     "truncated last line": (GOOD + "\n" + GOOD[:30], 2, "truncated last line"),
+    "unpaired surrogate": (GOOD.replace("hello", "\\ud83d cut emoji") + "\n", 1,
+                           "a string holds an unpaired UTF-16 surrogate ('\\ud83d')"),
+    "bare carriage returns": (GOOD + "\r" + GOOD + "\r", 1, "lines end with a bare carriage return"),
 }
 
 
@@ -165,7 +181,8 @@ def all_bad_cases(tmp_path, n_good=40):
     """One file: n_good good conversations, then a line of each bad kind that fits on a line."""
     good = [json.dumps({"messages": [{"role": "user", "content": f"what is {i} + 1?"},
                                      {"role": "assistant", "content": str(i + 1)}]}).encode() + b"\n" for i in range(n_good)]
-    bad = [BAD[c][0] for c in BAD if c not in ("BOM", "truncated last line", "invalid JSON")] + ['{"messages": [\n']
+    bad = [BAD[c][0] for c in BAD if c not in ("BOM", "truncated last line", "invalid JSON", "bare carriage returns")]
+    bad += ['{"messages": [\n']
     p = tmp_path / "mixed.jsonl"
     p.write_bytes(b"".join(good + [b if isinstance(b, bytes) else b.encode() for b in bad]))
     return p, n_good, len(bad)
