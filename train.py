@@ -145,11 +145,15 @@ def parse_args(argv=None):
         args = resumed_args(args, given_flags(argv))
     if not os.path.isfile(args.ds_config):
         p.error(f"--ds-config {args.ds_config}: no such file")
-    with open(args.ds_config, encoding="utf-8") as f:
+    with open(args.ds_config, "rb") as f:
         try:
-            ds_base = json.load(f)
+            ds_base = json.loads(f.read().decode("utf-8"))
         except json.JSONDecodeError as e:
             p.error(f"{args.ds_config}: invalid JSON ({e.msg} at line {e.lineno})")
+        except UnicodeDecodeError as e:
+            p.error(f"{args.ds_config}: invalid UTF-8 ({e.reason} at byte {e.start})")
+    if not isinstance(ds_base, dict):
+        p.error(f"{args.ds_config}: expected a JSON object (a DeepSpeed config), got {type(ds_base).__name__}")
     from_config = config_settings(ds_base)
     for k, default in CONFIG_DEFAULTS.items():
         if getattr(args, k) is None:
@@ -176,8 +180,14 @@ def resumed_args(args, given):
     path = os.path.join(args.out, "args.json")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found: {args.out} is not a run started by train.py")
-    with open(path, encoding="utf-8") as f:
-        saved = {**vars(build_parser().parse_args([])), **json.load(f)}  # a setting it lacks takes its default
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except ValueError:  # invalid JSON or UTF-8
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise SystemExit(f"error: {path} is not the JSON object train.py writes; the run cannot be resumed from it")
+    saved = {**vars(build_parser().parse_args([])), **recorded}  # a setting it lacks takes its default
     if isinstance(saved["data"], str):
         saved["data"] = [saved["data"]]  # one path, not a list
 
