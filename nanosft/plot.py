@@ -29,9 +29,17 @@ def read_monitor(run_dir):
     series = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".csv"):
-            with open(os.path.join(folder, name), newline="") as f:
+            path = os.path.join(folder, name)
+            with open(path, newline="") as f:
                 rows = list(csv.reader(f))[1:]  # the header is "step,<name>"
-            series[name[:-4]] = {int(float(r[0])): float(r[1]) for r in rows}
+            series[name[:-4]] = points = {}
+            for line, r in enumerate(rows, 2):
+                try:
+                    points[int(float(r[0]))] = float(r[1])
+                except (ValueError, IndexError):
+                    if line == len(rows) + 1:  # the last row, cut short by a kill: the run stopped there
+                        break
+                    raise ValueError(f"{path}:{line}: not a 'step,value' row: {','.join(r)!r}") from None
     return series
 
 
@@ -92,5 +100,5 @@ if __name__ == "__main__":
     args = p.parse_args()
     try:
         print(f"wrote {plot_run(args.run)}")
-    except FileNotFoundError as e:
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

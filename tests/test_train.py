@@ -263,6 +263,16 @@ def test_resume_reads_args_json_and_fills_in_settings_it_lacks(tmp_path):
     assert args.packing == "on" and args.train_on == "all-assistant"  # the defaults of what it does not say
 
 
+def test_monitor_csv_cut_short_by_a_kill_reads_up_to_the_cut_and_a_broken_row_is_named(tmp_path):
+    (tmp_path / "monitor").mkdir()
+    csv_file = tmp_path / "monitor" / "Train_loss.csv"
+    csv_file.write_text("step,Train_loss\n1,2.5\n2,2.25\n3,")  # killed while writing step 3
+    assert read_monitor(tmp_path) == {"Train_loss": {1: 2.5, 2: 2.25}}
+    csv_file.write_text("step,Train_loss\n1,2.5\nx,y\n3,2.0\n")
+    with pytest.raises(ValueError, match=f"{csv_file}:3: not a 'step,value' row"):
+        read_monitor(tmp_path)
+
+
 def test_trim_tensorboard_keeps_each_event_up_to_the_checkpoint_once(tmp_path):
     """What a resume does to TensorBoard's logs (the SIGKILL test in test_zero.py runs it for real):
     here the folder also holds a copy left by a resume killed halfway through an earlier trim."""
