@@ -477,12 +477,15 @@ class Tokenizer:
 
         lines = (line for text in texts for line in text.split("\n") if line.strip())
         model = io.BytesIO()
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
-            normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
-            byte_fallback=True, split_digits=True, character_coverage=0.9995, hard_vocab_limit=False,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=list(cls.CHAT_TOKENS),
-            minloglevel=2)
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
+                normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+                byte_fallback=True, split_digits=True, character_coverage=0.9995, hard_vocab_limit=False,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=list(cls.CHAT_TOKENS),
+                minloglevel=2)
+        except RuntimeError as e:  # e.g. a vocabulary smaller than its special and byte pieces
+            raise ValueError(f"the sentencepiece trainer refused vocabulary size {vocab_size}: {e}") from None
         tok = cls.from_bytes(model.getvalue(), name="sentencepiece trainer output")
         if [tok.id_to_piece(i) for i in range(len(cls.SPECIALS))] != list(cls.SPECIALS):
             raise ValueError("the sentencepiece trainer did not put the special tokens first")
@@ -552,15 +555,21 @@ def _learn_merges(word_counts, max_merges, blocked, reserved):
 # --model takes a .model file (sentencepiece's or ours) or a run directory holding tokenizer.model.
 
 def _cli_texts(paths):
-    """Training text: message contents of chat JSONL files, lines of any other file."""
-    import json
+    """Training text: the message contents of chat files (.jsonl, .json) in any format train.py
+    reads, read and checked as it reads them; the lines of any other file."""
+    from nanosft.data import load_conversations  # (a command-line helper reaching on, as below)
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if path.endswith(".jsonl") and line.strip():
-                    yield from (m["content"] for m in json.loads(line)["messages"])
-                elif not path.endswith(".jsonl"):
-                    yield line.rstrip("\n")
+        if path.endswith((".jsonl", ".json")):
+            for rec in load_conversations(path)[0]:
+                yield from (m["content"] for m in rec["messages"])
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            yield from data.decode("utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def _cli_lines():

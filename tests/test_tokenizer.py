@@ -7,6 +7,8 @@ give the same ids. Every random test uses a fixed seed so a failure reproduces.
 """
 
 import random
+import subprocess
+import sys
 
 import pytest
 import sentencepiece as spm
@@ -310,8 +312,6 @@ def test_sentencepiece_trainer_option_gives_our_layout_and_our_encoder_serves_it
 
 
 def run_cli(*args, stdin=b""):
-    import subprocess
-    import sys
     r = subprocess.run([sys.executable, "-m", "nanosft.tokenizer", *args], input=stdin, capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr.decode()
     return r.stdout.decode("utf-8")
@@ -339,3 +339,19 @@ def test_cli_trains_a_model_sentencepiece_can_load(tmp_path):
         assert_same_encoding(Tokenizer.load(out), sp, seed=42, n=300)
     shown = run_cli("inspect", "--model", str(tmp_path / "nanosft.model"), "--chat", str(corpus), "-n", "1")
     assert "[<|end|>]" in shown and "<|user|>" in shown and "[<|user|>]" not in shown
+
+
+def test_cli_trains_on_any_chat_format_and_names_a_bad_record(tmp_path):
+    import json
+    alpaca = tmp_path / "alpaca.json"  # a JSON array of another format: its texts, not its keys
+    alpaca.write_text(json.dumps([{"instruction": f"say {w}", "output": w} for w in make_corpus(50, seed=3)]))
+    run_cli("train", "--input", str(alpaca), "--vocab-size", "300", "--out", str(tmp_path / "a.model"))
+    assert "instruction" not in Tokenizer.load(tmp_path / "a.model").decode(list(range(300)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": 5}]}\n')
+    r = subprocess.run([sys.executable, "-m", "nanosft.tokenizer", "train", "--input", str(bad), "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and f"{bad}:1: messages[0] content is not a string" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "nanosft.tokenizer", "train", "--input", str(alpaca), "--trainer", "spm",
+                        "--vocab-size", "50", "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "the sentencepiece trainer refused vocabulary size 50" in r.stderr and "Traceback" not in r.stderr
