@@ -87,7 +87,7 @@ def build_parser():
                    "longer conversations lose their oldest whole exchanges")
     p.add_argument("--init-from", default="", help="start from this run or Hugging Face Llama-family directory "
                    "(its model shape and tokenizer replace the model and tokenizer flags)")
-    p.add_argument("--tokenizer", default="", help="a .model file to use instead of training one")
+    p.add_argument("--tokenizer", default="", help="a .model file (or a run directory) to use instead of training one")
     p.add_argument("--vocab-size", type=int, default=1024, help="vocabulary of the tokenizer trained on --data")
     p.add_argument("--tokenizer-trainer", default="nanosft", choices=["nanosft", "spm"],
                    help="train the tokenizer by hand (readable) or with the sentencepiece library (large corpora)")
@@ -255,14 +255,18 @@ def lr_lambda(warmup, total):
 def load_tokenizer(args, files, run_dir):
     if args.resume:  # the tokenizer the run started with, not a retrained one
         return Tokenizer.load(os.path.join(run_dir, "tokenizer.model"))
-    if args.tokenizer:
-        return Tokenizer.load(args.tokenizer)
+    if args.tokenizer:  # a .model file, or a run directory holding one
+        path = args.tokenizer
+        return Tokenizer.load(os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path)
     # deterministic: the same data and settings give the same tokenizer, on every rank, every time
     cached = args.cache_dir and cache_path(args.cache_dir, "tokenizer", [f.digest for f in files], args.vocab_size,
                                            args.tokenizer_trainer, args.format, args.skip_invalid, args.stage,
                                            ext=".model")
     if cached and os.path.exists(cached):
-        return Tokenizer.load(cached)
+        try:
+            return Tokenizer.load(cached)
+        except ValueError:  # a damaged cache file: learn the tokenizer again, as for the token ids
+            pass
     texts = [t for f in files for r in f.records() for t in ([r["text"]] if "text" in r else
                                                               [m["content"] for m in r["messages"]])]
     train = Tokenizer.train_spm if args.tokenizer_trainer == "spm" else Tokenizer.train

@@ -437,6 +437,9 @@ def check_files(paths, fmt="auto"):
         bad += len(errors)
         if errors:
             lines.append(error_list(path, errors))
+        elif not records:  # train.py refuses a file with nothing to learn from: so does the check
+            lines.append(f"{path}: no conversations in the file")
+            bad += 1
     kinds = ", ".join(f"{n} {f}" for f, n in sorted(formats.items())) or "none"
     summary = f"{sum(formats.values())} good conversation(s) in {len(paths)} file(s) ({kinds})"
     lines.append(f"{summary}, {bad} bad record(s)" if bad else f"ok: {summary}")

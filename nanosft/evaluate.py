@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sys
+import unicodedata
 from collections import defaultdict
 
 import torch
@@ -141,13 +142,24 @@ def table(columns):
     def cell(m, key, fmt):
         v = m.get(key[0], {}).get(key[1]) if isinstance(key, tuple) else m.get(key)
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
-    width = max(12, *(len(n) + 2 for n in names))  # long labels (compare's variant names) still line up
-    lines = [f"{'':22}" + "".join(f"{n:>{width}}" for n in names)]
+    width = max(12, *(shown_width(n) + 2 for n in names))  # long labels (compare's variant names) still line up
+    lines = [" " * 22 + "".join(pad(n, width) for n in names)]
     for label, key, fmt in rows:
         cells = [cell(columns[n], key, fmt) for n in names]
         if any(c != "-" for c in cells):
-            lines.append(f"{label:22}" + "".join(f"{c:>{width}}" for c in cells))
+            lines.append(pad(label, -22) + "".join(pad(c, width) for c in cells))
     return "\n".join(lines)
+
+
+def shown_width(text):
+    """Columns text takes on a terminal: Chinese, Japanese and Korean characters take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def pad(text, width):
+    """text padded with spaces to `width` columns: right-aligned, or left-aligned for a negative width."""
+    fill = " " * max(abs(width) - shown_width(text), 0)
+    return text + fill if width < 0 else fill + text
 
 
 def pick_samples(records, replies, per_family=1):
@@ -201,12 +213,14 @@ def main(argv=None):
                    help="the data's format when it holds conversations")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="reply length limit (default: 16 tokens past the longest reference answer)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     p.add_argument("--samples", type=int, default=1, help="sample conversations to show per family")
     p.add_argument("--json", default=None, help="also write the numbers (and the samples) to this JSON file")
     args = p.parse_args(argv)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU that torch can use here")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist")  # found out now, not after the evaluation
     try:

@@ -18,7 +18,8 @@ from conftest import ROOT
 from nanosft.bleu import corpus_bleu
 from nanosft.checkpoint import load_model
 from nanosft.data import fill_rows
-from nanosft.evaluate import generation_metrics, load_held_out, loss_and_ppl, pick_samples, table, validation_loss
+from nanosft.evaluate import (generation_metrics, load_held_out, loss_and_ppl, pick_samples, shown_width, table,
+                              validation_loss)
 from nanosft.model import ModelConfig, Transformer
 from nanosft.template import ChatTemplate
 
@@ -118,6 +119,8 @@ def test_before_after_table_and_samples_show_every_model_side_by_side():
     text = table({"step 0": before, "trained": after})
     assert text.splitlines()[0].split() == ["step", "0", "trained"]
     assert "val loss                    6.9000      0.0200" in text and "exact match max" in text and "95.0%" in text
+    chinese = table({"step 0": {**before, "exact_match": {"数学": 0.0}}, "训练后": after})  # two columns a character
+    assert len({shown_width(line) for line in chinese.splitlines()}) == 1  # still a rectangle on a terminal
     recs = [{"family": f, "messages": [], "answer": a} for f, a in (("a", "1"), ("b", "2"), ("a", "3"))]
     samples = pick_samples(recs, {"step 0": ["x", "y", "z"], "trained": ["1", "2", "3"]})
     assert samples == [{"family": "a", "messages": [], "answer": "1", "step 0": "x", "trained": "1"},

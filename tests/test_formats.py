@@ -175,6 +175,8 @@ def test_check_says_one_line_when_all_is_well(tmp_path, capsys):
     files = [str(write(tmp_path, name, text)) for name, text in FIXTURES.items()]
     assert data_main(["check", *files]) == 0
     assert capsys.readouterr().out == "ok: 3 good conversation(s) in 3 file(s) (1 dschat, 1 messages, 1 sharegpt)\n"
+    empty = write(tmp_path, "empty.jsonl", "\n")  # nothing to train on: train.py refuses it, and so does the check
+    assert data_main(["check", str(empty)]) == 1 and f"{empty}: no conversations in the file" in capsys.readouterr().out
 
 
 def all_bad_cases(tmp_path, n_good=40):
@@ -232,6 +234,10 @@ def test_tokenized_data_is_cached_by_content_and_a_change_invalidates_it(tmp_pat
     other, tok4, s4 = prepare()
     assert other._records is not None and tok4.vocab_size == 280 != tok1.vocab_size
     assert len(list((tmp_path / "cache").iterdir())) == 6  # 3 tokenizers and 3 tokenized files, no temporaries
+    for cached in (tmp_path / "cache").iterdir():  # damaged cache files are recomputed, never an error
+        cached.write_bytes(cached.read_bytes()[:50])
+    _, tok5, _ = prepare()
+    assert tok5.to_bytes() == tok4.to_bytes()
 
 
 def test_stats_describes_what_training_would_see(tmp_path, capsys, template):
