@@ -96,6 +96,7 @@ def interactive(model, template, args, generator):
     system = args.system  # None: no system message
     turns = []  # the user/assistant messages so far
     tty = sys.stdin.isatty()
+    sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the check below, not a crash
     if tty:
         try:
             importlib.import_module("readline")  # line editing and history for input()
@@ -105,8 +106,6 @@ def interactive(model, template, args, generator):
     while True:
         try:
             line = input("> ")
-            if not tty:  # from a pipe: show what was asked, so the transcript reads as a conversation
-                print(line)
         except EOFError:  # Ctrl-D, or the end of a pipe
             print()
             return
@@ -118,6 +117,8 @@ def interactive(model, template, args, generator):
         except UnicodeEncodeError as e:
             print(f"(not valid UTF-8 text at character {e.start + 1}; line ignored)")
             continue
+        if not tty:  # from a pipe: show what was asked, so the transcript reads as a conversation
+            print(line)
         command, _, rest = line.strip().partition(" ")
         if command == "/quit":
             return

@@ -211,8 +211,9 @@ def check_args(p, args):
     if min(args.batch_size, args.grad_accum, args.max_seq_len, args.n_layer, args.n_head, args.dim) < 1 or args.steps < 0:
         p.error("--batch-size, --grad-accum, --max-seq-len, --n-layer, --n-head and --dim must be at least 1, "
                 "--steps not negative")
-    if args.n_kv_head < 0 or args.warmup_steps < 0 or args.seed < 0 or (args.grad_clip or 0) < 0:
-        p.error("--n-kv-head (0: as many as --n-head), --warmup-steps, --seed and --grad-clip must not be negative")
+    if args.n_kv_head < 0 or args.warmup_steps < 0 or args.seed < 0 or not 0 <= (args.grad_clip or 0) < math.inf:
+        p.error("--n-kv-head (0: as many as --n-head), --warmup-steps, --seed and --grad-clip must not be negative "
+                "(nor nan or inf)")
     if not args.steps and not 0 < args.epochs < float("inf"):
         p.error("--epochs must be a positive number (or give --steps)")
     variant = VARIANTS.get(args.attn, {})  # its fields win over the flags

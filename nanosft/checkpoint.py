@@ -25,6 +25,7 @@ train.py writes runs and loads `--init-from`; chat.py, evaluate.py and export.py
 """
 
 import json
+import math
 import os
 import sys
 
@@ -61,6 +62,7 @@ def _rope(hf, where):
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
+    theta = _positive(theta, f"{where}: rope_theta")
     if kind == "default":
         return float(theta), None
     if kind != "llama3":
@@ -68,31 +70,41 @@ def _rope(hf, where):
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     if any(k not in params for k in keys):
         raise ValueError(f"{where}: llama3 rope scaling needs {', '.join(keys)}; got {sorted(params)}")
-    return float(theta), {"rope_type": "llama3", **{k: params[k] for k in keys}}
+    return float(theta), {"rope_type": "llama3", **{k: _positive(params[k], f"{where}: rope scaling {k}") for k in keys}}
 
 
-# the shape of the model: whole numbers, those in SIZES required and at least 1, the others 0 or
-# null for "the default"; and the positive real numbers
+# what kind of value each number in a config must be: sizes are whole numbers; in SIZES required
+# and at least 1, in DEFAULTED_SIZES absent, null or 0 for "the default"; max_position_embeddings
+# and the REALS may be absent (the default), but are never null
 SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+DEFAULTED_SIZES = ("num_key_value_heads", "head_dim", "sliding_window")
 REALS = ("rms_norm_eps", "rope_theta")
+
+
+def _positive(v, what):
+    """v if it is a positive, finite number, else a ValueError naming `what`."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        raise ValueError(f"{what} must be a positive number, not {v!r}")
+    return v
 
 
 def _check_types(hf, where):
     """A clear error for a config.json whose values would otherwise fail deep inside (a traceback)."""
     if not isinstance(hf, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
-    for key in SIZES + OPTIONAL_SIZES + REALS:
-        v, required = hf.get(key), key in SIZES
-        if v is None and not required:
-            continue
+    for key in SIZES + DEFAULTED_SIZES + ("max_position_embeddings",) + REALS:
         if key not in hf:
-            raise ValueError(f"{where}: {key} is missing")
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if key in REALS and not (number and v > 0):
-            raise ValueError(f"{where}: {key} must be a positive number, not {v!r}")
-        least = 1 if required or key == "max_position_embeddings" else 0
-        if key not in REALS and not (number and isinstance(v, int) and v >= least):
+            if key in SIZES:
+                raise ValueError(f"{where}: {key} is missing")
+            continue
+        v = hf[key]
+        if v is None and key in DEFAULTED_SIZES:
+            continue
+        if key in REALS:
+            _positive(v, f"{where}: {key}")
+            continue
+        least = 0 if key in DEFAULTED_SIZES else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise ValueError(f"{where}: {key} must be a whole number of at least {least}, not {v!r}")
     for key in ("rope_scaling", "rope_parameters"):
         if not isinstance(hf.get(key) or {}, dict):
@@ -370,9 +382,11 @@ def point_latest(run_dir):
     """Make runs/latest (next to run_dir) point at run_dir. run_dir may be runs/latest itself
     (`--out runs/latest --resume`): the link then keeps naming the run it leads to. A `latest` that is
     not a link is somebody's file or folder: it is left alone, with a warning."""
-    parent, name = os.path.split(os.path.realpath(run_dir))  # the run itself, not a link to it
+    parent, name = os.path.split(os.path.abspath(run_dir))
     link = os.path.join(parent, "latest")
-    if os.path.lexists(link) and not os.path.islink(link) or name == "latest":
+    if name == "latest" and os.path.islink(link):  # --out runs/latest: the link already leads to the run
+        return
+    if os.path.lexists(link) and not os.path.islink(link):
         print(f"warning: {link} is not a link nanosft made; left as it is", file=sys.stderr)
         return
     tmp = link + ".tmp"

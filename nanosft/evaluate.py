@@ -213,16 +213,21 @@ def main(argv=None):
                    help="the data's format when it holds conversations")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="reply length limit (default: 16 tokens past the longest reference answer)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--samples", type=int, default=1, help="sample conversations to show per family")
     p.add_argument("--json", default=None, help="also write the numbers (and the samples) to this JSON file")
     args = p.parse_args(argv)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no GPU that torch can use here")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        p.error(f"--json {args.json}: its folder does not exist")  # found out now, not after the evaluation
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no GPU that torch can use here")
+    # found out now, not after the evaluation
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+        p.error(f"--json {args.json}: not a file name in an existing folder")
     try:
         model, tok = load_model(args.ckpt, device=args.device)
         records = load_held_out(args.data, args.format)
@@ -236,8 +241,11 @@ def main(argv=None):
     print(table({"model": metrics}))
     print(format_samples(samples, ["model"]))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({**metrics, "samples": samples}, f, indent=2, ensure_ascii=False)
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({**metrics, "samples": samples}, f, indent=2, ensure_ascii=False)
+        except OSError as e:
+            sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

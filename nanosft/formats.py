@@ -114,6 +114,9 @@ def to_messages(rec, fmt="auto"):
     return {"sharegpt": from_sharegpt, "alpaca": from_alpaca, "dschat": from_dschat}[found](rec), found
 
 
+UNREADABLE = "nothing after it can be read"  # an error --skip-invalid cannot skip: records would be lost unseen
+
+
 def read_records(path):
     """Yield (line, record or None, reason or None) for every record of a JSONL file or of a .json
     file holding one array. Blank lines are skipped; nothing else is: a line that cannot be read
@@ -123,10 +126,12 @@ def read_records(path):
         head = f.read(4096)
         bom = head.startswith(b"\xef\xbb\xbf")  # what line 1 holds is then refused, not guessed at
         f.seek(3 if bom else 0)
-        if bom:
-            yield 1, None, "the file starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without BOM"
-        if str(path).endswith(".json") and head[3 if bom else 0:].lstrip()[:1] == b"[":
-            if not bom:  # (with a BOM the one error above stands for the whole array)
+        array = str(path).endswith(".json") and head[3 if bom else 0:].lstrip()[:1] == b"["
+        if bom:  # (for an array, this one error stands for the whole file)
+            yield 1, None, ("the file starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without BOM"
+                            + (f"; {UNREADABLE}" if array else ""))
+        if array:
+            if not bom:
                 yield from _read_array(f.read())
             return
         for lineno, raw in enumerate(f, 1):
@@ -142,14 +147,15 @@ def read_records(path):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                if b"\r" in raw.rstrip(b"\r\n"):
+                if e.msg == "Extra data" and "\r" in line[:e.pos]:  # a record ended, and a \r ended its line
                     yield lineno, None, ("lines end with a bare carriage return (\\r, old Mac style), so the file "
-                                         "reads as one line; save it with \\n line endings")
+                                         f"reads as one line; save it with \\n line endings; {UNREADABLE}")
                     return
                 cut = not raw.endswith(b"\n")  # the file ends inside this line
-                yield lineno, None, (f"truncated last line (no newline at the end of the file, and {e.msg} at "
+                msg = e.msg.removesuffix(" at")  # (json says "Invalid control character at")
+                yield lineno, None, (f"truncated last line (no newline at the end of the file, and {msg} at "
                                      f"column {e.colno}): the file was probably cut off" if cut
-                                     else f"invalid JSON ({e.msg} at column {e.colno})")
+                                     else f"invalid JSON ({msg} at column {e.colno})")
                 continue
             reason = unpaired_surrogate(rec) if "\\u" in line else None  # only a \u escape can make one
             yield lineno, None if reason else rec, reason
@@ -165,15 +171,12 @@ def unpaired_surrogate(rec):
     return None
 
 
-UNREADABLE = "the rest of the array is unreadable"  # an error --skip-invalid cannot skip: records would be lost
-
-
 def _read_array(data):
     """The records of a file holding one JSON array, each with the line it starts on."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        yield data.count(b"\n", 0, e.start) + 1, None, f"invalid UTF-8 ({e.reason} at byte {e.start})"
+        yield data.count(b"\n", 0, e.start) + 1, None, f"invalid UTF-8 ({e.reason} at byte {e.start}); {UNREADABLE}"
         return
     decoder, i = json.JSONDecoder(), text.index("[") + 1
     line, counted = 1, 0  # line number of position `counted`, kept up to date as i moves on
@@ -208,7 +211,7 @@ def _read_array(data):
         try:
             rec, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
-            yield e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno}); {UNREADABLE}"
+            yield e.lineno, None, f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); {UNREADABLE}"
             return
         reason = unpaired_surrogate(rec)
         yield start, None if reason else rec, reason

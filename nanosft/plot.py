@@ -13,6 +13,7 @@ train.py draws the plot at the end of a run.
 
 import argparse
 import csv
+import io
 import math
 import os
 import sys
@@ -31,14 +32,15 @@ def read_monitor(run_dir):
         if name.endswith(".csv"):
             path = os.path.join(folder, name)
             with open(path, newline="") as f:
-                rows = list(csv.reader(f))[1:]  # the header is "step,<name>"
+                text = f.read()
+            rows = list(csv.reader(io.StringIO(text)))[1:]  # the header is "step,<name>"
+            if not text.endswith("\n"):
+                rows = rows[:-1]  # a last row cut short by a kill (even where it still parses): the run stopped before it
             series[name[:-4]] = points = {}
             for line, r in enumerate(rows, 2):
                 try:
                     points[int(float(r[0]))] = float(r[1])
                 except (ValueError, IndexError):
-                    if line == len(rows) + 1:  # the last row, cut short by a kill: the run stopped there
-                        break
                     raise ValueError(f"{path}:{line}: not a 'step,value' row: {','.join(r)!r}") from None
     return series
 

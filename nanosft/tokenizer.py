@@ -565,8 +565,8 @@ def _cli_texts(paths):
             continue
         with open(path, "rb") as f:
             data = f.read()
-        try:
-            yield from data.decode("utf-8").split("\n")
+        try:  # lines as a text-mode file gives them: \r\n and \r end a line too
+            yield from data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n").split("\n")
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
             raise ValueError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None

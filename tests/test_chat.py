@@ -54,7 +54,8 @@ def test_a_message_longer_than_the_context_is_an_error_not_a_traceback(tiny_run)
 
 
 def test_piped_bytes_that_are_not_utf8_are_named_and_the_chat_goes_on(tiny_run):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    # strict decoding, as a terminal with a UTF-8 locale has it (under the C locale Python is lenient)
+    env = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "PYTHONIOENCODING": "utf-8:strict"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--ckpt", str(tiny_run[1]), "--max-new-tokens", "4"],
                        input="caf\xe9\nhello\n".encode("latin-1"), cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert r.returncode == 0 and b"Traceback" not in r.stderr

@@ -280,6 +280,10 @@ def test_saved_run_loads_back_to_identical_logits_with_tied_weights_shared(tmp_p
     ("max_position_embeddings", 0, "max_position_embeddings must be a whole number of at least 1"),
     ("rope_theta", "abc", "rope_theta must be a positive number, not 'abc'"),
     ("rope_scaling", [1], "rope_scaling must be an object"),
+    ("rope_theta", None, "rope_theta must be a positive number, not None"),  # null is no default for these
+    ("rms_norm_eps", float("inf"), "rms_norm_eps must be a positive number, not inf"),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": "x", "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, "rope scaling factor must be"),
 ])
 def test_unsupported_config_fails_loudly_naming_the_key(tmp_path, sp_tokenizer, key, value, complaint):
     hf_model("gqa_tied", tmp_path, sp_tokenizer)
@@ -357,6 +361,10 @@ def test_latest_points_at_the_newest_run(tmp_path):
     assert os.path.realpath(tmp_path / "latest") == str(tmp_path / "b")
     point_latest(tmp_path / "latest")  # --out runs/latest: the run it leads to, not a link to itself
     assert os.readlink(tmp_path / "latest") == "b"
+    (tmp_path / "scratch" / "c").mkdir(parents=True)
+    os.symlink(tmp_path / "scratch" / "c", tmp_path / "c")  # a run folder that is a link to elsewhere
+    point_latest(tmp_path / "c")
+    assert os.readlink(tmp_path / "latest") == "c" and not os.path.lexists(tmp_path / "scratch" / "latest")
 
 
 def test_latest_that_is_not_a_link_is_left_alone(tmp_path, capsys):

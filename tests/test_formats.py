@@ -88,8 +88,12 @@ def test_an_array_unreadable_past_an_error_is_refused_even_when_skipping_invalid
     recs = [json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(20)]
     recs[10] = recs[10].replace('"output"', '"output" oops')
     p = write(tmp_path, "alpaca.json", "[\n" + ",\n".join(recs) + "\n]\n")
-    with pytest.raises(ValueError, match=f"{p}:12: invalid JSON .*the rest of the array is unreadable"):
+    with pytest.raises(ValueError, match=f"{p}:12: invalid JSON .*nothing after it can be read"):
         load_conversations(p, skip_invalid=True)
+    stray = GOOD.replace("hello", "hel\rlo")  # a raw \r inside one record: that line only, not "old Mac" endings
+    records, errors = load_conversations(write(tmp_path, "stray.jsonl", "\n".join([GOOD, stray, GOOD]) + "\n"),
+                                         skip_invalid=True)
+    assert len(records) == 2 and len(errors) == 1 and "invalid JSON (Invalid control character at column" in errors[0]
     a_good_json_line = json.dumps({"messages": [{"role": "user", "content": "😀"}, {"role": "assistant", "content": "ok"}]})
     assert len(load_conversations(write(tmp_path, "emoji.jsonl", a_good_json_line + "\n"))[0]) == 1  # \ud83d\ude00: whole
 

@@ -159,6 +159,7 @@ def test_malformed_jsonl_stops_with_file_line_and_reason(tmp_path):
     (["--n-head", "0"], "--n-head and --dim must be at least 1"),
     (["--epochs", "0"], "--epochs must be a positive number"),
     (["--grad-clip", "-1"], "--grad-clip must not be negative"),
+    (["--grad-clip", "nan"], "--grad-clip must not be negative"),
     (["--offload", "optimizer"], "--offload optimizer needs --zero-stage 1, 2 or 3"),
     (["--zero-stage", "2", "--offload", "all"], "--offload all needs --zero-stage 3"),
     (["--dtype", "fp16"], "--dtype fp16 needs a GPU"),
@@ -267,6 +268,8 @@ def test_monitor_csv_cut_short_by_a_kill_reads_up_to_the_cut_and_a_broken_row_is
     (tmp_path / "monitor").mkdir()
     csv_file = tmp_path / "monitor" / "Train_loss.csv"
     csv_file.write_text("step,Train_loss\n1,2.5\n2,2.25\n3,")  # killed while writing step 3
+    assert read_monitor(tmp_path) == {"Train_loss": {1: 2.5, 2: 2.25}}
+    csv_file.write_text("step,Train_loss\n1,2.5\n2,2.25\n3,2.1")  # cut inside "3,2.1875": not a value to plot
     assert read_monitor(tmp_path) == {"Train_loss": {1: 2.5, 2: 2.25}}
     csv_file.write_text("step,Train_loss\n1,2.5\nx,y\n3,2.0\n")
     with pytest.raises(ValueError, match=f"{csv_file}:3: not a 'step,value' row"):
