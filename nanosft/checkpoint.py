@@ -181,7 +181,7 @@ def config_to_hf(cfg: ModelConfig, bos_id=None, eos_id=None, dtype="float32"):
           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
           "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
           "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-          "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+          "rope_theta": cfg.rope_theta, **({"rope_scaling": cfg.rope_scaling} if cfg.rope_scaling else {}),
           "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
           "bos_token_id": bos_id, "eos_token_id": eos_id}
     if kind in ("llama", "qwen3"):
