@@ -20,7 +20,6 @@ import hashlib
 import faulthandler
 import importlib.util
 import io
-import json
 import math
 import os
 import random
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from nanosft.attention import ATTEND, VARIANTS
-from nanosft.checkpoint import load_model, point_latest, save_model, write_json
+from nanosft.checkpoint import load_model, point_latest, read_json, save_model, write_json
 from nanosft.data import (Batches, Blend, cache_path, error_list, file_digest, load_conversations, load_documents,
                           load_samples, pack, parse_source, save_samples, shard, split_off, tokenize,
                           tokenize_text)
@@ -145,13 +144,10 @@ def parse_args(argv=None):
         args = resumed_args(args, given_flags(argv))
     if not os.path.isfile(args.ds_config):
         p.error(f"--ds-config {args.ds_config}: no such file")
-    with open(args.ds_config, "rb") as f:
-        try:
-            ds_base = json.loads(f.read().decode("utf-8"))
-        except json.JSONDecodeError as e:
-            p.error(f"{args.ds_config}: invalid JSON ({e.msg} at line {e.lineno})")
-        except UnicodeDecodeError as e:
-            p.error(f"{args.ds_config}: invalid UTF-8 ({e.reason} at byte {e.start})")
+    try:
+        ds_base = read_json(args.ds_config)
+    except ValueError as e:
+        p.error(str(e))
     if not isinstance(ds_base, dict):
         p.error(f"{args.ds_config}: expected a JSON object (a DeepSpeed config), got {type(ds_base).__name__}")
     from_config = config_settings(ds_base)
@@ -181,8 +177,7 @@ def resumed_args(args, given):
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found: {args.out} is not a run started by train.py")
     try:
-        with open(path, encoding="utf-8") as f:
-            recorded = json.load(f)
+        recorded = read_json(path)
     except ValueError:  # invalid JSON or UTF-8
         recorded = None
     if not isinstance(recorded, dict):

@@ -204,6 +204,18 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def read_json(path):
+    """What a JSON file holds; a ValueError naming the file and where, when it is not JSON or not UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
 # nanosft computes these projections with one matrix each; Llama files store the parts, in this order
 FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
@@ -314,13 +326,7 @@ def tokenizer_config(tok: Tokenizer, cfg: ModelConfig):
 
 def read_config(directory):
     path = os.path.join(directory, "config.json")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return config_from_hf(json.load(f), path)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+    return config_from_hf(read_json(path), path)
 
 
 def load_weights(directory, model):

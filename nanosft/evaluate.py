@@ -88,7 +88,7 @@ def load_held_out(path, fmt="auto"):
         reason = check_conversation({"messages": msgs})
         if reason:
             raise FormatError(reason)
-        return {"family": rec.get("family", "all"), "messages": msgs[:-1], "answer": msgs[-1]["content"]}  # (checked)
+        return {"family": rec.get("family", "all"), "messages": msgs[:-1], "answer": msgs[-1]["content"]}
     return read_file(path, check_eval_record, convert)[0]
 
 
