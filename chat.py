@@ -65,8 +65,10 @@ def stream_reply(model, template, messages, args, generator):
             ids.append(t)
             text = template.tok.decode(ids)
             if not text.endswith("\ufffd"):
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+                # marked shown before it is printed: a Ctrl-C landing between the two must not have
+                # the print below repeat it
+                piece, shown = text[len(shown):], text
+                print(piece, end="", flush=True)
     except KeyboardInterrupt:
         pass
     text = template.tok.decode(ids)
