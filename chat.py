@@ -26,7 +26,7 @@ import sys
 import torch
 
 from nanosft.checkpoint import load_model
-from nanosft.data import check_prompt, load_jsonl
+from nanosft.data import check_prompt, load_jsonl, without_oldest_exchanges
 from nanosft.generate import generate, reply
 from nanosft.template import ChatTemplate
 
@@ -76,18 +76,18 @@ def stream_reply(model, template, messages, args, generator):
     return text
 
 
-def fit_history(template, messages, max_len, reserve):
-    """Drop the oldest user/assistant exchanges until the prompt leaves `reserve` tokens free.
-    The last user turn always stays; if it alone is too long, generate() says so."""
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = messages[len(system):]
-    while len(turns) > 1 and len(template.render_prompt(system + turns)) > max_len - reserve:
-        turns = turns[2:] if len(turns) > 2 else turns[1:]
-    return system + turns
+def fit_history(template, messages, context, room):
+    """Drop the oldest exchanges (a user turn and the replies to it) until the prompt leaves `room`
+    of the `context` tokens free, as training data is shortened (data.py). The system message and
+    the last user turn always stay; if they alone are too long, generate() says so."""
+    for _, shorter in without_oldest_exchanges(messages):
+        if len(template.render_prompt(shorter)) <= context - room:
+            break
+    return shorter
 
 
-def reserve(model, args):
-    """Tokens kept free for the reply when old turns are dropped."""
+def room_for_reply(model, args):
+    """Tokens kept free for the reply when old exchanges are dropped."""
     return min(args.max_new_tokens, model.cfg.max_seq_len // 2)
 
 
@@ -136,7 +136,7 @@ def interactive(model, template, args, generator):
             head = [{"role": "system", "content": system}] if system else []
             try:
                 attempt = fit_history(template, head + turns + [{"role": "user", "content": line}],
-                                      model.cfg.max_seq_len, reserve(model, args))
+                                      model.cfg.max_seq_len, room_for_reply(model, args))
                 answer = stream_reply(model, template, attempt, args, generator)
             except ValueError as e:  # the message alone does not fit in the context
                 print(f"(message too long for this model: {e}; not added to the conversation)")
@@ -166,7 +166,7 @@ def main():
         except (ValueError, OSError) as e:
             sys.exit(f"error: {e}")
         for rec in records:  # greedy, one JSON line per input line, in order
-            messages = fit_history(template, rec["messages"], model.cfg.max_seq_len, reserve(model, args))
+            messages = fit_history(template, rec["messages"], model.cfg.max_seq_len, room_for_reply(model, args))
             try:
                 out = {"reply": reply(model, template, messages, args.max_new_tokens)}
             except ValueError as e:  # even the last user turn alone is longer than the context

@@ -38,7 +38,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from nanosft.data import load_conversations, pack, padding_fraction, to_batch, tokenize  # noqa: E402
+from nanosft.data import load_conversations, pack, padding_fraction, render_conversations, to_batch  # noqa: E402
 from nanosft.template import ChatTemplate  # noqa: E402
 from nanosft.tokenizer import Tokenizer  # noqa: E402
 from train_step import CONFIGS, DEVICE, build, check_same_loss, run_steps, sync  # noqa: E402
@@ -52,7 +52,7 @@ def default_samples(n, vocab_size, max_len):
     records = load_conversations(path)[0][:n]
     tok = Tokenizer.train([m["content"] for r in records for m in r["messages"]], vocab_size)
     tok = tok.with_control_tokens(Tokenizer.CHAT_TOKENS)
-    samples, _ = tokenize(records, ChatTemplate(tok), max_len)
+    samples, _ = render_conversations(records, ChatTemplate(tok), max_len)
     return samples, tok.vocab_size
 
 

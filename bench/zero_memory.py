@@ -6,7 +6,7 @@ ZeRO memory benchmark: what each ZeRO stage (and offload) leaves on every rank, 
 For every stage 0..3 (plus stage 2 with the optimizer offloaded, and stage 3 with everything
 offloaded) and for bf16 and fp32, runs train.py for 2 steps on `--ranks` ranks under the deepspeed
 launcher (CPU ranks unless --gpus) and reads the run's memory.json: the bytes of parameters, fp32
-master weights, gradients and optimizer state that rank 0 really holds (nanosft/distributed.py
+master weights, gradients and optimizer state that rank 0 really holds (nanosft/memory.py
 finds every live tensor), next to the ZeRO paper's estimate. The ratio column is against stage 0
 in the same dtype, measured in the same invocation.
 """

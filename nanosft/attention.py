@@ -189,9 +189,7 @@ def pick_impl(impl, softcap):
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        H, H_kv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        assert H % H_kv == 0, f"n_head {H} is not a multiple of n_kv_head {H_kv}"
-        assert cfg.attn_impl in ATTEND, f"attn_impl must be one of {list(ATTEND)}"
+        H, H_kv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim  # (ModelConfig checked that they fit together)
         self.n_head, self.n_kv_head, self.head_dim = H, H_kv, hd
         self.impl = pick_impl(cfg.attn_impl, cfg.softcap)
         self.softcap = cfg.softcap
@@ -217,7 +215,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, hd) with S = cached + T
         y = ATTEND[self.impl](q, k, v, mask, self.softcap)  # (B, H, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # (B, T, H * hd): the heads side by side
         return self.o_proj(y)
 
 

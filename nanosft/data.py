@@ -6,21 +6,19 @@ Training data: files -> validated conversations -> (ids, loss mask) -> packed ro
 formats.py reads the formats users have (this one, ShareGPT, Alpaca, DeepSpeed-Chat, plain text)
 into conversations like the one above. Every record that is wrong is reported as "file:line:
 reason" and stops the run, or with --skip-invalid is left out and counted (nothing is dropped in
-silence). A conversation too long for a row loses its oldest whole exchanges. Token ids are
-cached as numpy arrays, keyed by content hashes. Conversations are rendered by template.py and
-then packed: several whole conversations share one fixed-length row, and each
+silence). Conversations are rendered by template.py (a conversation too long for a row loses its
+oldest whole exchanges), then packed: several whole conversations share one fixed-length row, and each
 token carries its conversation's index in the row (`doc`) and its position inside that
 conversation (`pos`). The model uses `doc` to keep attention inside each conversation and `pos`
 to restart rotary positions, so a packed row trains exactly like separate padded rows, without
 paying for the padding. Rows are re-packed from a fresh shuffle every epoch.
+
+Rows are `row_len` = max_seq_len + 1 tokens long: inputs and targets are the row shifted by one.
+train.py reads its files through cache.py, which keeps the rendered samples of each file so that
+a rerun skips all of this; `python -m nanosft.data check|stats` (cli.py) runs the validation alone.
 """
 
-import hashlib
-import json
-import os
 import random
-import zipfile
-from collections import Counter
 
 import numpy as np
 import torch
@@ -125,53 +123,60 @@ def load_jsonl(path, check=check_conversation):
 # -----------------------------------------------------------------------------
 # tokenizing and packing
 
-def _exchanges(messages):
-    """Split a conversation into its leading system messages and its exchanges: each exchange
-    starts at a user turn and holds the replies that follow it."""
+def split_exchanges(messages):
+    """A conversation -> (its leading system messages, its exchanges): each exchange starts at a
+    user turn and holds the replies that follow it."""
     n_sys = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
     starts = [i for i in range(n_sys, len(messages)) if messages[i]["role"] == "user" or i == n_sys]
     return messages[:n_sys], [messages[a:b] for a, b in zip(starts, starts[1:] + [len(messages)])]
 
 
-def render_within(template, messages, max_len, train_on="all-assistant"):
-    """(ids, mask, n_dropped_exchanges) of the conversation, dropping its oldest whole exchanges
-    (never the system prompt, never part of a turn) until it fits in max_len tokens; None when
-    even the last exchange alone does not fit."""
-    system, exchanges = _exchanges(messages)
-    for drop in range(len(exchanges)):
-        ids, mask = template.render(system + [m for ex in exchanges[drop:] for m in ex], train_on)
-        if len(ids) <= max_len:
-            return ids, mask, drop
+def without_oldest_exchanges(messages):
+    """Yield (n, the conversation without its n oldest exchanges) for n = 0, 1, ... up to its last
+    exchange alone: the ways to shorten a conversation that never cut a turn or lose the system
+    prompt. Training data (render_within) and chat.py's history both shorten this way."""
+    system, exchanges = split_exchanges(messages)
+    for n in range(len(exchanges)):
+        yield n, system + [m for ex in exchanges[n:] for m in ex]
+
+
+def render_within(template, messages, limit, train_on="all-assistant"):
+    """(ids, mask, exchanges cut) of the conversation, without as few of its oldest exchanges as
+    make it fit in `limit` tokens; None when even the last exchange alone does not fit."""
+    for cut, shorter in without_oldest_exchanges(messages):
+        ids, mask = template.render(shorter, train_on)
+        if len(ids) <= limit:
+            return ids, mask, cut
     return None
 
 
-def tokenize(records, template, max_len, train_on="all-assistant"):
-    """Render every conversation -> (samples, counts). A sample is (ids, mask) int arrays.
-    A conversation longer than max_len tokens loses its oldest exchanges (counted as truncated);
-    one whose last exchange alone is too long is left out (counted as dropped). Never cut mid-turn."""
+def render_conversations(records, template, row_len, train_on="all-assistant"):
+    """Render every conversation -> (samples, counts). A sample is (ids, mask) int arrays. A
+    conversation longer than row_len tokens loses its oldest exchanges (counted as "truncated");
+    one whose last exchange alone is too long is left out (counted as "dropped"). Never cut mid-turn."""
     samples, counts = [], {"truncated": 0, "dropped": 0}
     for rec in records:
-        fitted = render_within(template, rec["messages"], max_len, train_on)
+        fitted = render_within(template, rec["messages"], row_len, train_on)
         if fitted is None:
             counts["dropped"] += 1
             continue
-        ids, mask, dropped = fitted
-        counts["truncated"] += dropped > 0
+        ids, mask, cut = fitted
+        counts["truncated"] += cut > 0
         samples.append((np.array(ids, dtype=np.int32), np.array(mask, dtype=np.int8)))
     return samples, counts
 
 
-def tokenize_text(records, template, max_len):
-    """Documents for --stage pretrain -> (samples, counts): every token supervised; a document
-    longer than max_len tokens is cut into pieces of max_len that overlap by one token."""
-    samples, counts = [], {"truncated": 0, "dropped": 0}
+def render_documents(records, template, row_len):
+    """Documents for --stage pretrain -> samples, every token supervised; a document longer than
+    row_len tokens is cut into pieces of row_len that overlap by one token (nothing is lost)."""
+    samples = []
     for rec in records:
         ids, mask = template.render_text(rec["text"])
         # consecutive pieces share one token: a piece's first token is only context, so the
         # piece before it predicts it and every token is learned once
-        for a in range(0, max(len(ids) - 1, 1), max_len - 1):
-            samples.append((np.array(ids[a:a + max_len], dtype=np.int32), np.array(mask[a:a + max_len], dtype=np.int8)))
-    return samples, counts
+        for a in range(0, max(len(ids) - 1, 1), row_len - 1):
+            samples.append((np.array(ids[a:a + row_len], dtype=np.int32), np.array(mask[a:a + row_len], dtype=np.int8)))
+    return samples
 
 
 def pack(samples, row_len, pad_id, open_rows=8):
@@ -372,156 +377,6 @@ class Batches:
         self.cursor = state["cursor"]
 
 
-# -----------------------------------------------------------------------------
-# the cache: tokenize once
-
-CACHE_VERSION = 1  # bump when rendering or tokenizing changes what a cached file would hold
-
-
-def file_digest(path):
-    """sha256 of a file's bytes: the cache's notion of "the same data"."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def cache_path(cache_dir, kind, *parts, ext=".npz"):
-    """cache_dir/kind-<hash of everything the cached result depends on>.npz"""
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, *parts]).encode()).hexdigest()[:32]
-    return os.path.join(cache_dir, f"{kind}-{key}{ext}")
-
-
-def save_samples(path, samples, meta):
-    """Samples as three flat numpy arrays (ids, mask, offsets) and a JSON string: np.load reads
-    them back with allow_pickle=False. Written to a temporary name first, so a reader never sees
-    half a file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    lengths = [len(ids) for ids, _ in samples]
-    arrays = {"ids": np.concatenate([ids for ids, _ in samples] or [np.zeros(0, np.int32)]),
-              "mask": np.concatenate([m for _, m in samples] or [np.zeros(0, np.int8)]),
-              "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
-              "meta": np.array(json.dumps(meta))}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
-def load_samples(path):
-    """-> (samples, meta), or None when the file cannot be read back (then it is recomputed)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            ids, mask, offsets, meta = z["ids"], z["mask"], z["offsets"], json.loads(str(z["meta"]))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return None
-    return [(ids[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])], meta
-
-
-# -----------------------------------------------------------------------------
-# python -m nanosft.data check FILE...: the validation train.py runs, on its own
-
-def check_files(paths, fmt="auto"):
-    """Validate training files as train.py does -> (report, number of bad records). The report is
-    one line when all is well, else the bad records of each file."""
-    lines, bad, formats = [], 0, Counter()
-    for path in paths:
-        try:
-            records, errors = load_conversations(path, fmt, skip_invalid=True)
-        except (ValueError, OSError) as e:  # a file that cannot be read to its end
-            lines.append(str(e))
-            bad += 1
-            continue
-        formats.update(r["format"] for r in records)
-        bad += len(errors)
-        if errors:
-            lines.append(error_list(path, errors))
-        elif not records:  # train.py refuses a file with nothing to learn from: so does the check
-            lines.append(f"{path}: no conversations in the file")
-            bad += 1
-    kinds = ", ".join(f"{n} {f}" for f, n in sorted(formats.items())) or "none"
-    summary = f"{sum(formats.values())} good conversation(s) in {len(paths)} file(s) ({kinds})"
-    lines.append(f"{summary}, {bad} bad record(s)" if bad else f"ok: {summary}")
-    return "\n".join(lines), bad
-
-
-def show_tokens(tok, ids, mask, tty):
-    """One line of pieces with the supervised ones marked: green (red: not) on a terminal, else
-    [in brackets]."""
-    show = {1: "\033[32m{}\033[0m", 0: "\033[31m{}\033[0m"} if tty else {1: "[{}]", 0: "{}"}
-    return " ".join(show[int(m)].format(tok.id_to_piece(int(i))) for i, m in zip(ids, mask))
-
-
-def stats(paths, template, max_len, fmt="auto", train_on="all-assistant", tty=False):
-    """What train.py would make of these files, as text: conversations per format, their length
-    in tokens (a histogram), the share of supervised tokens, what --max-seq-len truncates or
-    drops, and one rendered sample with its supervised tokens marked."""
-    records, errors = [], 0
-    for path in paths:
-        recs, errs = load_conversations(path, fmt, skip_invalid=True)
-        records += recs
-        errors += len(errs)
-    lines = [f"{len(records)} conversations in {len(paths)} file(s): "
-             + ", ".join(f"{n} {f}" for f, n in sorted(Counter(r["format"] for r in records).items()))
-             + (f"; {errors} invalid (see: python -m nanosft.data check)" if errors else "")]
-    if not records:
-        return "\n".join(lines)
-    rendered = [template.render(r["messages"], train_on) for r in records]
-    lengths = np.array([len(ids) for ids, _ in rendered])
-    supervised = sum(sum(mask) for _, mask in rendered)
-    lines.append(f"tokens per conversation: median {int(np.median(lengths))}, mean {lengths.mean():.0f}, "
-                 f"max {lengths.max()}; supervised: {supervised / lengths.sum():.1%} of all tokens ({train_on})")
-    bounds = [16]  # buckets 1-16, 17-32, 33-64, ... up to the longest
-    while bounds[-1] < lengths.max():
-        bounds.append(2 * bounds[-1])
-    counts = np.histogram(lengths, bins=[0.5] + [b + 0.5 for b in bounds])[0]
-    for lo, hi, n in zip([0] + bounds, bounds, counts):
-        lines.append(f"  {lo + 1:>6}-{hi:<6} {n:>8}  {'#' * int(np.ceil(40 * n / counts.max()))}")
-    _, c = tokenize(records, template, max_len, train_on)
-    lines.append(f"--max-seq-len {max_len - 1}: {(lengths <= max_len).sum()} fit, {c['truncated']} lose their "
-                 f"oldest exchanges, {c['dropped']} are left out")
-    example = max(range(len(records)), key=lambda i: (len(records[i]["messages"]), -i))  # the most turns
-    lines.append("a sample (supervised tokens " + ("green" if tty else "in [brackets]") + "):")
-    lines.append(show_tokens(template.tok, *rendered[example], tty))
-    return "\n".join(lines)
-
-
-def main(argv=None):
-    import argparse
-    import sys
-    from nanosft.formats import FORMATS
-    from nanosft.template import TRAIN_ON, ChatTemplate
-    from nanosft.tokenizer import Tokenizer
-    p = argparse.ArgumentParser(prog="python -m nanosft.data", description="check and describe training data files")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="validate files exactly as train.py does; exit 1 if anything is invalid")
-    s = sub.add_parser("stats", help="formats, lengths, supervised share, truncation, a marked-up sample")
-    for q in (c, s):
-        q.add_argument("files", nargs="+")
-        q.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
-    s.add_argument("--tokenizer", default="runs/latest", help="a .model file or a run directory")
-    s.add_argument("--max-seq-len", type=int, default=256)
-    s.add_argument("--train-on", default="all-assistant", choices=TRAIN_ON)
-    args = p.parse_args(argv)
-    for f in args.files:
-        if not os.path.isfile(f):
-            p.error(f"{f}: {'a folder, not a file' if os.path.isdir(f) else 'no such file'}")
-    if args.cmd == "check":
-        report, bad = check_files(args.files, args.format)
-        print(report)
-        return 1 if bad else 0
-    model = os.path.join(args.tokenizer, "tokenizer.model") if os.path.isdir(args.tokenizer) else args.tokenizer
-    if not os.path.isfile(model):
-        p.error(f"--tokenizer {args.tokenizer}: no tokenizer.model there (train a run first, or name a .model file)")
-    template = ChatTemplate(Tokenizer.load(model).with_control_tokens(Tokenizer.CHAT_TOKENS))
-    try:
-        print(stats(args.files, template, args.max_seq_len + 1, args.format, args.train_on, sys.stdout.isatty()))
-    except (ValueError, OSError) as e:  # a file that cannot be read to its end
-        sys.exit(f"error: {e}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
+if __name__ == "__main__":  # python -m nanosft.data check|stats: the command line is cli.py
+    from nanosft.cli import data_main
+    raise SystemExit(data_main())

@@ -4,22 +4,22 @@ Running under DeepSpeed: the plumbing train.py needs, so that train.py itself ca
     setup_distributed()         one code path for `python train.py` (a world of one) and the launcher
     deepspeed_config(...)       the JSON DeepSpeed reads: configs/ds_config.json (or --ds-config) + flags
     make_optimizer(...)         AdamW; DeepSpeed's CPU Adam when ZeRO-Offload moves the optimizer to CPU
+    lr_schedule(...)            linear warm-up, then cosine decay to 10%
     full_state_dict(engine)     the fp32 weights, gathered from the ZeRO shards whatever the stage
     save_checkpoint / load_checkpoint   everything needed to resume, with a `latest` that is never
                                 half-written; rng_state / set_rng_state for what they carry
-    measure_memory(engine)      the bytes of parameters, gradients and optimizer state this rank really
-    estimate_memory(...)        holds, found tensor by tensor, and the ZeRO paper's estimate of them
+    print0(...)                 every message of a run: printed on rank 0 only
 
 ZeRO in one paragraph (Rajbhandari et al., 2020): plain data parallelism keeps a full copy of the
 weights, the gradients and the optimizer state (Adam: two more tensors per weight) on every rank.
 Stage 1 splits the optimizer state across the ranks, stage 2 the gradients as well, stage 3 the
 weights too (they are gathered layer by layer just before use). Offload keeps the optimizer state
 (and with stage 3 the weights) in CPU memory. The maths does not change: tests/test_zero.py checks
-that every stage trains exactly like one rank without ZeRO.
+that every stage trains exactly like one rank without ZeRO; memory.py measures what each stage saves.
 """
 
 import copy
-import gc
+import math
 import os
 import random
 import shutil
@@ -28,6 +28,8 @@ import socket
 import deepspeed
 import numpy as np
 import torch
+
+from nanosft.files import atomic_write
 
 
 # -----------------------------------------------------------------------------
@@ -141,6 +143,16 @@ def make_optimizer(model, lr, weight_decay, offload):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
+def lr_schedule(optimizer, warmup, total):
+    """Linear warm-up over `warmup` steps, then cosine decay to 10% of the peak at step `total`."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def base_optimizer(engine):
     """The torch optimizer inside DeepSpeed's wrappers (ZeRO, bf16)."""
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -175,16 +187,6 @@ def full_state_dict(engine):
     return state
 
 
-def write_text_atomic(path, text):
-    """Write a small file so that a reader sees the old content or the new, never half of it."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2):
     """A DeepSpeed checkpoint (module, optimizer with its ZeRO shards, LR schedule, loss scaler,
     client_state) in ckpt_dir/step00000123/. `latest` names it only once every rank has written
@@ -194,7 +196,8 @@ def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2):
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     torch.distributed.barrier()
     if is_rank0():
-        write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
+        with atomic_write(os.path.join(ckpt_dir, "latest")) as f:
+            f.write(tag)
         # older ones beyond `keep`, and any later ones: left by a run that was killed and resumed
         # from before them, they belong to a past that did not happen
         tags = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step") and d != tag)
@@ -232,98 +235,3 @@ def load_checkpoint(engine, ckpt_dir):
     if path is None:
         raise ValueError(f"{os.path.join(ckpt_dir, tag)}: DeepSpeed could not load this checkpoint")
     return client_state
-
-
-# -----------------------------------------------------------------------------
-# memory
-
-MODEL_STATES = ("parameters", "master_weights", "gradients", "optimizer_state")
-
-def _storages(tensors):
-    """{storage address: (device type, bytes)} of tensors; views of one storage count once."""
-    out = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            s = t.untyped_storage()
-            try:
-                ptr = s.data_ptr()
-            except RuntimeError:  # a storage already released (seen with ZeRO-3 and --compile): no memory
-                continue
-            if s.nbytes():
-                out[(t.device.type, ptr)] = (t.device.type, s.nbytes())
-    return out
-
-
-def _tensors_in(obj, names):
-    """The tensors held, directly or in lists and dicts, by the attributes `names` of obj."""
-    stack = [getattr(obj, name, None) for name in names]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            yield x
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-
-
-# Where DeepSpeed's optimizer wrappers keep the fp32 master weights and the gradients (ZeRO 1/2,
-# ZeRO-3, bf16 without ZeRO), outside the torch optimizer's param_groups and .grad.
-MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
-GRAD_ATTRS = ("averaged_gradients", "grads_in_partition", "ipg_buffer", "grad_partitions_flat_buffer",
-              "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", "fp32_groups_gradients_flat")
-
-
-def measure_memory(engine):
-    """Bytes of the tensors alive on this rank, by kind and device. Every live tensor is found by
-    walking Python's objects (views counted once, by storage) and sorted into: optimizer state
-    (Adam's moments), master weights (the optimizer's own fp32 copy, where it keeps one),
-    parameters (the module's weights or, under ZeRO-3, its shard), gradients (.grad and ZeRO's
-    gradient buffers) and other (the batch, rotary tables, communication buffers). Call it while gradients exist (before the
-    optimizer step) to see the peak."""
-    base = base_optimizer(engine)
-    state = _storages(t for s in base.state.values() for t in s.values())
-    module_params = list(engine.module.parameters())
-    params = _storages([getattr(p, "ds_tensor", p) for p in module_params])
-    masters = [p for g in base.param_groups for p in g["params"]] + list(_tensors_in(engine.optimizer, MASTER_ATTRS))
-    master = _storages(masters)
-    grads = _storages([p.grad for p in module_params + masters] + list(_tensors_in(engine.optimizer, GRAD_ATTRS)))
-    # type(), not isinstance: no properties run. Tensor subclasses are skipped altogether: the ones
-    # found here are torch.compile's fake tensors (--compile), which hold no memory and whose data
-    # pointer must not be read; nanosft and DeepSpeed keep their data in plain tensors and Parameters
-    alive = _storages(o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter))
-    kinds = {"optimizer_state": state, "parameters": params, "master_weights": master, "gradients": grads}
-    seen = set()
-    report = {}
-    for kind, found in kinds.items():
-        for key, (dev, n) in found.items():
-            if key not in seen:
-                seen.add(key)
-                report.setdefault(dev, {}).setdefault(kind, 0)
-                report[dev][kind] += n
-    for key, (dev, n) in alive.items():
-        if key not in seen:
-            report.setdefault(dev, {}).setdefault("other", 0)
-            report[dev]["other"] += n
-    for dev in report:
-        for k in MODEL_STATES + ("other",):
-            report[dev].setdefault(k, 0)
-        report[dev]["model_states"] = sum(report[dev][k] for k in MODEL_STATES)
-    if "cuda" in report:  # what the caching allocator says, activations and NCCL buffers included
-        report["cuda"]["allocator_peak"] = torch.cuda.max_memory_allocated()
-        report["cuda"]["allocator_reserved"] = torch.cuda.memory_reserved()
-    return report
-
-
-def estimate_memory(n_params, stage, world, dtype):
-    """The ZeRO paper's per-rank bytes of model states for n_params weights and Adam: per weight,
-    2 or 4 bytes of parameter and of gradient, 4 of fp32 master copy (mixed precision only) and 8
-    of Adam moments; stage 1 divides the master copy and the moments by the world size, stage 2
-    the gradients too, stage 3 the parameters too."""
-    half = dtype in ("bf16", "fp16")
-    per_weight = {"parameters": 2 if half else 4, "gradients": 2 if half else 4,
-                  "master_weights": 4 if half else 0, "optimizer_state": 8}
-    split_from = {"parameters": 3, "gradients": 2, "master_weights": 1, "optimizer_state": 1}
-    est = {k: n_params * b / (world if stage >= split_from[k] else 1) for k, b in per_weight.items()}
-    est["model_states"] = sum(est.values())
-    return est

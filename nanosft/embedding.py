@@ -34,11 +34,9 @@ def llama3_scaled(inv_freq, factor, low_freq_factor, high_freq_factor, original_
 
 class Rotary(nn.Module):
     def __init__(self, head_dim, theta=10000.0, scaling=None):
-        super().__init__()
-        assert head_dim % 2 == 0, "RoPE needs an even head_dim"
+        super().__init__()  # (head_dim is even and scaling Llama 3's: ModelConfig checks both)
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         if scaling:
-            assert scaling.get("rope_type") == "llama3", f"unsupported rope scaling {scaling}"
             inv_freq = llama3_scaled(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
         # persistent=False: derived from the config, never saved; also kept in fp32 on purpose,
         # as bf16 angles lose whole radians at large positions

@@ -34,7 +34,7 @@ import torch
 
 from nanosft.bleu import corpus_bleu, pick_tokenizer
 from nanosft.checkpoint import load_model
-from nanosft.data import check_conversation, check_prompt, pack, read_file, to_batch, tokenize
+from nanosft.data import check_conversation, check_prompt, pack, read_file, render_conversations, to_batch
 from nanosft.formats import FORMATS, FormatError, to_messages
 from nanosft.generate import reply
 from nanosft.template import ChatTemplate
@@ -117,9 +117,9 @@ def generation_metrics(model, template, records, max_new_tokens=None):
     em = {f: hits[f] / totals[f] for f in sorted(totals)}
     em["overall"] = sum(hits.values()) / sum(totals.values())
     references = [r["answer"] for r in records]
-    tokenize = pick_tokenizer(references)
-    bleu = corpus_bleu([out or "" for out in replies], references, tokenize)
-    return {"exact_match": em, "bleu": bleu, "bleu_tokenize": tokenize}, replies
+    bleu_tokenize = pick_tokenizer(references)  # "13a", or "zh" for Chinese references
+    bleu = corpus_bleu([out or "" for out in replies], references, bleu_tokenize)
+    return {"exact_match": em, "bleu": bleu, "bleu_tokenize": bleu_tokenize}, replies
 
 
 def as_conversations(records):
@@ -162,6 +162,14 @@ def pad(text, width):
     return text + fill if width < 0 else fill + text
 
 
+def brief(m):
+    """One line of evaluation results, as train.py prints them during a run."""
+    parts = [f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.3f})"] if "val_loss" in m else []
+    if "exact_match" in m:
+        parts.append(f"exact match {m['exact_match']['overall']:.1%}, BLEU {m['bleu']:.2f}")
+    return ", ".join(parts)
+
+
 def pick_samples(records, replies, per_family=1):
     """The first `per_family` prompts of each family, with every model's reply to them.
     replies: {"label": list of replies in record order} -> list of sample dicts."""
@@ -194,7 +202,8 @@ def evaluate_run(model, template, records, batch_size=16, max_new_tokens=None):
     """All the numbers for one model on held-out records; the loss is over the reference answers
     (val_dropped: conversations too long for the context even without their earlier exchanges,
     left out of it; the replies count them as misses)."""
-    samples, counts = tokenize(as_conversations(records), template, model.cfg.max_seq_len + 1, train_on="last-assistant")
+    samples, counts = render_conversations(as_conversations(records), template, model.cfg.max_seq_len + 1,
+                                           train_on="last-assistant")
     # rows as long as the longest conversation, not the model's whole context (131,072 for some
     # Hugging Face models: the attention masks alone would not fit)
     row_len = max((len(ids) for ids, _ in samples), default=2)

@@ -33,10 +33,10 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 @torch.inference_mode()  # no autograd bookkeeping at all: each step is a handful of tiny ops
 def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
              stop_ids=(), generator=None):
-    max_len = model.cfg.max_seq_len
-    if len(prompt_ids) >= max_len:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {max_len}")
-    max_new_tokens = min(max_new_tokens, max_len - len(prompt_ids))
+    context = model.cfg.max_seq_len  # positions the model has: prompt and reply must fit in them
+    if len(prompt_ids) >= context:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {context}")
+    max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
     device = model.embed_tokens.weight.device
     cache = model.new_cache(batch=1, max_len=len(prompt_ids) + max_new_tokens)
     x = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T) prompt, then (1, 1)

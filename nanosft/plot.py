@@ -7,43 +7,15 @@ the learning rate on a second axis.
 The numbers come from the run's DeepSpeed monitor CSVs (train.py logs through DeepSpeed's own
 monitor): runs/<name>/monitor/<Group>_<name>.csv, one file per quantity, each a "step,<name>"
 header and then a row per logged step, e.g. Train_loss.csv, Train_tokens.csv, Train_lr.csv,
-Eval_val_loss.csv. `read_monitor` reads them back for anyone else too (tests, notebooks).
-train.py draws the plot at the end of a run.
+Eval_val_loss.csv, read back by monitor.py's read_monitor. train.py draws the plot at the end of a run.
 """
 
 import argparse
-import csv
-import io
 import math
 import os
 import sys
 
-MONITOR_DIR = "monitor"  # under the run directory: DeepSpeed's csv_monitor job_name
-
-
-def read_monitor(run_dir):
-    """-> {"Train_loss": {step: value, ...}, ...}: every CSV the monitor wrote, by file name. (The
-    monitor names a file for its event with "/" made "_": Train/loss -> Train_loss.csv.)"""
-    folder = os.path.join(run_dir, MONITOR_DIR)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder} not found: not a run written by train.py")
-    series = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".csv"):
-            path = os.path.join(folder, name)
-            with open(path, newline="") as f:
-                text = f.read()
-            rows = list(csv.reader(io.StringIO(text)))[1:]  # the header is "step,<name>"
-            if not text.endswith("\n"):
-                rows = rows[:-1]  # a last row cut short by a kill (even where it still parses): the run stopped before it
-            series[name[:-4]] = points = {}
-            for line, r in enumerate(rows, 2):
-                try:
-                    points[int(float(r[0]))] = float(r[1])
-                except (ValueError, IndexError):
-                    raise ValueError(f"{path}:{line}: not a 'step,value' row: {','.join(r)!r}") from None
-    return series
-
+from nanosft.monitor import read_monitor
 
 def smooth(values, weight=0.95):
     """Exponential moving average, without the bias towards its zero start (as Adam corrects it).

@@ -18,6 +18,8 @@ from collections import Counter
 
 import torch
 
+from nanosft.files import atomic_write
+
 # file dtype -> torch dtype, in the order the reference writer lays data out: widest elements first,
 # so with a header padded to 8 bytes every tensor starts at a multiple of its element size
 DTYPES = {"I64": torch.int64, "F64": torch.float64, "F32": torch.float32, "I32": torch.int32,
@@ -152,12 +154,10 @@ def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] |
         pos += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keeps the data section, and so every tensor, aligned
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:  # never a half-written file under the real name
         f.write(struct.pack("<Q", len(raw)) + raw)
         for name in order:  # one tensor at a time, so the whole model is never copied at once
             f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    os.replace(tmp, path)  # never leave a half-written file under the real name
 
 
 def load_sharded(directory) -> dict[str, torch.Tensor]:

@@ -1,139 +1,32 @@
 """
 A byte-fallback BPE tokenizer in the SentencePiece style, written from scratch.
 
-Text enters the project here: the chat template turns a conversation into plain
-text segments plus the control tokens in `Tokenizer.SPECIALS`, this module turns
-each text segment into token ids, and the data pipeline concatenates them.
+Text enters the project here: the chat template (template.py) turns a conversation into plain
+text segments plus the control tokens in `Tokenizer.SPECIALS`, this module turns each text segment
+into token ids, and the data pipeline concatenates them.
 
-The on-disk format is SentencePiece's own `.model` protobuf, read and written by
-hand below, so the same class can load a Llama-family `tokenizer.model` and a
-file saved here loads in the `sentencepiece` library. Encoding follows the
-library's BPE algorithm step for step (normalize, split into characters, merge
-the best-scoring adjacent pair until none is left, fall back to UTF-8 bytes),
-which is what lets the tests demand identical ids.
+Encoding follows the sentencepiece library's BPE algorithm step for step (normalize, split into
+characters, merge the best-scoring adjacent pair until none is left, fall back to UTF-8 bytes),
+which is what lets the tests demand identical ids. The vocabulary is stored in SentencePiece's own
+`.model` file (spm_model.py reads and writes it), so the same class loads a Llama-family
+`tokenizer.model`, and a file saved here loads in the `sentencepiece` library. `load_tokenizer` is
+how every command gets its tokenizer, with the chat markers added where a base model lacks them.
 
-Known quirk, shared with sentencepiece: the character "▁" (U+2581) is how a
-space is spelled inside pieces, so a literal "▁" in the input decodes as " ".
+Known quirk, shared with sentencepiece: the character "▁" (U+2581) is how a space is spelled
+inside pieces, so a literal "▁" in the input decodes as " ".
 """
 
 import codecs
 import heapq
+import os
 import re
-import struct
 from collections import Counter, defaultdict
 
-# Piece types of sentencepiece_model.proto (ModelProto.SentencePiece.Type).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-BPE = 2  # TrainerSpec.ModelType; the proto default (1) is UNIGRAM
+from nanosft.spm_model import (BPE, BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, option, read_model,
+                               train_with_sentencepiece, write_model)
+
 SPACE = "\u2581"  # "▁", stands for " " inside pieces
 MAX_PIECE_LENGTH = 16  # characters; sentencepiece's default max_sentencepiece_length
-
-# ----------------------------------------------------------------------------
-# Protobuf wire format: just enough to read and write sentencepiece models.
-# Each schema maps a field name to (field number, kind, proto default). Fields
-# not named here are kept as raw (number, wire type, value) triples and written
-# back unchanged, so re-saving a model loses nothing.
-
-PIECE_FIELDS = {"piece": (1, "str", ""), "score": (2, "float", 0.0), "type": (3, "int", NORMAL)}
-TRAINER_FIELDS = {
-    "model_type": (3, "int", 1), "vocab_size": (4, "int", 8000),
-    "treat_whitespace_as_suffix": (24, "bool", False), "split_digits": (25, "bool", False),
-    "byte_fallback": (35, "bool", False),
-    "unk_id": (40, "int", 0), "bos_id": (41, "int", 1),
-    "eos_id": (42, "int", 2), "pad_id": (43, "int", -1),
-    "unk_surface": (44, "str", " \u2047 "),
-    "unk_piece": (45, "str", "<unk>"), "bos_piece": (46, "str", "<s>"),
-    "eos_piece": (47, "str", "</s>"), "pad_piece": (48, "str", "<pad>"),
-}
-NORMALIZER_FIELDS = {
-    "name": (1, "str", ""), "precompiled_charsmap": (2, "bytes", b""),
-    "add_dummy_prefix": (3, "bool", True), "remove_extra_whitespaces": (4, "bool", True),
-    "escape_whitespaces": (5, "bool", True),
-}
-WIRE_TYPE = {"int": 0, "bool": 0, "str": 2, "bytes": 2, "float": 5}
-
-
-def _read_varint(buf, pos):
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated or overlong varint")
-        byte = buf[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if byte < 0x80:
-            return value, pos
-
-
-def _varint(value):
-    value &= (1 << 64) - 1  # negative int32/int64 are written as 10-byte two's complement
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _iter_fields(buf):
-    """Yield (field number, wire type, value): an int for varints, bytes otherwise."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire in (1, 2, 5):
-            size = {1: 8, 5: 4}.get(wire)
-            if size is None:
-                size, pos = _read_varint(buf, pos)
-            if pos + size > len(buf):
-                raise ValueError("truncated field")
-            value, pos = bytes(buf[pos:pos + size]), pos + size
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        if number == 0:
-            raise ValueError("invalid field number 0")
-        yield number, wire, value
-
-
-def _parse(buf, schema):
-    """Split a message into ({name: value} for known fields, [raw unknown fields])."""
-    by_number = {number: (name, kind) for name, (number, kind, _) in schema.items()}
-    known, unknown = {}, []
-    for number, wire, value in _iter_fields(buf):
-        name, kind = by_number.get(number, (None, None))
-        if name is None or WIRE_TYPE[kind] != wire:
-            unknown.append((number, wire, value))
-        elif kind == "int":
-            known[name] = value - (1 << 64) if value >> 63 else value
-        elif kind == "bool":
-            known[name] = bool(value)
-        elif kind == "str":
-            known[name] = value.decode("utf-8")
-        elif kind == "float":
-            known[name] = struct.unpack("<f", value)[0]
-        else:
-            known[name] = value
-    return known, unknown
-
-
-def _serialize(known, unknown, schema):
-    """Inverse of _parse. Fields go out in field-number order, as protobuf's C++ writer does."""
-    fields = list(unknown)
-    for name, value in known.items():
-        number, kind, _ = schema[name]
-        if kind == "str":
-            value = value.encode("utf-8")
-        elif kind == "float":
-            value = struct.pack("<f", value)
-        fields.append((number, WIRE_TYPE[kind], int(value) if WIRE_TYPE[kind] == 0 else value))
-    out = bytearray()
-    for number, wire, value in sorted(fields, key=lambda f: f[0]):  # stable: repeated fields keep order
-        out += _varint(number << 3 | wire)
-        out += _varint(value) if wire == 0 else (_varint(len(value)) + value if wire == 2 else value)
-    return bytes(out)
-
 
 # ----------------------------------------------------------------------------
 # Normalization and decoding helpers, mirroring sentencepiece's normalizer.cc
@@ -177,13 +70,11 @@ class Tokenizer:
         self.trainer = dict(trainer or {})
         self.normalizer = dict(normalizer or {})
         self._unknown_fields = unknown_fields or {"model": [], "trainer": [], "normalizer": []}
+        self.base_size = len(self.pieces)  # pieces before with_control_tokens added any
         self._setup()
 
     def _option(self, name):
-        for spec, schema in ((self.trainer, TRAINER_FIELDS), (self.normalizer, NORMALIZER_FIELDS)):
-            if name in schema:
-                return spec.get(name, schema[name][2])
-        raise KeyError(name)
+        return option(self.trainer, self.normalizer, name)
 
     def _setup(self):
         """Derive the lookup tables encode/decode need, rejecting what we cannot reproduce."""
@@ -249,7 +140,9 @@ class Tokenizer:
         if not new:
             return self
         trainer = {**self.trainer, "vocab_size": len(self.pieces) + len(new)}
-        return Tokenizer(self.pieces + new, trainer, self.normalizer, self._unknown_fields)
+        tok = Tokenizer(self.pieces + new, trainer, self.normalizer, self._unknown_fields)
+        tok.base_size = self.base_size  # a base model's embedding has rows for these only
+        return tok
 
     @property
     def vocab_size(self):
@@ -404,31 +297,13 @@ class Tokenizer:
     def from_bytes(cls, data, name="<bytes>"):
         """A tokenizer from the bytes of a .model file; `name` appears in error messages."""
         try:
-            pieces, specs, unknown = [], {2: ({}, []), 3: ({}, [])}, {"model": []}
-            for number, wire, value in _iter_fields(data):
-                if number == 1 and wire == 2:
-                    piece = _parse(value, PIECE_FIELDS)[0]
-                    pieces.append(tuple(piece.get(k, d) for k, (_, _, d) in PIECE_FIELDS.items()))
-                elif number in (2, 3) and wire == 2:
-                    specs[number] = _parse(value, TRAINER_FIELDS if number == 2 else NORMALIZER_FIELDS)
-                else:
-                    unknown["model"].append((number, wire, value))
-            if not pieces:
-                raise ValueError("no pieces")
-            (trainer, unknown["trainer"]), (normalizer, unknown["normalizer"]) = specs[2], specs[3]
-            return cls(pieces, trainer, normalizer, unknown)
+            return cls(*read_model(data))
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{name}: not a usable SentencePiece BPE model: {e}") from e
 
     def to_bytes(self):
-        """The .model file's bytes. sentencepiece writes a piece's type only when it is not
-        NORMAL; so do we, so that a loaded model saves back byte for byte."""
-        fields = [(1, 2, _serialize({"piece": p, "score": s, **({"type": t} if t != NORMAL else {})},
-                                    [], PIECE_FIELDS)) for p, s, t in self.pieces]
-        extra = self._unknown_fields
-        fields.append((2, 2, _serialize(self.trainer, extra["trainer"], TRAINER_FIELDS)))
-        fields.append((3, 2, _serialize(self.normalizer, extra["normalizer"], NORMALIZER_FIELDS)))
-        return _serialize({}, fields + extra["model"], {})
+        """The .model file's bytes (spm_model.py)."""
+        return write_model(self.pieces, self.trainer, self.normalizer, self._unknown_fields)
 
     def save(self, path):
         with open(path, "wb") as f:
@@ -466,27 +341,11 @@ class Tokenizer:
                       "remove_extra_whitespaces": False, "escape_whitespaces": True}
         return cls(pieces, trainer, normalizer)
 
-
     @classmethod
     def train_spm(cls, texts, vocab_size):
-        """The same layout and settings as `train`, learned by the sentencepiece library: C++ and
-        multi-threaded, for corpora too big for the readable trainer above. Our encoder serves
-        the result like any other .model file."""
-        import io
-        import sentencepiece  # only needed here
-
-        lines = (line for text in texts for line in text.split("\n") if line.strip())
-        model = io.BytesIO()
-        try:
-            sentencepiece.SentencePieceTrainer.train(
-                sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
-                normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
-                byte_fallback=True, split_digits=True, character_coverage=0.9995, hard_vocab_limit=False,
-                unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=list(cls.CHAT_TOKENS),
-                minloglevel=2)
-        except RuntimeError as e:  # e.g. a vocabulary smaller than its special and byte pieces
-            raise ValueError(f"the sentencepiece trainer refused vocabulary size {vocab_size}: {e}") from None
-        tok = cls.from_bytes(model.getvalue(), name="sentencepiece trainer output")
+        """The same layout and settings as `train`, learned by the sentencepiece library (C++ and
+        multi-threaded: for corpora too big for the readable trainer above)."""
+        tok = cls.from_bytes(train_with_sentencepiece(texts, vocab_size, cls.CHAT_TOKENS), "sentencepiece's output")
         if [tok.id_to_piece(i) for i in range(len(cls.SPECIALS))] != list(cls.SPECIALS):
             raise ValueError("the sentencepiece trainer did not put the special tokens first")
         return tok
@@ -545,108 +404,20 @@ def _learn_merges(word_counts, max_merges, blocked, reserved):
     return merges
 
 
-# ----------------------------------------------------------------------------
-# Command line:
-#   python -m nanosft.tokenizer train --input data/train.jsonl --vocab-size 1024 --out tok.model
-#   echo "Hello 世界" | python -m nanosft.tokenizer encode --model tok.model     # one line of ids per line
-#   echo "1 2 3" | python -m nanosft.tokenizer decode --model tok.model          # one line of text per line
-#   python -m nanosft.tokenizer inspect --model tok.model "Hello 世界"             # pieces with their ids
-#   python -m nanosft.tokenizer inspect --model tok.model --chat data/train.jsonl  # supervised tokens in green
-# --model takes a .model file (sentencepiece's or ours) or a run directory holding tokenizer.model.
-
-def _cli_texts(paths):
-    """Training text: the message contents of chat files (.jsonl, .json) in any format train.py
-    reads, read and checked as it reads them; the lines of any other file."""
-    from nanosft.data import load_conversations  # (a command-line helper reaching on, as below)
-    for path in paths:
-        if path.endswith((".jsonl", ".json")):
-            for rec in load_conversations(path)[0]:
-                yield from (m["content"] for m in rec["messages"])
-            continue
-        with open(path, "rb") as f:
-            data = f.read()
-        try:  # lines as a text-mode file gives them: \r\n and \r end a line too
-            yield from data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        except UnicodeDecodeError as e:
-            line = data.count(b"\n", 0, e.start) + 1
-            raise ValueError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+def load_tokenizer(path):
+    """The tokenizer in a .model file (sentencepiece's or ours), or in the tokenizer.model of a
+    directory (a run, an export, a Hugging Face base model), ready for the chat template: the
+    markers in CHAT_TOKENS are added as control pieces where the vocabulary lacks them, as a base
+    model's does. Every command that reads a tokenizer reads it through here."""
+    file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
+    if os.path.isdir(path) and not os.path.exists(file) and os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise ValueError(f"{path}: only a tokenizer.json (byte-level BPE, as in Llama 3, Qwen2 or SmolLM) is "
+                         "there; nanosft reads SentencePiece tokenizer.model files")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} not found")
+    return Tokenizer.load(file).with_control_tokens(Tokenizer.CHAT_TOKENS)
 
 
-def _cli_lines():
-    """Lines of stdin (UTF-8), without their newline; a bad line names itself."""
-    import sys
-    data = sys.stdin.buffer.read()
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the text after the final newline is not a line
-    for n, raw in enumerate(lines, 1):
-        try:
-            yield n, raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise SystemExit(f"stdin:{n}: invalid UTF-8 ({e.reason} at byte {e.start})")
-
-
-def _cli_inspect_chat(tok, path, count):
-    # The chat view needs the template, which sits after the tokenizer in the data flow; only
-    # this command-line helper reaches for it, the module itself never does.
-    from nanosft.data import load_jsonl, show_tokens
-    from nanosft.template import ChatTemplate
-    import sys
-    tty = sys.stdout.isatty()  # green: supervised (in the loss), red: not; plain text: [supervised]
-    print("\033[32msupervised\033[0m  \033[31mnot supervised\033[0m" if tty else "[supervised]  not supervised")
-    template = ChatTemplate(tok.with_control_tokens(Tokenizer.CHAT_TOKENS))  # a base model lacks them
-    for rec in load_jsonl(path)[:count]:
-        ids, mask = template.render(rec["messages"])
-        print(show_tokens(template.tok, ids, mask, tty))
-        print(f"  {len(ids)} tokens, {sum(mask)} supervised")
-
-
-def main(argv=None):
-    import argparse
-    import os
-    import sys
-    p = argparse.ArgumentParser(prog="python -m nanosft.tokenizer", description="train, use and inspect tokenizers")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a tokenizer on chat JSONL or text files")
-    t.add_argument("--input", nargs="+", required=True)
-    t.add_argument("--vocab-size", type=int, default=1024)
-    t.add_argument("--trainer", choices=["nanosft", "spm"], default="nanosft")
-    t.add_argument("--out", required=True)
-    for name in ("encode", "decode", "inspect"):
-        c = sub.add_parser(name)
-        c.add_argument("--model", required=True, help=".model file or run directory")
-    sub.choices["inspect"].add_argument("text", nargs="?", help="text to show as pieces")
-    sub.choices["inspect"].add_argument("--chat", help="chat JSONL: show the rendering with its loss mask")
-    sub.choices["inspect"].add_argument("-n", type=int, default=3, help="conversations to show")
-    args = p.parse_args(argv)
-    sys.stdout.reconfigure(encoding="utf-8")
-    try:
-        if args.cmd == "train":
-            texts = list(_cli_texts(args.input))
-            tok = (Tokenizer.train_spm if args.trainer == "spm" else Tokenizer.train)(texts, args.vocab_size)
-            tok.save(args.out)
-            print(f"{args.out}: {tok.vocab_size} pieces from {len(texts)} texts")
-            return
-        path = os.path.join(args.model, "tokenizer.model") if os.path.isdir(args.model) else args.model
-        tok = Tokenizer.load(path)
-        if args.cmd == "encode":
-            for _, line in _cli_lines():
-                print(" ".join(map(str, tok.encode(line))))
-        elif args.cmd == "decode":
-            for n, line in _cli_lines():
-                try:
-                    ids = [int(x) for x in line.split()]
-                    print(tok.decode(ids))
-                except (ValueError, IndexError) as e:
-                    raise SystemExit(f"stdin:{n}: {e}")
-        elif args.chat:
-            _cli_inspect_chat(tok, args.chat, args.n)
-        else:
-            text = args.text if args.text is not None else sys.stdin.read()
-            print(" ".join(f"{tok.id_to_piece(i)}({i})" for i in tok.encode(text)))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m nanosft.tokenizer train|encode|decode|inspect: the command line is cli.py
+    from nanosft.cli import tokenizer_main
+    tokenizer_main()

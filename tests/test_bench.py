@@ -23,7 +23,8 @@ def bench(tmp_path, script, *args):
 
 def test_train_step_reports_both_models_and_the_mfu_of_each_dtype(tmp_path):
     d = bench(tmp_path, "train_step", "--configs", "tiny", "--dtypes", "fp32,bf16", "--rounds", "1",
-              "--steps", "1", "--batch", "2", "--seq", "32", "--no-compile", "--peak-seconds", "0.05")
+              "--steps", "1", "--batch", "2", "--seq", "32", "--no-compile", "--peak-seconds", "0.05",
+              "--peak-sizes", "512")
     assert set(d["matmul_peak_flops"]) == {"fp32", "bf16"}
     assert [(r["config"], r["dtype"]) for r in d["results"]] == [("tiny", "fp32"), ("tiny", "bf16")]
     for r in d["results"]:

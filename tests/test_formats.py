@@ -10,7 +10,8 @@ import json
 import pytest
 from conftest import TINY, run_train
 
-from nanosft.data import load_conversations, main as data_main, render_within, tokenize
+from nanosft.cli import data_main
+from nanosft.data import load_conversations, render_conversations, render_within
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
@@ -128,14 +129,14 @@ def test_a_long_conversation_loses_its_oldest_whole_exchanges(template):
     ids, _ = template.render(MESSAGES)
     system_and_last = [MESSAGES[0]] + MESSAGES[-2:]
     short, _ = template.render(system_and_last)
-    samples, counts = tokenize([{"messages": MESSAGES}], template, len(short))
+    samples, counts = render_conversations([{"messages": MESSAGES}], template, len(short))
     assert counts == {"truncated": 1, "dropped": 0}
     got_ids, got_mask = (a.tolist() for a in samples[0])
     assert (got_ids, got_mask) == tuple(template.render(system_and_last))  # system kept, last exchange whole
     assert got_ids[-1] == template.end and got_mask[-1] == 1
     assert render_within(template, MESSAGES, len(ids))[2] == 0  # fits: nothing dropped
     # too short for even the last exchange: left out and counted, never cut
-    samples, counts = tokenize([{"messages": MESSAGES}], template, len(short) - 1)
+    samples, counts = render_conversations([{"messages": MESSAGES}], template, len(short) - 1)
     assert samples == [] and counts == {"truncated": 0, "dropped": 1}
 
 
@@ -209,7 +210,7 @@ def test_train_stops_on_bad_records_or_skips_and_counts_them(tmp_path):
 
 def test_tokenized_data_is_cached_by_content_and_a_change_invalidates_it(tmp_path):
     import argparse
-    from train import DataFile, load_tokenizer
+    from nanosft.cache import DataFile, tokenizer_for
     args = argparse.Namespace(cache_dir=str(tmp_path / "cache"), format="auto", skip_invalid=False, resume=False, val_split=0, stage="sft",
                               train_on="all-assistant", vocab_size=300, tokenizer_trainer="nanosft", tokenizer="")
     path = tmp_path / "chat.jsonl"
@@ -219,7 +220,7 @@ def test_tokenized_data_is_cached_by_content_and_a_change_invalidates_it(tmp_pat
 
     def prepare():
         data = DataFile(path, args)
-        tok = load_tokenizer(args, [data], None)
+        tok = tokenizer_for(args, [data], None)
         samples, counts = data.samples(tok, ChatTemplate(tok), 129)
         return data, tok, samples
 
@@ -264,7 +265,7 @@ def test_stats_describes_what_training_would_see(tmp_path, capsys, template):
 
 
 def test_pretrain_text_is_supervised_everywhere_and_long_documents_continue(tmp_path, template):
-    from nanosft.data import load_documents, tokenize_text
+    from nanosft.data import load_documents, render_documents
     book = write(tmp_path, "book.txt", "The sky is blue. " * 40 + "\n\n天空是蓝色的。\n")
     lines = write(tmp_path, "docs.jsonl", json.dumps({"text": "Grass is green."}) + "\n" + json.dumps({"text": 5}) + "\n")
     docs, errors = load_documents(str(book))
@@ -274,7 +275,7 @@ def test_pretrain_text_is_supervised_everywhere_and_long_documents_continue(tmp_
                                                                             "(a document for --stage pretrain)"]
     ids, mask = template.render_text(docs[0]["text"])
     assert ids[0] == template.bos and ids[-1] == template.tok.eos_id and mask == [0] + [1] * (len(ids) - 1)
-    samples, _ = tokenize_text(docs, template, 50)
+    samples = render_documents(docs, template, 50)
     assert len(samples) == -(-(len(ids) - 1) // 49) > 2 and all(len(s[0]) <= 50 for s in samples)
     # each piece starts with the last token of the one before: it is context there, and was a
     # target before, so every token after <s> is predicted exactly once

@@ -96,8 +96,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
 
 
 def test_forward_with_targets_returns_the_masked_loss_of_its_logits_and_the_same_gradients():
-    for tie in (True, False):  # the tied head's gradient reaches the embedding by both of its uses
+    # the tied head's gradient reaches the embedding by both of its uses; the loss from the logits
+    # (loss.py) and the fused one (fused_loss.py, chosen for large vocabularies) agree
+    for tie, fused in ((True, False), (False, False), (True, True), (False, True)):
         model = tiny(tie_embeddings=tie).train()
+        model.fused_loss = fused
         g = torch.Generator().manual_seed(3)
         idx, targets = torch.randint(0, 97, (2, 18), generator=g), torch.randint(0, 97, (2, 18), generator=g)
         mask = (torch.rand(2, 18, generator=g) < 0.5).long()

@@ -53,7 +53,7 @@ def test_our_files_load_with_reference_and_with_ours(tmp_path):
     assert_same(ref.load_file(tmp_path / "o.safetensors"), want)
     assert_same(load_file(tmp_path / "o.safetensors"), want)
     assert load_metadata(tmp_path / "o.safetensors") == {"format": "pt"}
-    assert not os.path.exists(tmp_path / "o.safetensors.tmp")
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_non_contiguous_inputs_are_saved_as_their_values(tmp_path):

@@ -15,13 +15,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run, run_train
+from conftest import ROOT, TINY, run, run_chat, run_train
 
 from nanosft.checkpoint import load_model
-from nanosft.data import epoch_rows, load_jsonl, to_batch, tokenize
+from nanosft.data import epoch_rows, load_jsonl, render_conversations, to_batch
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
-from nanosft.plot import read_monitor
+from nanosft.monitor import read_monitor
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
@@ -33,7 +33,7 @@ def reference_weights(data_dir, steps=5, seed=7, batch=2, accum=2, lr=1e-2, warm
     every rank would take, and divides the summed loss by the supervised tokens of them all."""
     records = load_jsonl(data_dir / "train.jsonl")
     tok = Tokenizer.train([m["content"] for r in records for m in r["messages"]], 300)
-    samples, _ = tokenize(records, ChatTemplate(tok), 129)
+    samples, _ = render_conversations(records, ChatTemplate(tok), 129)
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=128)
     model = Transformer(cfg)
@@ -170,7 +170,7 @@ def test_impossible_flags_are_refused_by_name(flags, complaint):
 
 
 def test_flags_win_over_the_ds_config_which_wins_over_the_defaults(tmp_path):
-    from train import parse_args
+    from nanosft.train_args import parse_args
     from nanosft.distributed import config_settings, deepspeed_config
     mine = tmp_path / "mine.json"
     mine.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "gradient_clipping": 0.5, "bf16": {"enabled": True},
@@ -201,7 +201,7 @@ def test_flags_win_over_the_ds_config_which_wins_over_the_defaults(tmp_path):
 
 
 def test_fine_tunes_a_hugging_face_llama_directory_and_chat_talks_to_it(tiny_data, tmp_path, sp_tokenizer):
-    from conftest import hf_model, run_chat
+    from conftest import hf_model
     base = tmp_path / "base"
     hf_model("gqa_tied", base, sp_tokenizer)
     out = tmp_path / "tuned"
@@ -215,7 +215,7 @@ def test_fine_tunes_a_hugging_face_llama_directory_and_chat_talks_to_it(tiny_dat
     from nanosft.evaluate import loss_and_ppl, validation_loss
     base_model, base_tok = load_model(base)
     template = ChatTemplate(base_tok)
-    val, _ = tokenize(load_jsonl(tiny_data / "val.jsonl"), template, 129)
+    val, _ = render_conversations(load_jsonl(tiny_data / "val.jsonl"), template, 129)
     want, _ = loss_and_ppl(*validation_loss(base_model, pack(val, 129, template.pad)))
     assert math.isclose(m["val_loss_before"], want, rel_tol=1e-4)
     assert m["val_loss"] < m["val_loss_before"]  # and it learned from the chat data
@@ -223,6 +223,26 @@ def test_fine_tunes_a_hugging_face_llama_directory_and_chat_talks_to_it(tiny_dat
     assert model.cfg.dim == 64 and tok.vocab_size == 324  # the base shape, plus the chat markers
     r = run_chat("--ckpt", str(out), "--prompt", "Which is larger, 418 or 96?", "--max-new-tokens", "5")
     assert r.returncode == 0 and "Traceback" not in r.stderr
+
+
+def test_a_sentencepiece_model_without_chat_markers_trains_and_chats(tiny_data, tmp_path, sp_tokenizer):
+    """--tokenizer with a Llama-style tokenizer.model made by the sentencepiece library: the chat
+    markers are added as control pieces (as for an --init-from base model), text encodes exactly as
+    sentencepiece encodes it, and the trained run answers in chat.py."""
+    import sentencepiece as spm
+    out = tmp_path / "spm_tokenizer"
+    r = run_train("--tokenizer", str(sp_tokenizer), "--data", str(tiny_data / "train.jsonl"), "--val-data",
+                  str(tiny_data / "val.jsonl"), "--eval-data", "", "--out", str(out), "--steps", "3", "--dtype", "fp32",
+                  *TINY)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    _, tok = load_model(out)
+    ref = spm.SentencePieceProcessor(model_file=str(sp_tokenizer))
+    assert tok.vocab_size == ref.vocab_size() + len(Tokenizer.CHAT_TOKENS)
+    assert [tok.token_id(t) for t in Tokenizer.CHAT_TOKENS] == list(range(ref.vocab_size(), tok.vocab_size))
+    for text in ("the number 12 is even, 你好 84", " two  spaces\nand a line"):
+        assert tok.encode(text) == ref.encode(text)
+    r = run_chat("--ckpt", str(out), "--prompt", "What is my name?", "--max-new-tokens", "5")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def test_packing_off_trains_a_conversation_per_row_and_reports_its_padding(tiny_run, tmp_path):
@@ -257,7 +277,7 @@ def test_two_files_blend_by_weight_with_a_held_out_split(tiny_data, tmp_path):
 
 
 def test_resume_reads_args_json_and_fills_in_settings_it_lacks(tmp_path):
-    from train import resumed_args
+    from nanosft.train_args import resumed_args
     (tmp_path / "args.json").write_text(json.dumps({"data": "chats.jsonl", "lr": 0.01, "out": str(tmp_path)}))
     args = resumed_args(argparse.Namespace(out=str(tmp_path), resume=True), {"resume", "out"})
     assert args.data == ["chats.jsonl"] and args.lr == 0.01 and args.resume
@@ -281,7 +301,7 @@ def test_trim_tensorboard_keeps_each_event_up_to_the_checkpoint_once(tmp_path):
     here the folder also holds a copy left by a resume killed halfway through an earlier trim."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
-    from train import trim_tensorboard
+    from nanosft.monitor import trim_tensorboard
     for _ in range(2):  # two files with the same events
         w = SummaryWriter(log_dir=str(tmp_path))
         for step in range(1, 11):
@@ -302,7 +322,7 @@ def test_resume_leaves_tensorboard_logs_outside_the_run_alone(tmp_path):
     """A TensorBoard section in --ds-config may write to a folder other runs share: not cut."""
     from types import SimpleNamespace
     from torch.utils.tensorboard import SummaryWriter
-    from train import trim_monitor
+    from nanosft.monitor import trim_monitor
     w = SummaryWriter(log_dir=str(tmp_path / "shared"))
     w.add_scalar("Other/loss", 1.0, 100)
     w.flush()

@@ -1,0 +1,163 @@
+"""
+Tokenize once: a run's data files and tokenizer, kept in `--cache-dir` (data/cache/) by content.
+
+    files = [DataFile(path, args) for path in ...]     a file, read and validated only if needed
+    tok = tokenizer_for(args, files, run_dir)           loaded, or trained (and cached)
+    samples, counts = files[0].samples(tok, template, row_len)     rendered (data.py), or cached
+
+Every cached result is named by a hash of everything it depends on: the data file's bytes, the
+tokenizer's bytes and the settings. A rerun on the same data only hashes the file and skips
+parsing, validating and tokenizing it; any change to the file or the tokenizer misses the cache.
+Samples are stored as flat numpy arrays, which np.load reads back with allow_pickle=False.
+train.py is the only user; data.py does the work this file saves.
+"""
+
+import hashlib
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from nanosft.data import (Blend, error_list, load_conversations, load_documents, render_conversations,
+                          render_documents, split_off)
+from nanosft.distributed import is_rank0, print0
+from nanosft.files import atomic_write
+from nanosft.tokenizer import Tokenizer, load_tokenizer
+
+CACHE_VERSION = 1  # bump when rendering or tokenizing changes what a cached file would hold
+
+
+def file_digest(path):
+    """sha256 of a file's bytes: the cache's notion of "the same data"."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_path(cache_dir, kind, *parts, ext=".npz"):
+    """cache_dir/kind-<hash of everything the cached result depends on>.npz"""
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, *parts]).encode()).hexdigest()[:32]
+    return os.path.join(cache_dir, f"{kind}-{key}{ext}")
+
+
+def save_samples(path, samples, meta):
+    """Samples as three flat numpy arrays (ids, mask, offsets) and a JSON string."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lengths = [len(ids) for ids, _ in samples]
+    arrays = {"ids": np.concatenate([ids for ids, _ in samples] or [np.zeros(0, np.int32)]),
+              "mask": np.concatenate([m for _, m in samples] or [np.zeros(0, np.int8)]),
+              "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+              "meta": np.array(json.dumps(meta))}
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_samples(path):
+    """-> (samples, meta), or None when the file cannot be read back (then it is recomputed)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ids, mask, offsets, meta = z["ids"], z["mask"], z["offsets"], json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    return [(ids[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])], meta
+
+
+class DataFile:
+    """A training or validation file: read and validated at most once, and only if needed (with
+    the tokenizer and the token ids in the cache it is not), rendered through the cache."""
+
+    def __init__(self, path, args):
+        self.path, self.args = path, args
+        self.digest = file_digest(path)
+        self._records, self.skipped = None, 0
+
+    def records(self):
+        """The validated conversations (or documents); invalid ones stop the run, or with
+        --skip-invalid are listed and counted. The same validation as `python -m nanosft.data check`."""
+        if self._records is None:
+            if self.args.stage == "pretrain":
+                self._records, errors = load_documents(self.path, self.args.skip_invalid)
+            else:
+                self._records, errors = load_conversations(self.path, self.args.format, self.args.skip_invalid)
+            self.skipped = len(errors)
+            if errors:
+                print0(f"{self.path}: {len(errors)} invalid record(s) left out (--skip-invalid):\n"
+                       + error_list(self.path, errors))
+        return self._records
+
+    def samples(self, tok, template, row_len):
+        """-> (samples, counts) as data.render_conversations gives them, from the cache when this
+        file was rendered before with the same tokenizer and settings."""
+        a = self.args
+        cached = a.cache_dir and cache_path(a.cache_dir, "samples", self.digest, hashlib.sha256(tok.to_bytes()).hexdigest(),
+                                            row_len, a.train_on, a.format, a.skip_invalid, a.stage)
+        hit = load_samples(cached) if cached and os.path.exists(cached) else None  # (unreadable: a miss)
+        if hit:
+            samples, meta = hit
+            self.skipped = meta["skipped"]
+            print0(f"{self.path}: tokenized conversations from the cache ({cached})"
+                   + (f"; {self.skipped} invalid record(s) left out" if self.skipped else ""))
+            return samples, meta["counts"]
+        if a.stage == "pretrain":  # documents are cut into pieces: nothing truncated or left out
+            samples, counts = render_documents(self.records(), template, row_len), {"truncated": 0, "dropped": 0}
+        else:
+            samples, counts = render_conversations(self.records(), template, row_len, a.train_on)
+        if cached and is_rank0():
+            save_samples(cached, samples, {"counts": counts, "skipped": self.skipped})
+        return samples, counts
+
+
+def tokenizer_for(args, files, run_dir):
+    """The run's tokenizer: the one a resumed run started with, --tokenizer's, or one trained on
+    the data files (deterministic: the same data and settings give the same tokenizer, on every
+    rank, every time; so it is cached like the samples)."""
+    if args.resume:
+        return load_tokenizer(run_dir)
+    if args.tokenizer:  # a .model file, or a directory holding one
+        return load_tokenizer(args.tokenizer)
+    cached = args.cache_dir and cache_path(args.cache_dir, "tokenizer", [f.digest for f in files], args.vocab_size,
+                                           args.tokenizer_trainer, args.format, args.skip_invalid, args.stage,
+                                           ext=".model")
+    if cached and os.path.exists(cached):
+        try:
+            return load_tokenizer(cached)
+        except ValueError:  # a damaged cache file: learn the tokenizer again, as for the samples
+            pass
+    texts = [t for f in files for r in f.records() for t in ([r["text"]] if "text" in r else
+                                                              [m["content"] for m in r["messages"]])]
+    train = Tokenizer.train_spm if args.tokenizer_trainer == "spm" else Tokenizer.train
+    tok = train(texts, args.vocab_size)
+    if cached and is_rank0():
+        os.makedirs(args.cache_dir, exist_ok=True)
+        with atomic_write(cached, "wb") as f:
+            f.write(tok.to_bytes())
+    return tok
+
+
+def training_samples(files, weights, tok, template, row_len, args):
+    """-> (training samples, or a Blend of several files' samples; held-out validation samples;
+    the files' truncation counts, summed). Every file is rendered through the cache, and a
+    --val-split share of each is held out before blending."""
+    sources, held_out, counts = [], [], {"truncated": 0, "dropped": 0}
+    for f in files:
+        samples, c = f.samples(tok, template, row_len)
+        counts = {k: counts[k] + c[k] for k in counts}
+        if args.val_split:
+            samples, held = split_off(samples, args.val_split, args.seed)
+            held_out += held
+        if not samples:
+            raise SystemExit(f"{f.path}: no conversation to train on (--max-seq-len {args.max_seq_len}, "
+                             f"--val-split {args.val_split})")
+        sources.append(samples)
+    return (sources[0] if len(sources) == 1 else Blend(sources, weights)), held_out, counts
+
+
+def fit_note(counts, row_len):
+    """What fitting conversations into rows cost, for the data line of the log ('' when nothing)."""
+    notes = [f"{counts['truncated']} lost their oldest exchanges to fit --max-seq-len {row_len - 1}"
+             if counts["truncated"] else "",
+             f"{counts['dropped']} left out (their last exchange alone is longer)" if counts["dropped"] else ""]
+    return "".join(f"; {n}" for n in notes if n)

@@ -1,0 +1,213 @@
+"""
+The command-line tools around the data pipeline, for looking at what train.py will see:
+
+    python -m nanosft.tokenizer train --input data/train.jsonl --vocab-size 1024 --out tok.model
+    echo "Hello 世界" | python -m nanosft.tokenizer encode --model tok.model     # one line of ids per line
+    echo "1 2 3" | python -m nanosft.tokenizer decode --model tok.model          # one line of text per line
+    python -m nanosft.tokenizer inspect --model tok.model "Hello 世界"             # pieces with their ids
+    python -m nanosft.tokenizer inspect --model tok.model --chat data/train.jsonl  # supervised tokens in green
+    python -m nanosft.data check my_train.jsonl          # exactly the validation train.py runs
+    python -m nanosft.data stats my_train.jsonl --tokenizer runs/latest   # lengths, supervised share, a sample
+
+--model and --tokenizer take a .model file (sentencepiece's or ours) or a directory holding a
+tokenizer.model. tokenizer.py and data.py forward `python -m` to tokenizer_main and data_main here.
+"""
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+
+from nanosft.data import error_list, load_conversations, load_jsonl, render_conversations
+from nanosft.formats import FORMATS
+from nanosft.template import TRAIN_ON, ChatTemplate
+from nanosft.tokenizer import Tokenizer, load_tokenizer
+
+
+# -----------------------------------------------------------------------------
+# python -m nanosft.tokenizer train|encode|decode|inspect
+
+def _cli_texts(paths):
+    """Training text: the message contents of chat files (.jsonl, .json) in any format train.py
+    reads, read and checked as it reads them; the lines of any other file."""
+    for path in paths:
+        if path.endswith((".jsonl", ".json")):
+            for rec in load_conversations(path)[0]:
+                yield from (m["content"] for m in rec["messages"])
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        try:  # lines as a text-mode file gives them: \r\n and \r end a line too
+            yield from data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _cli_lines():
+    """Lines of stdin (UTF-8), without their newline; a bad line names itself."""
+    data = sys.stdin.buffer.read()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the text after the final newline is not a line
+    for n, raw in enumerate(lines, 1):
+        try:
+            yield n, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"stdin:{n}: invalid UTF-8 ({e.reason} at byte {e.start})")
+
+
+def _cli_inspect_chat(tok, path, count):
+    tty = sys.stdout.isatty()  # green: supervised (in the loss), red: not; plain text: [supervised]
+    print("\033[32msupervised\033[0m  \033[31mnot supervised\033[0m" if tty else "[supervised]  not supervised")
+    template = ChatTemplate(tok)
+    for rec in load_jsonl(path)[:count]:
+        ids, mask = template.render(rec["messages"])
+        print(show_tokens(template.tok, ids, mask, tty))
+        print(f"  {len(ids)} tokens, {sum(mask)} supervised")
+
+
+def tokenizer_main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanosft.tokenizer", description="train, use and inspect tokenizers")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a tokenizer on chat JSONL or text files")
+    t.add_argument("--input", nargs="+", required=True)
+    t.add_argument("--vocab-size", type=int, default=1024)
+    t.add_argument("--trainer", choices=["nanosft", "spm"], default="nanosft")
+    t.add_argument("--out", required=True)
+    for name in ("encode", "decode", "inspect"):
+        c = sub.add_parser(name)
+        c.add_argument("--model", required=True, help=".model file or run directory")
+    sub.choices["inspect"].add_argument("text", nargs="?", help="text to show as pieces")
+    sub.choices["inspect"].add_argument("--chat", help="chat JSONL: show the rendering with its loss mask")
+    sub.choices["inspect"].add_argument("-n", type=int, default=3, help="conversations to show")
+    args = p.parse_args(argv)
+    sys.stdout.reconfigure(encoding="utf-8")
+    try:
+        if args.cmd == "train":
+            texts = list(_cli_texts(args.input))
+            tok = (Tokenizer.train_spm if args.trainer == "spm" else Tokenizer.train)(texts, args.vocab_size)
+            tok.save(args.out)
+            print(f"{args.out}: {tok.vocab_size} pieces from {len(texts)} texts")
+            return
+        tok = load_tokenizer(args.model)
+        if args.cmd == "encode":
+            for _, line in _cli_lines():
+                print(" ".join(map(str, tok.encode(line))))
+        elif args.cmd == "decode":
+            for n, line in _cli_lines():
+                try:
+                    ids = [int(x) for x in line.split()]
+                    print(tok.decode(ids))
+                except (ValueError, IndexError) as e:
+                    raise SystemExit(f"stdin:{n}: {e}")
+        elif args.chat:
+            _cli_inspect_chat(tok, args.chat, args.n)
+        else:
+            text = args.text if args.text is not None else sys.stdin.read()
+            print(" ".join(f"{tok.id_to_piece(i)}({i})" for i in tok.encode(text)))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+# -----------------------------------------------------------------------------
+# python -m nanosft.data check|stats: the validation train.py runs, on its own, and what it makes of the data
+
+def check_files(paths, fmt="auto"):
+    """Validate training files as train.py does -> (report, number of bad records). The report is
+    one line when all is well, else the bad records of each file."""
+    lines, bad, formats = [], 0, Counter()
+    for path in paths:
+        try:
+            records, errors = load_conversations(path, fmt, skip_invalid=True)
+        except (ValueError, OSError) as e:  # a file that cannot be read to its end
+            lines.append(str(e))
+            bad += 1
+            continue
+        formats.update(r["format"] for r in records)
+        bad += len(errors)
+        if errors:
+            lines.append(error_list(path, errors))
+        elif not records:  # train.py refuses a file with nothing to learn from: so does the check
+            lines.append(f"{path}: no conversations in the file")
+            bad += 1
+    kinds = ", ".join(f"{n} {f}" for f, n in sorted(formats.items())) or "none"
+    summary = f"{sum(formats.values())} good conversation(s) in {len(paths)} file(s) ({kinds})"
+    lines.append(f"{summary}, {bad} bad record(s)" if bad else f"ok: {summary}")
+    return "\n".join(lines), bad
+
+
+def show_tokens(tok, ids, mask, tty):
+    """One line of pieces with the supervised ones marked: green (red: not) on a terminal, else
+    [in brackets]."""
+    show = {1: "\033[32m{}\033[0m", 0: "\033[31m{}\033[0m"} if tty else {1: "[{}]", 0: "{}"}
+    return " ".join(show[int(m)].format(tok.id_to_piece(int(i))) for i, m in zip(ids, mask))
+
+
+def stats(paths, template, row_len, fmt="auto", train_on="all-assistant", tty=False):
+    """What train.py would make of these files, as text: conversations per format, their length
+    in tokens (a histogram), the share of supervised tokens, what --max-seq-len truncates or
+    drops, and one rendered sample with its supervised tokens marked."""
+    records, errors = [], 0
+    for path in paths:
+        recs, errs = load_conversations(path, fmt, skip_invalid=True)
+        records += recs
+        errors += len(errs)
+    lines = [f"{len(records)} conversations in {len(paths)} file(s): "
+             + ", ".join(f"{n} {f}" for f, n in sorted(Counter(r["format"] for r in records).items()))
+             + (f"; {errors} invalid (see: python -m nanosft.data check)" if errors else "")]
+    if not records:
+        return "\n".join(lines)
+    rendered = [template.render(r["messages"], train_on) for r in records]
+    lengths = np.array([len(ids) for ids, _ in rendered])
+    supervised = sum(sum(mask) for _, mask in rendered)
+    lines.append(f"tokens per conversation: median {int(np.median(lengths))}, mean {lengths.mean():.0f}, "
+                 f"max {lengths.max()}; supervised: {supervised / lengths.sum():.1%} of all tokens ({train_on})")
+    bounds = [16]  # buckets 1-16, 17-32, 33-64, ... up to the longest
+    while bounds[-1] < lengths.max():
+        bounds.append(2 * bounds[-1])
+    counts = np.histogram(lengths, bins=[0.5] + [b + 0.5 for b in bounds])[0]
+    for lo, hi, n in zip([0] + bounds, bounds, counts):
+        lines.append(f"  {lo + 1:>6}-{hi:<6} {n:>8}  {'#' * int(np.ceil(40 * n / counts.max()))}")
+    _, c = render_conversations(records, template, row_len, train_on)
+    lines.append(f"--max-seq-len {row_len - 1}: {(lengths <= row_len).sum()} fit, {c['truncated']} lose their "
+                 f"oldest exchanges, {c['dropped']} are left out")
+    example = max(range(len(records)), key=lambda i: (len(records[i]["messages"]), -i))  # the most turns
+    lines.append("a sample (supervised tokens " + ("green" if tty else "in [brackets]") + "):")
+    lines.append(show_tokens(template.tok, *rendered[example], tty))
+    return "\n".join(lines)
+
+
+def data_main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanosft.data", description="check and describe training data files")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="validate files exactly as train.py does; exit 1 if anything is invalid")
+    s = sub.add_parser("stats", help="formats, lengths, supervised share, truncation, a marked-up sample")
+    for q in (c, s):
+        q.add_argument("files", nargs="+")
+        q.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    s.add_argument("--tokenizer", default="runs/latest", help="a .model file or a run directory")
+    s.add_argument("--max-seq-len", type=int, default=256)
+    s.add_argument("--train-on", default="all-assistant", choices=TRAIN_ON)
+    args = p.parse_args(argv)
+    for f in args.files:
+        if not os.path.isfile(f):
+            p.error(f"{f}: {'a folder, not a file' if os.path.isdir(f) else 'no such file'}")
+    if args.cmd == "check":
+        report, bad = check_files(args.files, args.format)
+        print(report)
+        return 1 if bad else 0
+    try:
+        template = ChatTemplate(load_tokenizer(args.tokenizer))
+    except FileNotFoundError:
+        p.error(f"--tokenizer {args.tokenizer}: no tokenizer.model there (train a run first, or name a .model file)")
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    try:
+        print(stats(args.files, template, args.max_seq_len + 1, args.format, args.train_on, sys.stdout.isatty()))
+    except (ValueError, OSError) as e:  # a file that cannot be read to its end
+        sys.exit(f"error: {e}")
+    return 0
+

@@ -1,0 +1,126 @@
+"""
+What ZeRO saves, measured: the bytes of parameters, fp32 master weights, gradients and optimizer
+state a rank really holds, next to the ZeRO paper's estimate of them. train.py calls record_memory
+at the second step of every run (Adam's state exists from the first) and writes memory.json;
+bench/zero_memory.py tabulates it for every stage.
+
+    measure_memory(engine)      every live tensor, found by walking Python's objects, sorted by kind
+    estimate_memory(...)        the paper's per-rank bytes for n parameters, a stage and a world size
+"""
+
+import gc
+import os
+
+import torch
+
+from nanosft.distributed import base_optimizer, print0
+from nanosft.files import write_json
+
+
+def record_memory(engine, args, n_params, world, run_dir, show=print0):
+    """Measure what each rank holds after the backward pass of a step, with gradients, weights
+    and Adam's state all there, and write memory.json: measured bytes per rank next to the ZeRO
+    paper's estimate."""
+    per_rank = [None] * world
+    torch.distributed.all_gather_object(per_rank, measure_memory(engine))
+    report = {"zero_stage": args.zero_stage, "offload": args.offload, "dtype": args.dtype, "world_size": world,
+              "params": n_params, "per_rank": per_rank,
+              "estimate_per_rank": estimate_memory(n_params, args.zero_stage, world, args.dtype)}
+    if torch.distributed.get_rank() == 0:
+        write_json(os.path.join(run_dir, "memory.json"), report)
+        ms = [sum(dev["model_states"] for dev in r.values()) for r in per_rank]
+        show(f"memory: model states {max(ms) / 2**20:.2f} MiB per rank (measured; "
+             f"ZeRO estimate {report['estimate_per_rank']['model_states'] / 2**20:.2f} MiB), see memory.json")
+
+
+MODEL_STATES = ("parameters", "master_weights", "gradients", "optimizer_state")
+
+
+def _storages(tensors):
+    """{storage address: (device type, bytes)} of tensors; views of one storage count once."""
+    out = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            try:
+                ptr = s.data_ptr()
+            except RuntimeError:  # a storage already released (seen with ZeRO-3 and --compile): no memory
+                continue
+            if s.nbytes():
+                out[(t.device.type, ptr)] = (t.device.type, s.nbytes())
+    return out
+
+
+def _tensors_in(obj, names):
+    """The tensors held, directly or in lists and dicts, by the attributes `names` of obj."""
+    stack = [getattr(obj, name, None) for name in names]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+
+
+# Where DeepSpeed's optimizer wrappers keep the fp32 master weights and the gradients (ZeRO 1/2,
+# ZeRO-3, bf16 without ZeRO), outside the torch optimizer's param_groups and .grad.
+MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
+GRAD_ATTRS = ("averaged_gradients", "grads_in_partition", "ipg_buffer", "grad_partitions_flat_buffer",
+              "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", "fp32_groups_gradients_flat")
+
+
+def measure_memory(engine):
+    """Bytes of the tensors alive on this rank, by kind and device. Every live tensor is found by
+    walking Python's objects (views counted once, by storage) and sorted into: optimizer state
+    (Adam's moments), master weights (the optimizer's own fp32 copy, where it keeps one),
+    parameters (the module's weights or, under ZeRO-3, its shard), gradients (.grad and ZeRO's
+    gradient buffers) and other (the batch, rotary tables, communication buffers). Call it while gradients exist (before the
+    optimizer step) to see the peak."""
+    base = base_optimizer(engine)
+    state = _storages(t for s in base.state.values() for t in s.values())
+    module_params = list(engine.module.parameters())
+    params = _storages([getattr(p, "ds_tensor", p) for p in module_params])
+    masters = [p for g in base.param_groups for p in g["params"]] + list(_tensors_in(engine.optimizer, MASTER_ATTRS))
+    master = _storages(masters)
+    grads = _storages([p.grad for p in module_params + masters] + list(_tensors_in(engine.optimizer, GRAD_ATTRS)))
+    # type(), not isinstance: no properties run. Tensor subclasses are skipped altogether: the ones
+    # found here are torch.compile's fake tensors (--compile), which hold no memory and whose data
+    # pointer must not be read; nanosft and DeepSpeed keep their data in plain tensors and Parameters
+    alive = _storages(o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter))
+    kinds = {"optimizer_state": state, "parameters": params, "master_weights": master, "gradients": grads}
+    seen = set()
+    report = {}
+    for kind, found in kinds.items():
+        for key, (dev, n) in found.items():
+            if key not in seen:
+                seen.add(key)
+                report.setdefault(dev, {}).setdefault(kind, 0)
+                report[dev][kind] += n
+    for key, (dev, n) in alive.items():
+        if key not in seen:
+            report.setdefault(dev, {}).setdefault("other", 0)
+            report[dev]["other"] += n
+    for dev in report:
+        for k in MODEL_STATES + ("other",):
+            report[dev].setdefault(k, 0)
+        report[dev]["model_states"] = sum(report[dev][k] for k in MODEL_STATES)
+    if "cuda" in report:  # what the caching allocator says, activations and NCCL buffers included
+        report["cuda"]["allocator_peak"] = torch.cuda.max_memory_allocated()
+        report["cuda"]["allocator_reserved"] = torch.cuda.memory_reserved()
+    return report
+
+
+def estimate_memory(n_params, stage, world, dtype):
+    """The ZeRO paper's per-rank bytes of model states for n_params weights and Adam: per weight,
+    2 or 4 bytes of parameter and of gradient, 4 of fp32 master copy (mixed precision only) and 8
+    of Adam moments; stage 1 divides the master copy and the moments by the world size, stage 2
+    the gradients too, stage 3 the parameters too."""
+    half = dtype in ("bf16", "fp16")
+    per_weight = {"parameters": 2 if half else 4, "gradients": 2 if half else 4,
+                  "master_weights": 4 if half else 0, "optimizer_state": 8}
+    split_from = {"parameters": 3, "gradients": 2, "master_weights": 1, "optimizer_state": 1}
+    est = {k: n_params * b / (world if stage >= split_from[k] else 1) for k, b in per_weight.items()}
+    est["model_states"] = sum(est.values())
+    return est

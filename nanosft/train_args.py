@@ -1,0 +1,253 @@
+"""
+train.py's command line: the flags, where a setting comes from, the rules of --resume, and the
+refusals. Everything here happens before train.py touches data or a model.
+
+    args = parse_args()      flags -> settings, checked; p.error (exit 2, naming the flag) otherwise
+
+Where a setting comes from: the flag if given, else the DeepSpeed config (--ds-config, default
+configs/ds_config.json) if it says, else CONFIG_DEFAULTS. A resumed run (--resume) takes every
+setting from its args.json instead; flags given again must agree, except RESUME_MAY_CHANGE.
+The model's own rules (heads that divide, ...) are ModelConfig's (model.py), reported in flag terms.
+"""
+
+import argparse
+import importlib.util
+import math
+import os
+import re
+
+import torch
+
+from nanosft.attention import ATTEND, VARIANTS
+from nanosft.distributed import config_settings
+from nanosft.files import read_json
+from nanosft.formats import FORMATS
+from nanosft.model import ModelConfig
+from nanosft.template import TRAIN_ON
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py is there
+
+# Settings a DeepSpeed config can also make. Precedence: the flag, else --ds-config, else these.
+CONFIG_DEFAULTS = {"batch_size": 16, "grad_accum": 1, "zero_stage": 0, "offload": "none", "dtype": "auto",
+                   "grad_clip": 1.0}
+# Flags that may change when a run is resumed; any other must stay as the run started.
+RESUME_MAY_CHANGE = {"resume", "out", "local_rank", "log_every", "save_every", "keep_checkpoints", "cache_dir",
+                     "quiet", "tensorboard", "eval_every", "compile"}
+PATH_FLAGS = {"val_data", "eval_data", "init_from", "tokenizer", "ds_config"}
+# ModelConfig's fields as the flags that set them (check_args reports its errors in these terms)
+FIELD_FLAGS = {"vocab_size": "--vocab-size", "max_seq_len": "--max-seq-len", "n_layer": "--n-layer",
+               "n_head": "--n-head", "n_kv_head": "--n-kv-head", "dim": "--dim", "attn_impl": "--attn-impl"}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="supervised fine-tuning of a chat model with DeepSpeed")
+    _data_flags(p)
+    _model_flags(p)
+    _optimization_flags(p)
+    _deepspeed_flags(p)
+    _run_flags(p)
+    return p
+
+
+def _data_flags(p):
+    """What to train on, how to render and pack it, and the tokenizer."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", default=[os.path.join(HERE, "data/train.jsonl")], metavar="FILE[:WEIGHT]",
+                   help="training data; several files are blended by weight (a.jsonl:0.7 b.json:0.3)")
+    g.add_argument("--val-split", type=float, default=0.0,
+                   help="hold out this fraction of each training file for validation (with or instead of --val-data)")
+    g.add_argument("--val-data", default=None, help="validation data ('' for none; default data/val.jsonl, "
+                   "none with --stage pretrain)")
+    g.add_argument("--eval-data", default=None, help="held-out prompts with answers for exact match ('' for none; "
+                   "default data/eval.jsonl, none with --stage pretrain)")
+    g.add_argument("--stage", default="sft", choices=["sft", "pretrain"],
+                   help="pretrain: plain text (.txt/.md files, or JSONL of {\"text\"}), loss on every token")
+    g.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
+                   help="data format (auto: recognised per record by its keys; see nanosft/formats.py)")
+    g.add_argument("--skip-invalid", action="store_true",
+                   help="leave out invalid records (reported and counted) instead of stopping")
+    g.add_argument("--train-on", default="all-assistant", choices=TRAIN_ON,
+                   help="which assistant turns the loss covers; system and user turns never")
+    g.add_argument("--packing", default="on", choices=["on", "off"],
+                   help="on: several conversations share a row (document mask); off: a row each, grouped by length")
+    g.add_argument("--cache-dir", default=os.path.join(HERE, "data", "cache"),
+                   help="tokenized data and trained tokenizers, keyed by content hashes ('' for none)")
+    g.add_argument("--max-seq-len", type=int, default=256, help="tokens per packed row (the context length); "
+                   "longer conversations lose their oldest whole exchanges")
+    g.add_argument("--init-from", default="", help="start from this run or Hugging Face Llama-family directory "
+                   "(its model shape and tokenizer replace the model and tokenizer flags)")
+    g.add_argument("--tokenizer", default="", help="a .model file (or a run directory) to use instead of training one")
+    g.add_argument("--vocab-size", type=int, default=1024, help="vocabulary of the tokenizer trained on --data")
+    g.add_argument("--tokenizer-trainer", default="nanosft", choices=["nanosft", "spm"],
+                   help="train the tokenizer by hand (readable) or with the sentencepiece library (large corpora)")
+
+
+def _model_flags(p):
+    """The model's shape and attention (replaced by --init-from's)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--n-layer", type=int, default=4)
+    g.add_argument("--dim", type=int, default=128)
+    g.add_argument("--n-head", type=int, default=4)
+    g.add_argument("--n-kv-head", type=int, default=2, help="key/value heads (grouped-query attention)")
+    g.add_argument("--attn", default=None, choices=sorted(VARIANTS),
+                   help="an attention variant from nanosft/attention.py's VARIANTS (its fields win over the flags)")
+    g.add_argument("--attn-impl", default="sdpa", choices=sorted(ATTEND),
+                   help="how attention is computed: sdpa (fused) or manual (the explicit math), see attention.py")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder block in the backward pass instead of storing its activations")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (DeepSpeed's engine.compile): faster steps after a compilation "
+                        "at the start (about 20 s for the default model on 2 CPU cores)")
+
+
+def _optimization_flags(p):
+    """The optimizer, its schedule and how long it runs."""
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=None, help="packed rows per micro-batch per rank (default 16)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default 1.0; 0: off)")
+    g.add_argument("--steps", type=int, default=0, help="optimizer steps (0: use --epochs)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
+
+
+def _deepspeed_flags(p):
+    """DeepSpeed's config: these win over --ds-config's, which win over CONFIG_DEFAULTS."""
+    g = p.add_argument_group("deepspeed")
+    g.add_argument("--ds-config", default=os.path.join(HERE, "configs/ds_config.json"),
+                   help="DeepSpeed JSON to start from; the flags below win over it")
+    g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3], help="ZeRO stage (default 0)")
+    g.add_argument("--offload", default=None, choices=["none", "optimizer", "all"],
+                   help="ZeRO-Offload: optimizer state (stage >= 1) and, with 'all', parameters (stage 3) in CPU memory")
+    g.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 where supported, else fp16 on GPU (dynamic loss scaling) or fp32 on CPU")
+    g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+
+
+def _run_flags(p):
+    """Where the run goes, checkpoints, evaluation and logging."""
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="", help="run directory (default runs/<timestamp>)")
+    g.add_argument("--save-every", type=int, default=0, help="write a DeepSpeed checkpoint every N steps (0: never)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the latest checkpoints to keep")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--eval-every", type=int, default=200, help="validation loss every N steps (0: only at "
+                   "epoch ends); generation metrics run at step 0, at each epoch's end and at the end")
+    g.add_argument("--log-every", type=int, default=25, help="with --quiet or no terminal: a line every N steps")
+    g.add_argument("--quiet", action="store_true", help="no live progress bar: a plain line every --log-every steps")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard logs to <out>/tensorboard (DeepSpeed's monitor; pip install tensorboard)")
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.resume:
+        args = resumed_args(args, given_flags(argv))
+    if not os.path.isfile(args.ds_config):
+        p.error(f"--ds-config {args.ds_config}: no such file")
+    try:
+        ds_base = read_json(args.ds_config)
+    except ValueError as e:
+        p.error(str(e))
+    if not isinstance(ds_base, dict):
+        p.error(f"{args.ds_config}: expected a JSON object (a DeepSpeed config), got {type(ds_base).__name__}")
+    from_config = config_settings(ds_base)
+    for k, default in CONFIG_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, from_config[k] if from_config[k] is not None else default)
+    args.ds_base = ds_base
+    for k, default in (("val_data", "data/val.jsonl"), ("eval_data", "data/eval.jsonl")):
+        if getattr(args, k) is None:  # the built-in chat data's, which a pretraining run has no use for
+            setattr(args, k, "" if args.stage == "pretrain" else os.path.join(HERE, default))
+    check_args(p, args)
+    return args
+
+
+def given_flags(argv=None):
+    """Names of the flags given on the command line (not left at their defaults)."""
+    p, unset = build_parser(), object()  # not a string: argparse would run a string default through `type`
+    p.set_defaults(**{a.dest: unset for a in p._actions})
+    return {k for k, v in vars(p.parse_args(argv)).items() if v is not unset}
+
+
+def resumed_args(args, given):
+    """A resumed run takes its settings from the run's args.json; flags given again must agree."""
+    if not args.out:
+        raise SystemExit("error: --resume needs the --out of the run to continue")
+    path = os.path.join(args.out, "args.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found: {args.out} is not a run started by train.py")
+    try:
+        recorded = read_json(path)
+    except ValueError:  # invalid JSON or UTF-8
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise SystemExit(f"error: {path} is not the JSON object train.py writes; the run cannot be resumed from it")
+    saved = {**vars(build_parser().parse_args([])), **recorded}  # a setting it lacks takes its default
+    if isinstance(saved["data"], str):
+        saved["data"] = [saved["data"]]  # one path, not a list
+
+    def same(k):
+        a, b = getattr(args, k), saved[k]
+        if k == "data":
+            return [os.path.abspath(x) for x in a] == [os.path.abspath(x) for x in b]
+        return os.path.abspath(a) == os.path.abspath(b) if k in PATH_FLAGS and a and b else a == b
+    changed = [k for k in given - RESUME_MAY_CHANGE if k in saved and not same(k)]
+    if changed:
+        raise SystemExit("error: --resume continues the run as it started; these flags differ from "
+                         f"{path}: " + ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (given {getattr(args, k)!r})"
+                                                  for k in sorted(changed)))
+    for k in given & RESUME_MAY_CHANGE:
+        saved[k] = getattr(args, k)
+    saved["resume"] = True
+    return argparse.Namespace(**saved)
+
+
+def model_config(args, vocab_size):
+    """The ModelConfig the model flags describe (an --attn variant's fields win over them)."""
+    fields = dict(vocab_size=vocab_size, dim=args.dim, n_layer=args.n_layer, n_head=args.n_head,
+                  n_kv_head=args.n_kv_head, max_seq_len=args.max_seq_len, attn_impl=args.attn_impl)
+    return ModelConfig(**{**fields, **VARIANTS.get(args.attn, {})})
+
+
+def in_flag_terms(message, args):
+    """ModelConfig's message with each field named by the flag that set it (--attn NAME for a
+    field the variant sets)."""
+    variant = VARIANTS.get(args.attn, {})
+    return re.sub(r"\b(" + "|".join(FIELD_FLAGS) + r")\b",
+                  lambda m: f"--attn {args.attn}" if m[1] in variant else FIELD_FLAGS[m[1]], message)
+
+
+def check_args(p, args):
+    """Refuse what cannot run, naming the flag: p.error prints the usage and the reason, exit 2."""
+    if min(args.batch_size, args.grad_accum, args.max_seq_len) < 1 or args.steps < 0:
+        p.error("--batch-size, --grad-accum and --max-seq-len must be at least 1, --steps not negative")
+    if args.warmup_steps < 0 or args.seed < 0 or not 0 <= (args.grad_clip or 0) < math.inf:
+        p.error("--warmup-steps, --seed and --grad-clip must not be negative (nor nan or inf)")
+    if not args.steps and not 0 < args.epochs < float("inf"):
+        p.error("--epochs must be a positive number (or give --steps)")
+    if args.attn and args.init_from:
+        p.error("--attn builds a new model; a model from --init-from keeps the attention it was trained with")
+    if not args.init_from:
+        try:
+            model_config(args, args.vocab_size)
+        except ValueError as e:
+            p.error(in_flag_terms(str(e), args))
+    if args.offload == "optimizer" and args.zero_stage == 0:
+        p.error("--offload optimizer needs --zero-stage 1, 2 or 3 (ZeRO-Offload moves the partitioned optimizer)")
+    if args.offload == "all" and args.zero_stage != 3:
+        p.error("--offload all needs --zero-stage 3 (only stage 3 partitions the parameters)")
+    if args.dtype == "fp16" and not torch.cuda.is_available():
+        p.error("--dtype fp16 needs a GPU (DeepSpeed has no fp16 training on CPU); use bf16 or fp32")
+    if not 0 <= args.val_split < 1:
+        p.error("--val-split must be in [0, 1)")
+    if args.save_every < 0 or args.keep_checkpoints < 1:
+        p.error("--save-every must not be negative and --keep-checkpoints at least 1")
+    if args.eval_every < 0 or args.log_every < 1:
+        p.error("--eval-every must not be negative and --log-every at least 1")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:  # DeepSpeed's monitor writes through it
+        p.error("--tensorboard needs the tensorboard package: pip install tensorboard")
