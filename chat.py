@@ -80,6 +80,7 @@ def fit_history(template, messages, context, room):
     """Drop the oldest exchanges (a user turn and the replies to it) until the prompt leaves `room`
     of the `context` tokens free, as training data is shortened (data.py). The system message and
     the last user turn always stay; if they alone are too long, generate() says so."""
+    shorter = messages
     for _, shorter in without_oldest_exchanges(messages):
         if len(template.render_prompt(shorter)) <= context - room:
             break

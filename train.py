@@ -69,8 +69,8 @@ def train_step(engine, micro, world, device, before_step=None):
 
 def train(run, start, evaluate):
     """The loop, from the step after `start["step"]` to run.total_steps: a train_step each, logged;
-    evaluations at epoch ends and every --eval-every steps; a checkpoint every --save-every.
-    -> what was counted: tokens, supervised tokens, token slots computed, seconds."""
+    evaluations at epoch ends and every --eval-every steps; a checkpoint every --save-every. `run`
+    is what main() has set up. -> what was counted: tokens, supervised tokens, token slots, seconds."""
     args, engine, batches = run.args, run.engine, run.batches
     progress = Progress(run.total_steps, args.log_every, live=False if args.quiet else None) if run.rank == 0 else None
     show = progress.note if progress else (lambda text: None)
@@ -99,9 +99,9 @@ def train(run, start, evaluate):
             if m:
                 show(f"step {step}{' (end of epoch)' if epoch_end else ''}: {brief(m)}")
         if args.save_every and step % args.save_every == 0 and step < run.total_steps:
-            save_checkpoint(engine, run.ckpt_dir, step, keep=args.keep_checkpoints, client_state={
-                **run.before, "step": step, "batches": batches.state_dict(), "tokens": tokens, "elapsed_s": elapsed,
-                "supervised_tokens": sup_tokens, "world_size": run.world, "rng": rng_state()})
+            save_checkpoint(engine, run.ckpt_dir, step, keep=args.keep_checkpoints, client_state=dict(
+                step=step, batches=batches.state_dict(), tokens=tokens, supervised_tokens=sup_tokens, elapsed_s=elapsed,
+                before=run.before, before_replies=run.before_replies, world_size=run.world, rng=rng_state()))
     if progress:
         progress.close()
     return {"tokens": tokens, "supervised_tokens": sup_tokens, "slots": slots, "seconds": time.time() - t0}
@@ -115,6 +115,7 @@ def main(args):
     torch.manual_seed(args.seed)
     run_dir = [args.out or os.path.join(HERE, "runs", time.strftime("%Y%m%d-%H%M%S"))]
     torch.distributed.broadcast_object_list(run_dir, src=0)  # rank 0's clock names it for all
+    # filled in below: engine, batches, total_steps, n_params (start_engine); before, before_replies (step 0)
     run = SimpleNamespace(args=args, device=device, rank=rank, world=world, dir=run_dir[0],
                           ckpt_dir=os.path.join(run_dir[0], "checkpoints"))
 
@@ -127,7 +128,7 @@ def main(args):
 
     # ---- deepspeed.initialize, then start (or pick up where a checkpoint left off)
     engine, ds_cfg = start_engine(run, model, data)
-    evaluate = evaluator(run, engine, data)
+    evaluate = evaluator(run, data)
     start = {"step": 0, "tokens": 0, "supervised_tokens": 0, "elapsed_s": 0.0}
     if args.resume:
         start = load_checkpoint(engine, run.ckpt_dir)
@@ -136,15 +137,14 @@ def main(args):
                              "the data order depends on it; resume with the same launcher settings")
         run.batches.load_state_dict(start["batches"])
         set_rng_state(start["rng"])
-        run.before = {"before": start.get("before", {}), "before_replies": start.get("before_replies")}  # (older ones lack them)
+        run.before, run.before_replies = start.get("before", {}), start.get("before_replies")  # (older ones lack them)
         trim_monitor(engine, run.dir, start["step"], ds_cfg["train_batch_size"])
         print0(f"resumed {run.dir} at step {start['step']} (epoch {run.batches.epoch})")
     else:
         t_eval = time.time()
-        before, before_replies = evaluate(0, generation=True)
-        run.before = {"before": before, "before_replies": before_replies}
-        if before:
-            print0(f"step 0: {brief(before)} ({time.time() - t_eval:.1f}s)")
+        run.before, run.before_replies = evaluate(0, generation=True)
+        if run.before:
+            print0(f"step 0: {brief(run.before)} ({time.time() - t_eval:.1f}s)")
     if rank == 0:
         os.makedirs(run.dir, exist_ok=True)
         write_json(os.path.join(run.dir, "args.json"),
@@ -227,13 +227,13 @@ def start_engine(run, model, data):
     return engine, ds_cfg
 
 
-def evaluator(run, engine, data):
+def evaluator(run, data):
     """-> evaluate(step, generation, state=None) -> (metrics, replies), both rank 0's business:
     validation loss (every rank scores its shard) and, if asked, generation metrics: rank 0 answers
     the held-out prompts with the fp32 master weights, the model a checkpoint saves (`state` when
     the caller has gathered them already). NOTE: meanwhile the other ranks wait at their next
     collective; with sharded or offloaded weights (ZeRO-3, --offload) the copy stays in CPU memory."""
-    args = run.args
+    args, engine = run.args, run.engine
 
     def evaluate(step, generation, state=None):
         m, replies = {}, None
@@ -260,8 +260,8 @@ def evaluator(run, engine, data):
 
 def finish(run, data, start, counted, after, after_replies, wall_time):
     """Rank 0, after saving the weights: metrics.json, runs/latest, loss.png, and the report."""
-    args, before = run.args, run.before["before"]
-    replies = {"step 0": run.before["before_replies"], "trained": after_replies}
+    args, before = run.args, run.before
+    replies = {"step 0": run.before_replies, "trained": after_replies}
     samples = pick_samples(data.evals, {k: v for k, v in replies.items() if v is not None}) if data.evals else []
     tokens = counted["tokens"] - start["tokens"]  # this session's
     metrics = {"val_loss": after.get("val_loss", math.nan), "val_ppl": after.get("val_ppl", math.nan),

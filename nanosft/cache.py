@@ -51,7 +51,7 @@ def save_samples(path, samples, meta):
               "mask": np.concatenate([m for _, m in samples] or [np.zeros(0, np.int8)]),
               "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
               "meta": np.array(json.dumps(meta))}
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", shared=True) as f:  # (runs may share a cache folder)
         np.savez(f, **arrays)
 
 
@@ -132,7 +132,7 @@ def tokenizer_for(args, files, run_dir):
     tok = train(texts, args.vocab_size)
     if cached and is_rank0():
         os.makedirs(args.cache_dir, exist_ok=True)
-        with atomic_write(cached, "wb") as f:
+        with atomic_write(cached, "wb", shared=True) as f:
             f.write(tok.to_bytes())
     return tok
 

@@ -184,7 +184,7 @@ def point_latest(run_dir):
     if os.path.lexists(link) and not os.path.islink(link):
         print(f"warning: {link} is not a link nanosft made; left as it is", file=sys.stderr)
         return
-    tmp = link + ".tmp"
+    tmp = link + ".tmp"  # (a link, not a file: files.atomic_write cannot make it)
     if os.path.lexists(tmp):
         os.remove(tmp)
     os.symlink(name, tmp)

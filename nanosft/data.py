@@ -121,9 +121,9 @@ def load_jsonl(path, check=check_conversation):
 
 
 # -----------------------------------------------------------------------------
-# tokenizing and packing
+# rendering and packing
 
-def split_exchanges(messages):
+def _split_exchanges(messages):
     """A conversation -> (its leading system messages, its exchanges): each exchange starts at a
     user turn and holds the replies that follow it."""
     n_sys = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
@@ -135,14 +135,14 @@ def without_oldest_exchanges(messages):
     """Yield (n, the conversation without its n oldest exchanges) for n = 0, 1, ... up to its last
     exchange alone: the ways to shorten a conversation that never cut a turn or lose the system
     prompt. Training data (render_within) and chat.py's history both shorten this way."""
-    system, exchanges = split_exchanges(messages)
+    system, exchanges = _split_exchanges(messages)
     for n in range(len(exchanges)):
         yield n, system + [m for ex in exchanges[n:] for m in ex]
 
 
 def render_within(template, messages, limit, train_on="all-assistant"):
-    """(ids, mask, exchanges cut) of the conversation, without as few of its oldest exchanges as
-    make it fit in `limit` tokens; None when even the last exchange alone does not fit."""
+    """(ids, mask, exchanges cut) of the conversation, cut by the fewest oldest exchanges that make it
+    fit in `limit` tokens; None when even the last exchange alone does not fit."""
     for cut, shorter in without_oldest_exchanges(messages):
         ids, mask = template.render(shorter, train_on)
         if len(ids) <= limit:

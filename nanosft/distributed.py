@@ -111,7 +111,7 @@ def deepspeed_config(base, *, world, micro_batch, grad_accum, zero_stage, offloa
     cfg.setdefault("bf16", {})["enabled"] = dtype == "bf16"
     cfg.setdefault("fp16", {})["enabled"] = dtype == "fp16"
     if log_dir:
-        cfg["csv_monitor"] = {"enabled": True, "output_path": log_dir, "job_name": "monitor"}  # nanosft/plot.py reads it
+        cfg["csv_monitor"] = {"enabled": True, "output_path": log_dir, "job_name": "monitor"}  # = monitor.MONITOR_DIR
         if tensorboard:
             cfg["tensorboard"] = {"enabled": True, "output_path": log_dir, "job_name": "tensorboard"}
     return cfg

@@ -15,11 +15,14 @@ import os
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode="w"):
+def atomic_write(path, mode="w", shared=False):
     """Open `path` for writing ("w": UTF-8 text, "wb": bytes). The data goes to a temporary file
     beside it, which is flushed to disk and then renamed over `path` (a rename within a folder is
-    atomic); if the block raises, the temporary file is removed and `path` is untouched."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two ranks filling one cache never share it
+    atomic); if the block raises, the temporary file is removed and `path` is untouched. A process
+    killed meanwhile leaves path.tmp, which the next write of `path` replaces. shared: other
+    processes may write `path` at the same moment (runs sharing a cache): each gets its own
+    temporary file, path.<pid>.tmp."""
+    tmp = f"{path}.{os.getpid()}.tmp" if shared else f"{path}.tmp"
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f

@@ -1,7 +1,7 @@
 """
 The masked SFT loss of loss.py fused with the LM head: the same sums, computed from the final hidden
 states and the head's weight without ever materialising the logits. An optimisation; a first read
-can skip it (tests/test_loss.py holds it equal to loss.masked_nll of the logits, gradients too).
+can skip it (tests/test_fused_loss.py holds it equal to loss.masked_nll of the logits, gradients too).
 
     linear_masked_nll(h, weight, targets, loss_mask) == masked_nll(h @ weight.T, targets, loss_mask)
 

@@ -118,7 +118,7 @@ class Transformer(nn.Module):
         # during the forward pass and recompute the block in the backward pass. About a third more
         # compute for activation memory that no longer grows with depth.
         self.grad_checkpointing = False
-        self.fused_loss = cfg.vocab_size >= FUSED_LOSS_VOCAB  # see FUSED_LOSS_VOCAB; the same numbers either way
+        self.fused_loss = None  # None: by vocabulary size (FUSED_LOSS_VOCAB); True/False: always/never
         self.apply(self._init_weights)
         # the projections that write into the residual stream start smaller, so the stream's
         # variance does not grow with depth (GPT-2's scaled init)
@@ -182,6 +182,7 @@ class Transformer(nn.Module):
             return self.lm_head(h)  # (B, T, vocab_size)
         if loss_mask is None:  # every target counts
             loss_mask = torch.ones_like(targets)
-        if self.fused_loss:
+        fused = self.cfg.vocab_size >= FUSED_LOSS_VOCAB if self.fused_loss is None else self.fused_loss
+        if fused:  # the same numbers (tests/test_fused_loss.py)
             return self.lm_head(h, targets, loss_mask)  # (sum NLL, count), no logits
         return masked_nll(self.lm_head(h), targets, loss_mask)  # (sum NLL, count)

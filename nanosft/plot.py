@@ -17,6 +17,7 @@ import sys
 
 from nanosft.monitor import read_monitor
 
+
 def smooth(values, weight=0.95):
     """Exponential moving average, without the bias towards its zero start (as Adam corrects it).
     A non-finite loss (an fp16 overflow) is passed over, so it cannot poison the rest of the curve."""

@@ -2,7 +2,8 @@
 train.py's command line: the flags, where a setting comes from, the rules of --resume, and the
 refusals. Everything here happens before train.py touches data or a model.
 
-    args = parse_args()      flags -> settings, checked; p.error (exit 2, naming the flag) otherwise
+    args = parse_args()      flags -> settings, checked; p.error (exit 2, naming the flag) otherwise,
+                             or an error exit 1 when --resume cannot continue the run
 
 Where a setting comes from: the flag if given, else the DeepSpeed config (--ds-config, default
 configs/ds_config.json) if it says, else CONFIG_DEFAULTS. A resumed run (--resume) takes every
@@ -76,7 +77,8 @@ def _data_flags(p):
                    "longer conversations lose their oldest whole exchanges")
     g.add_argument("--init-from", default="", help="start from this run or Hugging Face Llama-family directory "
                    "(its model shape and tokenizer replace the model and tokenizer flags)")
-    g.add_argument("--tokenizer", default="", help="a .model file (or a run directory) to use instead of training one")
+    g.add_argument("--tokenizer", default="", help="a .model file (ours, sentencepiece's or a base model's: the chat "
+                   "markers are added) or a directory holding tokenizer.model, to use instead of training one")
     g.add_argument("--vocab-size", type=int, default=1024, help="vocabulary of the tokenizer trained on --data")
     g.add_argument("--tokenizer-trainer", default="nanosft", choices=["nanosft", "spm"],
                    help="train the tokenizer by hand (readable) or with the sentencepiece library (large corpora)")

@@ -236,7 +236,7 @@ def test_saved_tokenizer_applies_the_chat_template_in_transformers_as_nanosft_do
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=1, n_head=2, n_kv_head=1, **variant)
     save_model(tmp_path, Transformer(cfg).state_dict(), cfg, tok)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
-    # (for "qwen2", AutoTokenizer insists on Qwen's own byte-level tokenizer: checkpoint.py's NOTE)
+    # (for "qwen2", AutoTokenizer insists on Qwen's own byte-level tokenizer: hf_config.py's NOTE in tokenizer_config)
     loader = transformers.PreTrainedTokenizerFast if model_type == "qwen2" else transformers.AutoTokenizer
     ref = loader.from_pretrained(tmp_path)
     template = ChatTemplate(tok)
