@@ -3,8 +3,8 @@ Supervised fine-tuning, through DeepSpeed. One process on a laptop CPU by defaul
 
     python train.py                                   # the default run on data/train.jsonl
     deepspeed --num_gpus 2 train.py --zero-stage 2    # the same script on 2 GPUs (or 2 CPU ranks)
-    python train.py --out runs/x --save-every 200     # checkpoints to resume from ...
-    python train.py --out runs/x --resume             # ... after a crash or a kill
+    python train.py --out runs/x --save-every 200     # checkpoints to resume from (Ctrl-C saves one too) ...
+    python train.py --out runs/x --resume             # ... after a crash, a kill or a Ctrl-C
 
 The story, in the order of main(): read and validate the chat data, train (or load) the tokenizer,
 render and pack the conversations -> build the model -> deepspeed.initialize (ZeRO stage, offload,
@@ -19,6 +19,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
 import time
 from types import SimpleNamespace
 
@@ -26,21 +28,20 @@ import deepspeed
 import numpy as np
 import torch
 
-from nanosft.cache import DataFile, fit_note, tokenizer_for, training_samples
+from nanosft.cache import load_data
 from nanosft.checkpoint import load_model, point_latest, save_model
-from nanosft.data import Batches, Blend, pack, parse_source, shard
+from nanosft.data import Batches
 from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, load_checkpoint,
                                  lr_schedule, make_optimizer, pick_dtype, print0, rng_state, save_checkpoint,
                                  set_rng_state, setup_distributed)
-from nanosft.evaluate import (brief, format_samples, generation_metrics, load_held_out, loss_and_ppl, pick_samples,
-                              table, validation_loss)
+from nanosft.evaluate import brief, format_samples, generation_metrics, loss_and_ppl, pick_samples, table, validation_loss
+from nanosft.interrupt import StopRequest, save_and_exit
 from nanosft.files import write_json
 from nanosft.memory import record_memory
 from nanosft.model import Transformer
 from nanosft.monitor import MONITOR_DIR, log_events, trim_monitor
 from nanosft.plot import plot_run
 from nanosft.progress import Progress, clock
-from nanosft.template import ChatTemplate
 from nanosft.train_args import HERE, model_config, parse_args
 
 
@@ -69,12 +70,13 @@ def train_step(engine, micro, world, device, before_step=None):
 
 def train(run, start, evaluate):
     """The loop, from the step after `start["step"]` to run.total_steps: a train_step each, logged;
-    evaluations at epoch ends and every --eval-every steps; a checkpoint every --save-every. `run`
-    is what main() has set up. -> what was counted: tokens, supervised tokens, token slots, seconds."""
+    evaluations at epoch ends and every --eval-every steps; a checkpoint every --save-every, and one
+    to stop at after Ctrl-C or SIGTERM (run.stop). `run` is what main() has set up.
+    -> what was counted: the last step, tokens, supervised tokens, token slots, seconds."""
     args, engine, batches = run.args, run.engine, run.batches
     progress = Progress(run.total_steps, args.log_every, live=False if args.quiet else None) if run.rank == 0 else None
     show = progress.note if progress else (lambda text: None)
-    tokens, sup_tokens, slots, t0 = start["tokens"], start["supervised_tokens"], 0, time.time()
+    tokens, sup_tokens, slots, t0, step = start["tokens"], start["supervised_tokens"], 0, time.time(), start["step"]
     for step in range(start["step"] + 1, run.total_steps + 1):
         epochs_done = batches.epoch + batches.epoch_done  # an epoch may end in the middle of a step
         micro = [batches.next() for _ in range(args.grad_accum)]
@@ -91,20 +93,23 @@ def train(run, start, evaluate):
             progress.update(step, loss, lr, tok_per_s, elapsed, seconds / (step - start["step"]) * (run.total_steps - step))
             if engine.skipped_steps and step % args.log_every == 0:
                 show(f"step {step}: {engine.skipped_steps} step(s) skipped so far (fp16 overflow), loss scale {scale:g}")
-        # an epoch that ends in the last 1% of the run is left to the final evaluation
-        ended = batches.epoch + batches.epoch_done > epochs_done
-        epoch_end = all_sum([float(ended)], run.device)[0] > 0 and run.total_steps - step > run.total_steps // 100
+        # an epoch that ends in the last 1% of the run is left to the final evaluation; a stop
+        # asked of any rank is every rank's
+        ended, stop = all_sum([batches.epoch + batches.epoch_done > epochs_done, run.stop.signum is not None], run.device)
+        epoch_end = ended > 0 and run.total_steps - step > run.total_steps // 100
         if step < run.total_steps and (epoch_end or (args.eval_every and step % args.eval_every == 0)):
             m, _ = evaluate(step, generation=epoch_end)
             if m:
                 show(f"step {step}{' (end of epoch)' if epoch_end else ''}: {brief(m)}")
-        if args.save_every and step % args.save_every == 0 and step < run.total_steps:
+        if stop or (args.save_every and step % args.save_every == 0 and step < run.total_steps):
             save_checkpoint(engine, run.ckpt_dir, step, keep=args.keep_checkpoints, client_state=dict(
                 step=step, batches=batches.state_dict(), tokens=tokens, supervised_tokens=sup_tokens, elapsed_s=elapsed,
                 before=run.before, before_replies=run.before_replies, world_size=run.world, rng=rng_state()))
+        if stop:
+            break
     if progress:
         progress.close()
-    return {"tokens": tokens, "supervised_tokens": sup_tokens, "slots": slots, "seconds": time.time() - t0}
+    return {"step": step, "tokens": tokens, "supervised_tokens": sup_tokens, "slots": slots, "seconds": time.time() - t0}
 
 
 def main(args):
@@ -121,7 +126,7 @@ def main(args):
 
     # ---- data, tokenizer and model
     model, tok = load_model(args.init_from, attn_impl=args.attn_impl) if args.init_from else (None, None)
-    data = load_data(run, tok)
+    data = load_data(args, run.dir, rank, world, tok)
     model = model.train() if model else Transformer(model_config(args, data.tok.vocab_size))
     if args.max_seq_len > model.cfg.max_seq_len:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {model.cfg.max_seq_len} positions")
@@ -153,7 +158,10 @@ def main(args):
         data.tok.save(os.path.join(run.dir, "tokenizer.model"))
 
     # ---- train, evaluate, save
+    run.stop = StopRequest()  # Ctrl-C and SIGTERM now finish the step, then save (nanosft/interrupt.py)
     counted = train(run, start, evaluate)
+    if run.stop.signum:
+        save_and_exit(engine, run.dir, model.cfg, data.tok, counted["step"], run.stop.signum, world)
     state = full_state_dict(engine)  # fp32, gathered from the shards: every rank takes part, rank 0 keeps it
     after, after_replies = evaluate(run.total_steps, generation=True, state=state)  # the weights being saved
     if rank == 0:
@@ -161,35 +169,6 @@ def main(args):
         finish(run, data, start, counted, after, after_replies, time.time() - t_start)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # leave the process group before the interpreter exits
-
-
-def load_data(run, tok=None):
-    """Validate, tokenize and render the data (or find it all in the cache), and pack the
-    validation rows. tok: the --init-from model's tokenizer. -> a namespace of what the run uses."""
-    args, t0 = run.args, time.time()
-    if run.rank != 0 and args.cache_dir:
-        torch.distributed.barrier()  # rank 0 first: it fills the cache, the others then read the same rows
-    sources = [parse_source(spec) for spec in args.data]
-    files = [DataFile(path, args) for path, _ in sources]
-    if args.resume or tok is None:
-        tok = tokenizer_for(args, files, run.dir)
-    template = ChatTemplate(tok)
-    row_len = args.max_seq_len + 1  # +1: inputs and targets are the row shifted by one
-    samples, val_samples, counts = training_samples(files, [w for _, w in sources], tok, template, row_len, args)
-    mix = (" blended " + ", ".join(f"{f.path} x{n}" for f, n in zip(files, samples.counts))
-           if isinstance(samples, Blend) else f" from {files[0].path}")
-    unit = "pieces of text" if args.stage == "pretrain" else "conversations"
-    print0(f"data: {len(samples)} {unit} per epoch{mix}, vocab {tok.vocab_size}" + fit_note(counts, row_len)
-           + (f"; {len(val_samples)} held out for validation" if val_samples else "") + f" ({time.time() - t0:.1f}s)")
-    if args.val_data:
-        more, val_counts = DataFile(args.val_data, args).samples(tok, template, row_len)
-        print0(f"validation: {len(more)} conversations from {args.val_data}" + fit_note(val_counts, row_len))
-        val_samples += more
-    if run.rank == 0 and args.cache_dir:
-        torch.distributed.barrier()
-    val = shard(pack(val_samples, row_len, template.pad), run.rank, run.world, template.pad) if val_samples else None
-    return SimpleNamespace(tok=tok, template=template, files=files, samples=samples, counts=counts, row_len=row_len,
-                           val=val, evals=load_held_out(args.eval_data) if args.eval_data else [])
 
 
 def start_engine(run, model, data):
@@ -298,3 +277,6 @@ if __name__ == "__main__":
         main(args)
     except (ValueError, OSError) as e:  # bad input: the message names file, line and reason
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # before training started (nothing to save), or Ctrl-C twice
+        print("\ninterrupted: nothing saved since the last checkpoint", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT)

@@ -1,6 +1,8 @@
 """
-Tokenize once: a run's data files and tokenizer, kept in `--cache-dir` (data/cache/) by content.
+A run's data, tokenized once: the data files and the tokenizer, kept in `--cache-dir` (data/cache/)
+by content.
 
+    data = load_data(args, run_dir, rank, world)        all of it, as train.py uses it
     files = [DataFile(path, args) for path in ...]     a file, read and validated only if needed
     tok = tokenizer_for(args, files, run_dir)           loaded, or trained (and cached)
     samples, counts = files[0].samples(tok, template, row_len)     rendered (data.py), or cached
@@ -15,14 +17,19 @@ train.py is the only user; data.py does the work this file saves.
 import hashlib
 import json
 import os
+import time
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 
-from nanosft.data import (Blend, error_list, load_conversations, load_documents, render_conversations,
-                          render_documents, split_off)
+from nanosft.data import (Blend, error_list, load_conversations, load_documents, pack, parse_source,
+                          render_conversations, render_documents, shard, split_off)
 from nanosft.distributed import is_rank0, print0
+from nanosft.evaluate import load_held_out
 from nanosft.files import atomic_write
+from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_VERSION = 1  # bump when rendering or tokenizing changes what a cached file would hold
@@ -161,3 +168,33 @@ def fit_note(counts, row_len):
              if counts["truncated"] else "",
              f"{counts['dropped']} left out (their last exchange alone is longer)" if counts["dropped"] else ""]
     return "".join(f"; {n}" for n in notes if n)
+
+
+def load_data(args, run_dir, rank, world, tok=None):
+    """train.py's data: validate, tokenize and render the files (or find it all in the cache),
+    blend them, pack this rank's validation rows, read the held-out prompts. tok: the --init-from
+    model's tokenizer (else tokenizer_for's). -> a namespace of what the run uses."""
+    t0 = time.time()
+    if rank != 0 and args.cache_dir:
+        torch.distributed.barrier()  # rank 0 first: it fills the cache, the others then read the same rows
+    sources = [parse_source(spec) for spec in args.data]
+    files = [DataFile(path, args) for path, _ in sources]
+    if args.resume or tok is None:
+        tok = tokenizer_for(args, files, run_dir)
+    template = ChatTemplate(tok)
+    row_len = args.max_seq_len + 1  # +1: inputs and targets are the row shifted by one
+    samples, val_samples, counts = training_samples(files, [w for _, w in sources], tok, template, row_len, args)
+    mix = (" blended " + ", ".join(f"{f.path} x{n}" for f, n in zip(files, samples.counts))
+           if isinstance(samples, Blend) else f" from {files[0].path}")
+    unit = "pieces of text" if args.stage == "pretrain" else "conversations"
+    print0(f"data: {len(samples)} {unit} per epoch{mix}, vocab {tok.vocab_size}" + fit_note(counts, row_len)
+           + (f"; {len(val_samples)} held out for validation" if val_samples else "") + f" ({time.time() - t0:.1f}s)")
+    if args.val_data:
+        more, val_counts = DataFile(args.val_data, args).samples(tok, template, row_len)
+        print0(f"validation: {len(more)} conversations from {args.val_data}" + fit_note(val_counts, row_len))
+        val_samples += more
+    if rank == 0 and args.cache_dir:
+        torch.distributed.barrier()
+    val = shard(pack(val_samples, row_len, template.pad), rank, world, template.pad) if val_samples else None
+    return SimpleNamespace(tok=tok, template=template, files=files, samples=samples, counts=counts, row_len=row_len,
+                           val=val, evals=load_held_out(args.eval_data) if args.eval_data else [])

@@ -14,6 +14,7 @@ These start real training processes, so they are marked slow (still part of `mak
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -271,6 +272,48 @@ def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     m = json.loads((killed / "metrics.json").read_text())
     assert m["val_loss_before"] == json.loads((whole / "metrics.json").read_text())["val_loss_before"]
+
+
+@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGINT), (1, signal.SIGTERM), (2, signal.SIGINT)])
+def test_ctrl_c_or_sigterm_finishes_the_step_saves_and_resumes_exactly(tiny_data, tmp_path, nproc, sig):
+    """The signal reaches every process of the run (a terminal's Ctrl-C, a scheduler's SIGTERM) at
+    a random step: a checkpoint and the model so far are saved, the run says how to resume, exits
+    non-zero without a traceback of its own, and --resume gives the uninterrupted run's losses
+    and weights."""
+    batch = ["--batch-size", "4", "--grad-accum", "2"] if nproc == 1 else ["--batch-size", "2", "--grad-accum", "2"]
+    flags = ["--data", str(tiny_data / "train.jsonl"), "--val-data", str(tiny_data / "val.jsonl"), "--eval-data", "",
+             "--steps", "40", "--dtype", "fp32", "--log-every", "1", *ZERO_TINY, *batch]
+    whole = tiny_data / "uninterrupted" / str(nproc)  # (shared by the tests with as many ranks)
+    if not (whole / "metrics.json").exists():
+        r = run(train_command(nproc, *flags, "--out", str(whole)))
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    at = random.Random(f"{nproc}:{sig}").randint(3, 35)
+    stopped, err = tmp_path / "stopped", tmp_path / "stderr.txt"
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    with open(err, "w") as stderr:
+        p = subprocess.Popen(train_command(nproc, *flags, "--out", str(stopped)), cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+        out = []
+        for line in p.stdout:  # to the end: under the launcher the ranks outlive the runner
+            out.append(line)
+            if line.startswith(f"step {at}/"):
+                os.killpg(p.pid, sig)
+        p.wait()
+    text = err.read_text()
+    assert p.returncode != 0 and f"--out {stopped} --resume" in text, "".join(out)[-2000:] + text[-2000:]
+    if nproc == 1:  # (under the launcher, DeepSpeed's own runner reports the interrupt in its way)
+        assert p.returncode == 128 + sig and "Traceback" not in text
+    tag = (stopped / "checkpoints" / "latest").read_text()
+    assert int(tag[4:]) in (at, at + 1) and (stopped / "model.safetensors").exists()
+    assert not (stopped / "metrics.json").exists()
+
+    r = run(train_command(nproc, "--out", str(stopped), "--resume"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    want, got = ((d / "monitor" / "Train_loss.csv").read_text() for d in (whole, stopped))
+    assert got == want
+    a, b = load_model(whole)[0].state_dict(), load_model(stopped)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_changed_settings(tiny_run):
