@@ -53,8 +53,8 @@ plot: install
 evaluate: install data
 	$(PY) -m nanosft.evaluate --ckpt $(RUN) $(if $(DATA),--data $(DATA))
 
-# make compare VARIANTS="mha gqa window alibi": train each attention variant on the same budget,
-# then a table and runs/compare/compare.png (variants: VARIANTS in nanosft/attention.py)
+# make compare VARIANTS="mha gqa window alibi" [ARGS="--steps 100"]: train each attention variant on
+# the same budget, then a table and runs/compare/compare.png (variants: VARIANTS in nanosft/attention.py)
 compare: install data
 	$(PY) -m nanosft.compare $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(ARGS),-- $(ARGS))
 

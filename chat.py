@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from nanosft.checkpoint import load_model
+from nanosft.checkpoint import describe_path, load_model
 from nanosft.data import check_prompt, load_jsonl, without_oldest_exchanges
 from nanosft.generate import generate, reply
 from nanosft.template import ChatTemplate
@@ -105,7 +105,7 @@ def interactive(model, template, args, generator):
             importlib.import_module("readline")  # line editing and history for input()
         except ImportError:  # not on every platform
             pass
-    print(f"chat with the model; {COMMANDS}")
+    print(f"chat with {describe_path(args.ckpt)}; {COMMANDS}")
     while True:
         try:
             line = input("> ")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from nanosft.cache import load_data
-from nanosft.checkpoint import load_model, point_latest, save_model
+from nanosft.checkpoint import describe_path, load_model, point_latest, save_model
 from nanosft.data import Batches
 from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, load_checkpoint,
                                  lr_schedule, make_optimizer, pick_dtype, print0, rng_state, save_checkpoint,
@@ -93,10 +93,11 @@ def train(run, start, evaluate):
             progress.update(step, loss, lr, tok_per_s, elapsed, seconds / (step - start["step"]) * (run.total_steps - step))
             if engine.skipped_steps and step % args.log_every == 0:
                 show(f"step {step}: {engine.skipped_steps} step(s) skipped so far (fp16 overflow), loss scale {scale:g}")
-        # an epoch that ends in the last 1% of the run is left to the final evaluation; a stop
+        # an epoch end is evaluated when epochs last --eval-every steps or more (not every few steps
+        # on tiny data), and not in the last 1% of the run (the final evaluation is near); a stop
         # asked of any rank is every rank's
         ended, stop = all_sum([batches.epoch + batches.epoch_done > epochs_done, run.stop.signum is not None], run.device)
-        epoch_end = ended > 0 and run.total_steps - step > run.total_steps // 100
+        epoch_end = ended > 0 and run.epoch_evals and run.total_steps - step > run.total_steps // 100
         if step < run.total_steps and (epoch_end or (args.eval_every and step % args.eval_every == 0)):
             m, _ = evaluate(step, generation=epoch_end)
             if m:
@@ -182,6 +183,10 @@ def start_engine(run, model, data):
                           run.world, args.packing == "on")
     steps_per_epoch = run.batches.rows_per_epoch / (args.batch_size * args.grad_accum)
     run.total_steps = args.steps or max(math.ceil(args.epochs * steps_per_epoch), 1)
+    run.epoch_evals = steps_per_epoch >= args.eval_every
+    if args.warmup_steps > run.total_steps:
+        print0(f"note: --warmup-steps {args.warmup_steps} is longer than the run's {run.total_steps} steps: the "
+               f"learning rate never reaches --lr {args.lr:g}")
     if steps_per_epoch < 1:  # every step then sees some conversations more than once
         print0(f"note: one step takes {1 / steps_per_epoch:.1f} epochs of this data ({run.batches.rows_per_epoch} rows "
                f"per epoch per rank, {args.batch_size * args.grad_accum} per step): lower --batch-size or --grad-accum")
@@ -192,6 +197,8 @@ def start_engine(run, model, data):
                               grad_clip=args.grad_clip, pin_memory=run.device.type == "cuda", log_dir=run.dir,
                               tensorboard=args.tensorboard)
     if run.rank == 0 and not args.resume:  # a new run in an old run's directory: its logs start afresh
+        if os.path.exists(os.path.join(run.dir, "args.json")):
+            print0(f"note: {run.dir} holds an earlier run, which this one replaces (--resume would continue it)")
         for folder in (MONITOR_DIR, "tensorboard"):
             shutil.rmtree(os.path.join(run.dir, folder), ignore_errors=True)
     run.engine = engine = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)[0]
@@ -202,7 +209,8 @@ def start_engine(run, model, data):
         engine.compile()
     print0(f"model: {run.n_params:,} parameters, {args.dtype}, ZeRO stage {args.zero_stage}"
            + (f" offload {args.offload}" if args.offload != "none" else "") + f", {run.world} rank(s) on "
-           f"{run.device.type}; {run.total_steps} steps of {ds_cfg['train_batch_size']} rows x {data.row_len} tokens")
+           f"{run.device.type}; {run.total_steps} steps of {ds_cfg['train_batch_size']} rows x {data.row_len} tokens"
+           + (f"; from {describe_path(args.init_from)}" if args.init_from else ""))
     return engine, ds_cfg
 
 

@@ -152,12 +152,13 @@ def training_samples(files, weights, tok, template, row_len, args):
     for f in files:
         samples, c = f.samples(tok, template, row_len)
         counts = {k: counts[k] + c[k] for k in counts}
-        if args.val_split:
-            samples, held = split_off(samples, args.val_split, args.seed)
-            held_out += held
+        samples, held = split_off(samples, args.val_split, args.seed) if args.val_split else (samples, [])
+        held_out += held
         if not samples:
-            raise SystemExit(f"{f.path}: no conversation to train on (--max-seq-len {args.max_seq_len}, "
-                             f"--val-split {args.val_split})")
+            why = [f"{f.skipped} invalid, left out" if f.skipped else "",
+                   f"{c['dropped']} longer than --max-seq-len {args.max_seq_len}" if c["dropped"] else "",
+                   f"{len(held)} held out by --val-split {args.val_split}" if held else ""]
+            raise SystemExit(f"{f.path}: nothing to train on ({', '.join(w for w in why if w) or 'the file is empty'})")
         sources.append(samples)
     return (sources[0] if len(sources) == 1 else Blend(sources, weights)), held_out, counts
 

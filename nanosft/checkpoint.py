@@ -173,6 +173,11 @@ def load_model(directory, device="cpu", attn_impl="sdpa"):
     return model.to(device).eval(), tok
 
 
+def describe_path(path):
+    """path, and the run it leads to when it is a link (runs/latest): what a command really loads."""
+    return f"{path} (-> {os.path.realpath(path)})" if os.path.islink(os.path.normpath(path)) else str(path)
+
+
 def point_latest(run_dir):
     """Make runs/latest (next to run_dir) point at run_dir. run_dir may be runs/latest itself
     (`--out runs/latest --resume`): the link then keeps naming the run it leads to. A `latest` that is

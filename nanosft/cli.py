@@ -133,10 +133,15 @@ def check_files(paths, fmt="auto"):
         elif not records:  # train.py refuses a file with nothing to learn from: so does the check
             lines.append(f"{path}: no conversations in the file")
             bad += 1
-    kinds = ", ".join(f"{n} {f}" for f, n in sorted(formats.items())) or "none"
+    kinds = by_format(formats) or "none"
     summary = f"{sum(formats.values())} good conversation(s) in {len(paths)} file(s) ({kinds})"
     lines.append(f"{summary}, {bad} bad record(s)" if bad else f"ok: {summary}")
     return "\n".join(lines), bad
+
+
+def by_format(counts):
+    """Counter of format names -> "2 in alpaca format, 1 in messages format" (not "1 messages")."""
+    return ", ".join(f"{n} in {f} format" for f, n in sorted(counts.items()))
 
 
 def show_tokens(tok, ids, mask, tty):
@@ -156,7 +161,7 @@ def stats(paths, template, row_len, fmt="auto", train_on="all-assistant", tty=Fa
         records += recs
         errors += len(errs)
     lines = [f"{len(records)} conversations in {len(paths)} file(s): "
-             + ", ".join(f"{n} {f}" for f, n in sorted(Counter(r["format"] for r in records).items()))
+             + by_format(Counter(r["format"] for r in records))
              + (f"; {errors} invalid (see: python -m nanosft.data check)" if errors else "")]
     if not records:
         return "\n".join(lines)

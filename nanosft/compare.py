@@ -79,7 +79,10 @@ def plot(results, path):
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """compare's flags. A --steps or --seed among the train.py flags after -- is taken as compare's
+    own (`make compare ARGS="--steps 100"` passes its flags that way); --attn and --out there are
+    refused: compare sets them per variant."""
     p = argparse.ArgumentParser(prog="python -m nanosft.compare", description=__doc__.strip().splitlines()[0])
     p.add_argument("--variants", nargs="+", default=["mha", "gqa", "window", "alibi"], metavar="NAME",
                    help=f"attention variants to train, from attention.py's VARIANTS: {', '.join(VARIANTS)}")
@@ -88,16 +91,25 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "runs", "compare"))
     p.add_argument("train_args", nargs="*", help="after --: more train.py flags, the same for every variant")
     args = p.parse_args(argv)
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--steps", type=int, default=args.steps)
+    own.add_argument("--seed", type=int, default=args.seed)
+    found, args.train_args = own.parse_known_args(args.train_args)
+    args.steps, args.seed = found.steps, found.seed
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}: attention.py's VARIANTS has {', '.join(VARIANTS)}")
     if len(set(args.variants)) != len(args.variants):
         p.error("a variant is named twice")
-    fixed = [f for f in ("--attn", "--out", "--steps", "--seed") if any(a.split("=")[0] == f for a in args.train_args)]
+    fixed = [f for f in ("--attn", "--out") if any(a.split("=")[0] == f for a in args.train_args)]
     if fixed:
-        p.error(f"{', '.join(fixed)} after -- would differ from what compare sets and records; "
-                "use compare's own --steps and --seed")
+        p.error(f"{', '.join(fixed)} after -- would differ from what compare sets for each variant")
     args.out = os.path.abspath(args.out)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     results = {}

@@ -33,7 +33,7 @@ from collections import defaultdict
 import torch
 
 from nanosft.bleu import corpus_bleu, pick_tokenizer
-from nanosft.checkpoint import load_model
+from nanosft.checkpoint import describe_path, load_model
 from nanosft.data import check_conversation, check_prompt, pack, read_file, render_conversations, to_batch
 from nanosft.formats import FORMATS, FormatError, to_messages
 from nanosft.generate import reply
@@ -135,8 +135,11 @@ def table(columns):
     has is left out: params and tokens/s only appear in compare.py's table)."""
     names = list(columns)
     rows = [("params", "params", "{:,}"), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("val loss", "val_loss", "{:.4f}"),
-            ("val ppl", "val_ppl", "{:.3f}"), ("BLEU", "bleu", "{:.2f}")]
+            ("val ppl", "val_ppl", "{:.3f}"), ("answer loss", "answer_loss", "{:.4f}"),
+            ("answer ppl", "answer_ppl", "{:.3f}"), ("BLEU", "bleu", "{:.2f}")]
     families = sorted({f for m in columns.values() for f in m.get("exact_match", {})} - {"overall"})
+    if families == ["all"]:  # prompts without families: "all" is the overall figure again
+        families = []
     rows += [(f"exact match {f}", ("exact_match", f), "{:.1%}") for f in families + ["overall"]]
 
     def cell(m, key, fmt):
@@ -199,18 +202,19 @@ def format_samples(samples, labels):
 # the command line: evaluate a saved run
 
 def evaluate_run(model, template, records, batch_size=16, max_new_tokens=None):
-    """All the numbers for one model on held-out records; the loss is over the reference answers
-    (val_dropped: conversations too long for the context even without their earlier exchanges,
-    left out of it; the replies count them as misses)."""
+    """All the numbers for one model on held-out records. Its loss is the answer loss: over the
+    reference answers of these prompts, not train.py's validation loss over the validation
+    conversations (answer_dropped: prompts too long for the context even without their earlier
+    exchanges, left out of it; the replies count them as misses)."""
     samples, counts = render_conversations(as_conversations(records), template, model.cfg.max_seq_len + 1,
                                            train_on="last-assistant")
     # rows as long as the longest conversation, not the model's whole context (131,072 for some
     # Hugging Face models: the attention masks alone would not fit)
     row_len = max((len(ids) for ids, _ in samples), default=2)
     packed = pack(samples, row_len, template.pad)
-    val_loss, val_ppl = loss_and_ppl(*validation_loss(model, packed, batch_size))
+    loss, ppl = loss_and_ppl(*validation_loss(model, packed, batch_size))
     scores, replies = generation_metrics(model, template, records, max_new_tokens)
-    return {"val_loss": val_loss, "val_ppl": val_ppl, "val_dropped": counts["dropped"], **scores}, replies
+    return {"answer_loss": loss, "answer_ppl": ppl, "answer_dropped": counts["dropped"], **scores}, replies
 
 
 def main(argv=None):
@@ -244,8 +248,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     metrics, replies = evaluate_run(model, ChatTemplate(tok), records, max_new_tokens=args.max_new_tokens)
     samples = pick_samples(records, {"model": replies}, args.samples)
-    print(f"{args.ckpt} on {len(records)} held-out prompts from {args.data}"
-          + (f" ({metrics['val_dropped']} too long for the context, left out of the loss)" if metrics["val_dropped"] else "")
+    print(f"{describe_path(args.ckpt)} on {len(records)} held-out prompts from {args.data}"
+          + (f" ({metrics['answer_dropped']} too long for the context, left out of the loss)"
+             if metrics["answer_dropped"] else "")
           + ":")
     print(table({"model": metrics}))
     print(format_samples(samples, ["model"]))

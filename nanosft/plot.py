@@ -39,6 +39,11 @@ def curves(run_dir):
             for k, name in picked.items()}
 
 
+def run_name(run_dir):
+    """The run's own name, also when it is reached through runs/latest (a link)."""
+    return os.path.basename(os.path.realpath(run_dir))
+
+
 def plot_run(run_dir, path=None):
     """Draw loss.png from the run's monitor CSVs; returns its path."""
     import matplotlib
@@ -61,7 +66,7 @@ def plot_run(run_dir, path=None):
     ax2.set_ylabel("learning rate")
     lines = ax.get_lines() + ax2.get_lines()
     ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
-    ax.set_title(os.path.basename(os.path.normpath(run_dir)))
+    ax.set_title(run_name(run_dir))
     fig.tight_layout()
     path = path or os.path.join(run_dir, "loss.png")
     fig.savefig(path)

@@ -312,13 +312,20 @@ class Tokenizer:
     # ----------------------------------------------------------------- train
 
     @classmethod
+    def check_vocab_size(cls, vocab_size):
+        """A ValueError unless a trained vocabulary of vocab_size pieces has room for more than its
+        fixed pieces (train.py checks its flag with this before any data is read)."""
+        fixed = len(cls.SPECIALS) + 256
+        if vocab_size <= fixed:
+            raise ValueError(f"vocab_size must exceed {fixed} ({len(cls.SPECIALS)} specials + 256 byte pieces), "
+                             f"got {vocab_size}")
+
+    @classmethod
     def train(cls, texts, vocab_size):
         """Learn a vocabulary of at most `vocab_size` pieces: SPECIALS, 256 byte pieces,
         the most frequent characters, then BPE merges (scores -1, -2, ... in merge order)."""
+        cls.check_vocab_size(vocab_size)
         fixed = len(cls.SPECIALS) + 256
-        if vocab_size <= fixed:
-            raise ValueError(f"vocab_size must exceed {fixed} "
-                             f"({len(cls.SPECIALS)} specials + 256 byte pieces), got {vocab_size}")
         words = Counter()
         for text in texts:
             words.update(_TRAIN_WORD.findall(_normalize(text, True, False, True)))

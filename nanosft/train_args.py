@@ -25,6 +25,7 @@ from nanosft.files import read_json
 from nanosft.formats import FORMATS
 from nanosft.model import ModelConfig
 from nanosft.template import TRAIN_ON
+from nanosft.tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py is there
 
@@ -137,7 +138,8 @@ def _run_flags(p):
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--eval-every", type=int, default=200, help="validation loss every N steps (0: only at "
-                   "epoch ends); generation metrics run at step 0, at each epoch's end and at the end")
+                   "epoch ends); generation metrics run at step 0 and at the end, and at each epoch's end when "
+                   "an epoch lasts N steps or more")
     g.add_argument("--log-every", type=int, default=25, help="with --quiet or no terminal: a line every N steps")
     g.add_argument("--quiet", action="store_true", help="no live progress bar: a plain line every --log-every steps")
     g.add_argument("--tensorboard", action="store_true",
@@ -236,6 +238,8 @@ def check_args(p, args):
         p.error("--attn builds a new model; a model from --init-from keeps the attention it was trained with")
     if not args.init_from:
         try:
+            if not args.tokenizer:  # one is trained: refused now, not after the data has been read
+                Tokenizer.check_vocab_size(args.vocab_size)
             model_config(args, args.vocab_size)
         except ValueError as e:
             p.error(in_flag_terms(str(e), args))

@@ -75,5 +75,13 @@ def test_compare_trains_every_variant_and_reports_each_runs_own_figures(doc_exam
 def test_an_unknown_variant_or_a_flag_compare_sets_itself_is_refused_by_name():
     r = run_in(ROOT, "-m", "nanosft.compare", "--variants", "mha", "flash9")
     assert r.returncode != 0 and "unknown variant(s) ['flash9']" in r.stderr and "mha, gqa" in r.stderr
-    r = run_in(ROOT, "-m", "nanosft.compare", "--", "--lr", "1e-3", "--steps=20")
-    assert r.returncode != 0 and "--steps after -- would differ" in r.stderr
+    r = run_in(ROOT, "-m", "nanosft.compare", "--", "--lr", "1e-3", "--attn=mqa")
+    assert r.returncode != 0 and "--attn after -- would differ" in r.stderr
+
+
+def test_steps_and_seed_among_the_train_flags_are_compares_own():
+    """`make compare ARGS="--steps 100"` puts them after --, where train.py flags go."""
+    from nanosft.compare import parse_args
+    args = parse_args(["--variants", "mha", "--", "--lr", "1e-3", "--steps=20", "--seed", "3"])
+    assert (args.steps, args.seed, args.train_args) == (20, 3, ["--lr", "1e-3"])
+    assert parse_args([]).steps == 500

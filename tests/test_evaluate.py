@@ -127,6 +127,11 @@ def test_before_after_table_and_samples_show_every_model_side_by_side():
                        {"family": "b", "messages": [], "answer": "2", "step 0": "y", "trained": "2"}]
 
 
+def test_prompts_without_families_get_one_exact_match_row():
+    text = table({"model": {"bleu": 10.0, "exact_match": {"all": 0.5, "overall": 0.5}}})
+    assert "exact match overall" in text and "exact match all" not in text
+
+
 @pytest.mark.slow
 def test_command_line_on_a_saved_run_gives_the_numbers_training_reported(tiny_run, tmp_path):
     data_dir, out = tiny_run
@@ -138,4 +143,6 @@ def test_command_line_on_a_saved_run_gives_the_numbers_training_reported(tiny_ru
     trained = json.loads((out / "metrics.json").read_text())["after"]
     assert got["exact_match"] == trained["exact_match"] and got["bleu"] == pytest.approx(trained["bleu"])
     assert "exact match overall" in r.stdout and "expected>" in r.stdout
-    assert math.isfinite(got["val_loss"]) and got["val_ppl"] == pytest.approx(math.exp(got["val_loss"]))
+    assert math.isfinite(got["answer_loss"]) and got["answer_ppl"] == pytest.approx(math.exp(got["answer_loss"]))
+    # the loss of the reference answers, named apart from train.py's validation loss (another set)
+    assert "answer loss" in r.stdout and "val loss" not in r.stdout and "val_loss" not in got

@@ -179,7 +179,8 @@ def test_each_bad_record_is_named_by_file_line_and_reason(tmp_path, capsys, case
 def test_check_says_one_line_when_all_is_well(tmp_path, capsys):
     files = [str(write(tmp_path, name, text)) for name, text in FIXTURES.items()]
     assert data_main(["check", *files]) == 0
-    assert capsys.readouterr().out == "ok: 3 good conversation(s) in 3 file(s) (1 dschat, 1 messages, 1 sharegpt)\n"
+    assert capsys.readouterr().out == ("ok: 3 good conversation(s) in 3 file(s) "
+                                       "(1 in dschat format, 1 in messages format, 1 in sharegpt format)\n")
     empty = write(tmp_path, "empty.jsonl", "\n")  # nothing to train on: train.py refuses it, and so does the check
     assert data_main(["check", str(empty)]) == 1 and f"{empty}: no conversations in the file" in capsys.readouterr().out
 
@@ -253,7 +254,8 @@ def test_stats_describes_what_training_would_see(tmp_path, capsys, template):
     short = len(template.render(MESSAGES[:1] + MESSAGES[-2:])[0])  # system + last exchange
     assert data_main(["stats", *files, "--tokenizer", str(model), "--max-seq-len", str(short - 1)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "5 conversations in 4 file(s): 2 alpaca, 1 dschat, 1 messages, 1 sharegpt"
+    assert out[0] == ("5 conversations in 4 file(s): 2 in alpaca format, 1 in dschat format, 1 in messages format, "
+                      "1 in sharegpt format")
     rendered = [template.render(r["messages"]) for f in files for r in load_conversations(f)[0]]
     share = sum(sum(m) for _, m in rendered) / sum(len(i) for i, _ in rendered)
     assert f"supervised: {share:.1%} of all tokens (all-assistant)" in out[1]

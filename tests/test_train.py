@@ -163,6 +163,7 @@ def test_malformed_jsonl_stops_with_file_line_and_reason(tmp_path):
     (["--offload", "optimizer"], "--offload optimizer needs --zero-stage 1, 2 or 3"),
     (["--zero-stage", "2", "--offload", "all"], "--offload all needs --zero-stage 3"),
     (["--dtype", "fp16"], "--dtype fp16 needs a GPU"),
+    (["--vocab-size", "3"], "--vocab-size must exceed 264"),  # at once, before any data is read
 ])
 def test_impossible_flags_are_refused_by_name(flags, complaint):
     r = run_train(*TINY, *flags)
@@ -349,3 +350,42 @@ def test_tensorboard_flag_and_quiet_log(tiny_run, tmp_path):
     csv_log = read_monitor(out)["Train_loss"]
     assert list(tb) == list(csv_log) == [1, 2, 3, 4, 5, 6]
     assert all(math.isclose(tb[s], csv_log[s], rel_tol=1e-6) for s in tb)  # TensorBoard stores float32
+
+
+def test_what_a_newcomer_would_otherwise_not_be_told(tiny_data, tmp_path):
+    """A warm-up longer than the run, a run directory reused, the run runs/latest leads to, and an
+    empty training file are each said in a line."""
+    runs = tmp_path / "runs"
+    common = ["--data", str(tiny_data / "train.jsonl"), "--val-data", "", "--eval-data", "", "--dtype", "fp32", *TINY]
+    r = run_train(*common, "--out", str(runs / "a"), "--steps", "2", "--warmup-steps", "5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: --warmup-steps 5 is longer than the run's 2 steps" in r.stdout and "holds an earlier run" not in r.stdout
+    r = run_train(*common, "--out", str(runs / "a"), "--steps", "2")
+    assert r.returncode == 0 and f"note: {runs / 'a'} holds an earlier run, which this one replaces" in r.stdout
+    assert "note: --warmup-steps" not in r.stdout  # (TINY's 2 warm-up steps fit in 2 steps)
+    r = run_train(*common, "--out", str(runs / "b"), "--steps", "1", "--init-from", str(runs / "latest"))
+    assert r.returncode == 0 and f"from {runs / 'latest'} (-> {runs / 'a'})" in r.stdout, r.stderr[-2000:]
+    r = run([sys.executable, os.path.join(ROOT, "chat.py"), "--ckpt", str(runs / "latest")], input="/quit\n")
+    assert r.returncode == 0 and f"chat with {runs / 'latest'} (-> {runs / 'b'})" in r.stdout, r.stderr[-2000:]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    r = run_train("--data", str(empty), "--val-data", "", "--eval-data", "", "--out", str(tmp_path / "e"), *TINY)
+    assert r.returncode != 0 and f"{empty}: nothing to train on (the file is empty)" in r.stderr
+    assert "--max-seq-len" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_epoch_ends_are_evaluated_only_when_epochs_last_eval_every_steps(tiny_data, tmp_path):
+    """Tiny data ends an epoch every few steps: a generation evaluation each time would bury the log."""
+    common = ["--data", str(tiny_data / "train.jsonl"), "--val-data", str(tiny_data / "val.jsonl"), "--eval-data",
+              str(tiny_data / "eval.jsonl"), "--steps", "30", "--dtype", "fp32", *TINY, "--batch-size", "8"]  # ~10 steps an epoch
+    short = run_train(*common, "--out", str(tmp_path / "short"), "--eval-every", "100")
+    long = run_train(*common, "--out", str(tmp_path / "long"), "--eval-every", "5")
+    assert short.returncode == long.returncode == 0, short.stderr[-2000:] + long.stderr[-2000:]
+    assert "(end of epoch)" not in short.stdout and "(end of epoch)" in long.stdout
+
+
+def test_the_plot_is_titled_with_the_runs_name_also_through_latest(tmp_path):
+    from nanosft.plot import run_name
+    (tmp_path / "20261204-164524").mkdir()
+    (tmp_path / "latest").symlink_to("20261204-164524")
+    assert run_name(tmp_path / "latest") == run_name(tmp_path / "20261204-164524") == "20261204-164524"
