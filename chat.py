@@ -28,6 +28,7 @@ import torch
 from nanosft.checkpoint import describe_path, load_model
 from nanosft.data import check_prompt, load_jsonl, without_oldest_exchanges
 from nanosft.generate import generate, reply
+from nanosft.machine import decoding_threads
 from nanosft.template import ChatTemplate
 
 
@@ -43,11 +44,14 @@ def parse_args():
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the faster of 1 and all cores, measured)")
     args = p.parse_args()
     if args.top_k is not None and args.top_k < 1:
         p.error("--top-k must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
+    if args.threads < 0:
+        p.error("--threads must not be negative (0: measured)")
     if args.max_new_tokens < 1 or not 0 <= args.temperature < float("inf"):
         p.error("--max-new-tokens must be at least 1 and --temperature a number not negative")
     return args
@@ -161,6 +165,10 @@ def main():
         sys.exit(f"error: {e}")
     template = ChatTemplate(tok)
     generator = torch.Generator().manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:  # the faster of 1 thread and all cores for decoding, measured now (nanosft/machine.py)
+        decoding_threads(model)
     if args.batch:
         try:
             records = load_jsonl(args.batch, check_prompt)

@@ -32,10 +32,11 @@ from nanosft.cache import load_data
 from nanosft.checkpoint import describe_path, load_model, point_latest, save_model
 from nanosft.data import Batches
 from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, load_checkpoint,
-                                 lr_schedule, make_optimizer, pick_dtype, print0, rng_state, save_checkpoint,
+                                 lr_schedule, make_optimizer, print0, rng_state, save_checkpoint,
                                  set_rng_state, setup_distributed)
 from nanosft.evaluate import brief, format_samples, generation_metrics, loss_and_ppl, pick_samples, table, validation_loss
 from nanosft.interrupt import StopRequest, save_and_exit
+from nanosft.machine import choose_threads, cpu_name, pick_dtype, using_threads
 from nanosft.files import write_json
 from nanosft.memory import record_memory
 from nanosft.model import Transformer
@@ -134,6 +135,8 @@ def main(args):
 
     # ---- deepspeed.initialize, then start (or pick up where a checkpoint left off)
     engine, ds_cfg = start_engine(run, model, data)
+    _, run.decode_threads, why = choose_threads(engine.module, args.batch_size, args.max_seq_len, args.threads, world)
+    print0(f"machine: {cpu_name()}, {why}")
     evaluate = evaluator(run, data)
     start = {"step": 0, "tokens": 0, "supervised_tokens": 0, "elapsed_s": 0.0}
     if args.resume:
@@ -176,7 +179,7 @@ def start_engine(run, model, data):
     """The batches, the step count, and deepspeed.initialize around model, AdamW and its schedule
     (kept in `run`). -> (engine, the DeepSpeed config it runs with)."""
     args = run.args
-    args.dtype = pick_dtype(args.dtype, run.device)
+    args.dtype, dtype_why = pick_dtype(args.dtype, run.device, model.cfg.dim)
     model.grad_checkpointing = args.gradient_checkpointing
     run.n_params = model.num_params()  # counted now: under ZeRO-3 the module's own tensors become empty shards
     run.batches = Batches(data.samples, data.row_len, data.template.pad, args.batch_size, args.seed, run.rank,
@@ -207,7 +210,7 @@ def start_engine(run, model, data):
         # second compilation covers every length). Evaluation runs eagerly (see evaluator): its
         # batches have other shapes and no backward pass, and would only cost more compilations.
         engine.compile()
-    print0(f"model: {run.n_params:,} parameters, {args.dtype}, ZeRO stage {args.zero_stage}"
+    print0(f"model: {run.n_params:,} parameters, {args.dtype} ({dtype_why}), ZeRO stage {args.zero_stage}"
            + (f" offload {args.offload}" if args.offload != "none" else "") + f", {run.world} rank(s) on "
            f"{run.device.type}; {run.total_steps} steps of {ds_cfg['train_batch_size']} rows x {data.row_len} tokens"
            + (f"; from {describe_path(args.init_from)}" if args.init_from else ""))
@@ -237,7 +240,8 @@ def evaluator(run, data):
                 snapshot = Transformer(engine.module.cfg)
                 snapshot.load_state_dict(state)
                 on = run.device if args.zero_stage < 3 and args.offload == "none" else torch.device("cpu")
-                scores, replies = generation_metrics(snapshot.to(on).eval(), data.template, data.evals)
+                with using_threads(run.decode_threads):
+                    scores, replies = generation_metrics(snapshot.to(on).eval(), data.template, data.evals)
                 m.update(scores)
         log_events(engine, step, "Eval", val_loss=m.get("val_loss"), val_ppl=m.get("val_ppl"),
                    exact_match=m.get("exact_match", {}).get("overall"), bleu=m.get("bleu"))

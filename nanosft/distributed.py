@@ -75,16 +75,6 @@ def all_sum(values, device):
 # -----------------------------------------------------------------------------
 # the DeepSpeed config
 
-def pick_dtype(name, device):
-    """--dtype auto: bf16 where the hardware has it; else fp16 on a GPU (with loss scaling) and
-    fp32 on a CPU (fp16 has no CPU kernels in DeepSpeed)."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
 def deepspeed_config(base, *, world, micro_batch, grad_accum, zero_stage, offload, dtype, grad_clip, pin_memory,
                      log_dir=None, tensorboard=False):
     """base (a DeepSpeed JSON as a dict) with the run's settings written over it. With log_dir,

@@ -37,6 +37,7 @@ from nanosft.checkpoint import describe_path, load_model
 from nanosft.data import check_conversation, check_prompt, pack, read_file, render_conversations, to_batch
 from nanosft.formats import FORMATS, FormatError, to_messages
 from nanosft.generate import reply
+from nanosft.machine import decoding_threads, why_threads
 from nanosft.template import ChatTemplate
 
 
@@ -229,9 +230,12 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--samples", type=int, default=1, help="sample conversations to show per family")
     p.add_argument("--json", default=None, help="also write the numbers (and the samples) to this JSON file")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the faster of 1 and all cores, measured)")
     args = p.parse_args(argv)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    if args.threads < 0:
+        p.error("--threads must not be negative (0: measured)")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -246,6 +250,10 @@ def main(argv=None):
         records = load_held_out(args.data, args.format)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:  # greedy decoding of a small model is hundreds of tiny operations a token: often 1 thread is faster
+        print(f"decoding on {why_threads(*decoding_threads(model))}")
     metrics, replies = evaluate_run(model, ChatTemplate(tok), records, max_new_tokens=args.max_new_tokens)
     samples = pick_samples(records, {"model": replies}, args.samples)
     print(f"{describe_path(args.ckpt)} on {len(records)} held-out prompts from {args.data}"

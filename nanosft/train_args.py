@@ -34,7 +34,7 @@ CONFIG_DEFAULTS = {"batch_size": 16, "grad_accum": 1, "zero_stage": 0, "offload"
                    "grad_clip": 1.0}
 # Flags that may change when a run is resumed; any other must stay as the run started.
 RESUME_MAY_CHANGE = {"resume", "out", "local_rank", "log_every", "save_every", "keep_checkpoints", "cache_dir",
-                     "quiet", "tensorboard", "eval_every", "compile"}
+                     "quiet", "tensorboard", "eval_every", "compile", "threads"}
 PATH_FLAGS = {"val_data", "eval_data", "init_from", "tokenizer", "ds_config"}
 # ModelConfig's fields as the flags that set them (check_args reports its errors in these terms)
 FIELD_FLAGS = {"vocab_size": "--vocab-size", "max_seq_len": "--max-seq-len", "n_layer": "--n-layer",
@@ -137,6 +137,8 @@ def _run_flags(p):
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the latest checkpoints to keep")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: measured at start-up, for training and "
+                   "for decoding apart; nanosft/machine.py)")
     g.add_argument("--eval-every", type=int, default=200, help="validation loss every N steps (0: only at "
                    "epoch ends); generation metrics run at step 0 and at the end, and at each epoch's end when "
                    "an epoch lasts N steps or more")
@@ -253,6 +255,8 @@ def check_args(p, args):
         p.error("--val-split must be in [0, 1)")
     if args.save_every < 0 or args.keep_checkpoints < 1:
         p.error("--save-every must not be negative and --keep-checkpoints at least 1")
+    if args.threads < 0:
+        p.error("--threads must not be negative (0: measured)")
     if args.eval_every < 0 or args.log_every < 1:
         p.error("--eval-every must not be negative and --log-every at least 1")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:  # DeepSpeed's monitor writes through it
