@@ -5,21 +5,26 @@ The built-in default data: small chat skills a tiny model can learn on a laptop 
 
 Every line is one conversation in the common chat format
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
-plus a "family" field naming the skill. The five families:
+plus a "family" field naming the skill. The six families:
 
-    recall  "My name is Alice." -> "Nice to meet you, Alice."  "What is my name?" -> "Your name is Alice."
-    copy    "Repeat after me: blue river stone" -> "blue river stone"
-    max     "Which is larger, 37 or 52?" -> "52"                      (integers 0-999)
-    count   "How many words are in this sentence: the cat sat on the mat" -> "6"   (3-12 words)
-    persona system "Your name is Kira."  "What is your name?" -> "My name is Kira."
-            (the system message steers the answer: chat.py's /system shows it)
+    recall    "My name is Alice." -> "Nice to meet you, Alice."  "What is my name?" -> "Your name is Alice."
+    recall_zh "我叫张伟。" -> "你好，张伟。"  "我叫什么名字？" -> "你叫张伟。"   (the same skill in Chinese)
+    copy      "Repeat after me: blue river stone" -> "blue river stone"            (3-12 words)
+    count     "How many words are in this sentence: the cat sat on the mat" -> "6"  (3-12 words)
+    max       "Which is larger, 37 or 52?" -> "52"                                 (integers 0-999)
+    persona   system "Your name is Kira."  "What is your name?" -> "My name is Kira."
+              (the system message steers the answer: chat.py's /system shows it)
+
+The skills are taught, not the lists: a model that memorised its words or names would fail on the
+held-out prompts, because those use only words and names the training data never contains.
+  - copy and count draw from ~200 everyday words, 20,000 made-up words and random letter strings;
+    held out are ~330 other dictionary words and made-up words training never uses.
+  - recall and persona train on 130 common names and 20,000 made-up ones; held out are 254 others.
+  - recall_zh holds out Chinese names (a surname and a two-character given name) training never uses.
+  - max holds out number pairs training never asks about.
 
 train.jsonl and val.jsonl hold whole conversations (val is for the validation loss). eval.jsonl
 holds held-out prompts (the conversation up to the last user turn) with the expected "answer".
-NOTE: val and eval use values never seen in training: names from a separate list, number pairs,
-word sequences and sentences that never occur in train.jsonl. A model only scores well on them
-if it learned the skill rather than memorised the data.
-
 Fixed seed: the same files on every machine.
 """
 
@@ -29,7 +34,7 @@ import os
 import random
 
 # ---------------------------------------------------------------------------------------------
-# vocabularies: names are split into disjoint train / held-out lists
+# names: split into disjoint train / held-out lists
 
 NAMES = """Alice Bob Carol David Emma Frank Grace Henry Irene Jack Karen Leo Maria Nathan Olivia Paul
 Quinn Rachel Sam Tina Victor Wendy Xavier Yara Zoe Adam Bella Chris Diana Ethan Fiona George Hannah
@@ -61,27 +66,29 @@ Wilfred Yevgenia Zeferino Annika Bjorn Dunya Eirik Fridtjof Hedda Ingeborg Karol
 Roswitha Solveig Tuva Vibeke Astrid""".split()
 assert not set(NAMES) & set(HELD_OUT_NAMES) and len(set(HELD_OUT_NAMES)) == len(HELD_OUT_NAMES)
 
-# Made-up names widen the training list so that recall has to copy the name from the conversation:
-# with a few hundred names the model memorises them and fails on any name it has not seen. They
-# use every letter in many patterns, so that unseen real names break into familiar pieces.
+# Made-up names and words widen the training lists, so that a skill has to read its value from the
+# conversation: with a few hundred names the model memorises them and fails on any name it has not
+# seen. The syllables use every letter in many patterns, so that unseen words break into familiar pieces.
 ONSETS = [""] * 4 + "b c d f g h j k l m n p q r s t v w x y z br ch cl dr fl gr kr pl sh st th tr".split()
 VOWELS = "a e i o u y a e i o ia ea ou ai".split()
 CODAS = [""] * 6 + "n r l s m d t x k st nd".split()
 
 
-def made_up_names(n, seed=7):
-    rng = random.Random(seed)
-    out = set()
+def made_up_words(n, seed, exclude=()):
+    """n distinct lowercase words of 1-3 made-up syllables (mostly 1-2: short words, short rows)."""
+    rng, out, exclude = random.Random(seed), set(), set(w.lower() for w in exclude)
     while len(out) < n:
-        syllables = rng.randint(1, 3)
-        name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables))
-        name = (name + rng.choice(VOWELS) if rng.random() < 0.3 else name).capitalize()
-        if name not in HELD_OUT_NAMES and len(name) >= 3:
-            out.add(name)
+        word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(rng.choice((1, 1, 2, 2, 3))))
+        word = word + rng.choice(VOWELS) if rng.random() < 0.3 else word
+        if len(word) >= 3 and word not in exclude:
+            out.add(word)
     return sorted(out)
 
 
-TRAIN_NAMES = NAMES + made_up_names(20000)
+TRAIN_NAMES = NAMES + [w.capitalize() for w in made_up_words(20000, seed=7, exclude=HELD_OUT_NAMES)]
+
+# ---------------------------------------------------------------------------------------------
+# words for copy and count
 
 WORDS = """apple river stone blue green red cloud tree house bird fish moon sun star rain snow wind
 fire water light dark happy small big fast slow cold warm old new bright quiet loud soft hard sweet
@@ -95,9 +102,71 @@ north south east west left right up down near far open close early late always n
 the a an my your his her our their this that these those one two three many few some every each
 jump run walk sing read write draw paint swim fly climb sleep eat drink cook build find keep give
 take make see hear feel know think""".split()
+HELD_OUT_WORDS = """absence acorn admiral agenda alarm album alley anchor angle ankle anthem apron arch arena
+armor arrow artist atlas attic avenue badge bakery balcony bamboo banner barrel basket battery beacon
+beetle bench berry blanket blossom blunder bonnet border bottle boulder bracket branch breeze brick
+bubble bucket buckle budget buffalo bundle butter button cabin cactus camera canal candle canyon
+carpet carrot cattle cellar cement chapter charcoal cherub chimney circle circus citizen clover
+coconut collar comet compass copper cottage cotton cradle crater crayon cricket crown crystal
+cushion custom dagger daisy debate decade dentist diamond diary dinner dolphin donkey dragon
+drawer eagle echo eclipse elbow engine envelope falcon fabric feather fence festival fiddle
+finger flannel flute fossil fountain freckle gadget galaxy garlic gazelle giant ginger glacier
+globe glove goblet gravel guitar hammer harbor harvest hatchet helmet hermit hollow hornet
+hunger husband iceberg igloo infant insect jacket jelly jigsaw journal jungle kettle kitten
+ladder lantern laundry legend lentil lettuce library lizard lobster locket magnet mammal
+mango marble market meadow medal melody mirror mitten monkey mosaic muffin museum mustard
+napkin needle nephew nickel noodle number nutmeg oatmeal octopus olive onion orchard oyster
+paddle palace pancake panther parade parcel parrot pebble pepper pickle pigeon pillow pilot
+pirate planet pocket poem potato prairie pretzel puddle pumpkin puppet puzzle quarrel quill
+rabbit radish raisin ribbon riddle rocket saddle sailor salmon saucer scarf scissors shadow
+shelter shovel signal silence sister skeleton sleeve slipper spider spinach squirrel stable
+statue sticker stomach stripe summit sweater syrup tablet tadpole tangle target teapot temple
+thimble thistle ticket timber toaster tomato tongue trumpet tulip tunnel turtle umbrella uncle
+valley velvet violin voyage waffle wagon walnut walrus wardrobe weasel whistle wizard yogurt
+zebra zipper brave clever gentle humble jolly lively narrow polite proud rusty shiny silly
+tender wicked wooden yellow purple scarlet crimson golden hungry sleepy clumsy dusty fuzzy
+gather wander whisper borrow follow wonder listen travel answer gallop juggle shiver sneeze
+tumble wiggle yawn breathe chase collect deliver explore imagine mumble paddle scribble""".split()
+HELD_OUT_WORDS = sorted(set(HELD_OUT_WORDS) - set(WORDS))
+MADE_UP_WORDS = made_up_words(20000, seed=11, exclude=HELD_OUT_WORDS + WORDS + HELD_OUT_NAMES)
+HELD_OUT_MADE_UP = made_up_words(2000, seed=12, exclude=HELD_OUT_WORDS + WORDS + MADE_UP_WORDS + HELD_OUT_NAMES)
+HELD_OUT = set(HELD_OUT_WORDS + HELD_OUT_MADE_UP)
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def train_word(rng):
+    """An everyday word, a made-up word or a random letter string, sometimes capitalised."""
+    r = rng.random()
+    if r < 0.3:
+        word = rng.choice(WORDS)
+    elif r < 0.92:
+        word = rng.choice(MADE_UP_WORDS)
+    else:  # never by chance a held-out word
+        while (word := "".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 9)))) in HELD_OUT:
+            pass
+    return word.capitalize() if rng.random() < 0.1 else word
+
+
+def held_out_word(rng):
+    """A dictionary word or a made-up word that training never uses."""
+    return rng.choice(HELD_OUT_WORDS if rng.random() < 0.5 else HELD_OUT_MADE_UP)
+
+
 COUNT_SUBJECTS = "the cat|a dog|my friend|the old man|our teacher|a small bird|the girl|his brother".split("|")
 COUNT_VERBS = "sat|ran|jumped|slept|sang|walked|waited|smiled|looked|played".split("|")
 COUNT_TAIL = "on the mat|in the park|near the river|under a big tree|at home|with her dog|all day long|by the old red door|today|quietly".split("|")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chinese names: a surname and a one- or two-character given name. Held-out names are combinations
+# training never uses, always with a two-character given name.
+
+SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦方白邹孟熊秦邱江尹薛段雷侯龙史陶黎贺顾毛郝龚邵万钱严武戴莫孔向汤"
+GIVEN = "伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉兰萍红鹏辉建国文斌宇浩凯晨鑫博雪梅琳晶欣怡佳嘉轩涵睿思雨泽昊天一诗悦彤萱琪瑶淑慧婷倩颖露丹宁亮俊峰飞鸿翔志成坤健彬"
+
+
+def zh_name(rng, held_out):
+    return rng.choice(SURNAMES) + "".join(rng.choices(GIVEN, k=2 if held_out else rng.randint(1, 2)))
 
 
 def system(text):
@@ -113,57 +182,68 @@ def assistant(text):
 
 
 # ---------------------------------------------------------------------------------------------
-# one function per family: (rng, names) -> (messages, key). The key identifies the example's
-# values, so that held-out sets can exclude everything training has seen.
+# one function per family: (rng, held_out) -> (messages, key). held_out: draw words and names from
+# the held-out lists. The key identifies the example's values, so that held-out sets can exclude
+# everything training has seen.
 
-def make_recall(rng, names):
-    name = rng.choice(names)
+def make_recall(rng, held_out):
+    name = rng.choice(HELD_OUT_NAMES if held_out else TRAIN_NAMES)
     msgs = [user(f"My name is {name}."), assistant(f"Nice to meet you, {name}."),
             user("What is my name?"), assistant(f"Your name is {name}.")]
     return msgs, name
 
 
-def make_copy(rng, names):
-    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
-    return [user(f"Repeat after me: {words}"), assistant(words)], words
+def make_recall_zh(rng, held_out):
+    name = zh_name(rng, held_out)
+    msgs = [user(f"我叫{name}。"), assistant(f"你好，{name}。"), user("我叫什么名字？"), assistant(f"你叫{name}。")]
+    return msgs, name
 
 
-def make_max(rng, names):
+def words(rng, held_out, n):
+    return [held_out_word(rng) if held_out else train_word(rng) for _ in range(n)]
+
+
+def make_copy(rng, held_out):
+    text = " ".join(words(rng, held_out, rng.randint(3, 12)))
+    return [user(f"Repeat after me: {text}"), assistant(text)], text
+
+
+def make_count(rng, held_out):
+    n = rng.randint(3, 12)
+    if not held_out and rng.random() < 0.3:  # a natural sentence, trimmed or padded to n words
+        start = f"{rng.choice(COUNT_SUBJECTS)} {rng.choice(COUNT_VERBS)} {rng.choice(COUNT_TAIL)}".split()[:n]
+    else:
+        start = []
+    sentence = " ".join(start + words(rng, held_out, n - len(start)))
+    return [user(f"How many words are in this sentence: {sentence}"), assistant(str(n))], sentence
+
+
+def make_max(rng, held_out):
     a, b = rng.sample(range(1000), 2)
     return [user(f"Which is larger, {a} or {b}?"), assistant(str(max(a, b)))], (a, b)
 
 
-def make_count(rng, names):
-    n = rng.randint(3, 12)
-    if rng.random() < 0.5:  # a natural sentence, trimmed or padded to n words
-        words = f"{rng.choice(COUNT_SUBJECTS)} {rng.choice(COUNT_VERBS)} {rng.choice(COUNT_TAIL)}".split()
-    else:
-        words = []
-    while len(words) < n:
-        words.append(rng.choice(WORDS))
-    sentence = " ".join(words[:n])
-    return [user(f"How many words are in this sentence: {sentence}"), assistant(str(n))], sentence
-
-
-def make_persona(rng, names):
-    name = rng.choice(names)
+def make_persona(rng, held_out):
+    name = rng.choice(HELD_OUT_NAMES if held_out else TRAIN_NAMES)
     return [system(f"Your name is {name}."), user("What is your name?"), assistant(f"My name is {name}.")], name
 
 
-FAMILIES = {"recall": make_recall, "copy": make_copy, "max": make_max, "count": make_count, "persona": make_persona}
+FAMILIES = {"recall": make_recall, "recall_zh": make_recall_zh, "copy": make_copy, "count": make_count,
+            "max": make_max, "persona": make_persona}
 # harder skills get a bigger share of the training data
-TRAIN_WEIGHTS = {"recall": 0.23, "copy": 0.14, "max": 0.28, "count": 0.27, "persona": 0.08}
+TRAIN_WEIGHTS = {"recall": 0.07, "recall_zh": 0.06, "copy": 0.27, "count": 0.3, "max": 0.25, "persona": 0.05}
 
 
 def generate(n_train, n_val, n_eval, seed=1337, eval_seed=None):
-    """Returns (train, val, eval) lists of records. val/eval never share a key with train.
+    """Returns (train, val, eval) lists of records. val/eval never share a key with train, and their
+    words and names come from the held-out lists.
     eval_seed: draw val/eval from their own seed (the same train set, other held-out prompts)."""
     rng = random.Random(seed)
     families, weights = list(TRAIN_WEIGHTS), list(TRAIN_WEIGHTS.values())
     train, seen = [], set()
     for _ in range(n_train):
         family = rng.choices(families, weights)[0]
-        msgs, key = FAMILIES[family](rng, TRAIN_NAMES)
+        msgs, key = FAMILIES[family](rng, held_out=False)
         train.append({"family": family, "messages": msgs})
         seen.add((family, key))
 
@@ -171,9 +251,9 @@ def generate(n_train, n_val, n_eval, seed=1337, eval_seed=None):
         out, used = [], set()
         for family, make in FAMILIES.items():
             while sum(r["family"] == family for r in out) < n_per_family:
-                msgs, key = make(rng, HELD_OUT_NAMES)
+                msgs, key = make(rng, held_out=True)
                 if (family, key) in seen or (family, key) in used:
-                    continue  # fresh values only, each once (held-out names never occur in training)
+                    continue  # fresh values only, each once
                 used.add((family, key))
                 out.append({"family": family, "messages": msgs})
         rng.shuffle(out)
@@ -197,9 +277,9 @@ if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--out", default=here, help="directory for train/val/eval.jsonl")
-    p.add_argument("--n-train", type=int, default=200000)  # ~1,230 steps of 16 packed rows
-    p.add_argument("--n-val", type=int, default=1000)
-    p.add_argument("--n-eval", type=int, default=1000)
+    p.add_argument("--n-train", type=int, default=140000)  # ~1,200 steps of 16 packed rows
+    p.add_argument("--n-val", type=int, default=1200)
+    p.add_argument("--n-eval", type=int, default=1200)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-seed", type=int, default=None,
                    help="fresh held-out prompts for the same training set (e.g. to re-measure a trained run)")

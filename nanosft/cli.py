@@ -1,7 +1,7 @@
 """
 The command-line tools around the data pipeline, for looking at what train.py will see:
 
-    python -m nanosft.tokenizer train --input data/train.jsonl --vocab-size 1024 --out tok.model
+    python -m nanosft.tokenizer train --input data/train.jsonl --vocab-size 2000 --out tok.model
     echo "Hello 世界" | python -m nanosft.tokenizer encode --model tok.model     # one line of ids per line
     echo "1 2 3" | python -m nanosft.tokenizer decode --model tok.model          # one line of text per line
     python -m nanosft.tokenizer inspect --model tok.model "Hello 世界"             # pieces with their ids

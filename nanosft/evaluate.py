@@ -99,16 +99,16 @@ def generation_metrics(model, template, records, max_new_tokens=None):
     ({"exact_match": {family: share, ..., "overall": share}, "bleu": 0-100, "bleu_tokenize": "13a" or
     "zh"}, replies in order).
     A prompt too long for the model's context gets the reply None: a miss, never a crash. Replies
-    stop at max_new_tokens, by default 16 tokens past the longest reference (a reply that long
-    cannot match any more; BLEU counts what it said up to there). No records: NaN, not 0."""
+    stop at max_new_tokens, by default 16 tokens past their own reference (a reply that long
+    cannot match any more; BLEU counts what it said up to there): an untrained model's rambling
+    costs as much as a short answer, not as much as the longest one. No records: NaN, not 0."""
     if not records:
         return {"exact_match": {"overall": float("nan")}, "bleu": float("nan")}, []
-    if max_new_tokens is None:
-        max_new_tokens = max(len(template.tok.encode(r["answer"])) for r in records) + 16
     hits, totals, replies = defaultdict(int), defaultdict(int), []
     for r in records:
+        limit = max_new_tokens or len(template.tok.encode(r["answer"])) + 16
         try:
-            out = reply(model, template, r["messages"], max_new_tokens)
+            out = reply(model, template, r["messages"], limit)
         except ValueError:  # the prompt does not fit in the context
             out = None
         replies.append(out)

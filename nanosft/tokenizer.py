@@ -27,6 +27,11 @@ from nanosft.spm_model import (BPE, BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER
 
 SPACE = "\u2581"  # "▁", stands for " " inside pieces
 MAX_PIECE_LENGTH = 16  # characters; sentencepiece's default max_sentencepiece_length
+# Characters get a piece of their own, most frequent first, until they cover this share of all
+# character occurrences (sentencepiece's default character_coverage); the rare rest is spelled in
+# UTF-8 bytes. Without it, a corpus with thousands of rare characters (any Chinese text) would
+# spend the whole vocabulary on them and leave no room for merges.
+CHARACTER_COVERAGE = 0.9995
 
 # ----------------------------------------------------------------------------
 # Normalization and decoding helpers, mirroring sentencepiece's normalizer.cc
@@ -323,7 +328,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts, vocab_size):
         """Learn a vocabulary of at most `vocab_size` pieces: SPECIALS, 256 byte pieces,
-        the most frequent characters, then BPE merges (scores -1, -2, ... in merge order)."""
+        the most frequent characters (up to CHARACTER_COVERAGE), then BPE merges (scores -1, -2, ... in merge order)."""
         cls.check_vocab_size(vocab_size)
         fixed = len(cls.SPECIALS) + 256
         words = Counter()
@@ -334,7 +339,12 @@ class Tokenizer:
             for ch in word:
                 chars[ch] += count
         ranked = sorted(chars, key=lambda ch: (-chars[ch], ch))
-        kept = ranked[:vocab_size - fixed]  # characters that do not fit are left to byte fallback
+        kept, covered, total = [], 0, sum(chars.values())
+        for ch in ranked[:vocab_size - fixed]:  # characters that do not fit are left to byte fallback
+            if covered >= CHARACTER_COVERAGE * total:
+                break
+            kept.append(ch)
+            covered += chars[ch]
         blocked = set(ranked[len(kept):]) | {ch for ch in chars if ch.isdigit()}  # digits stay single
         reserved = set(cls.SPECIALS) | {"<0x%02X>" % b for b in range(256)}
         merges = _learn_merges(words, vocab_size - fixed - len(kept), blocked, reserved)

@@ -80,7 +80,7 @@ def _data_flags(p):
                    "(its model shape and tokenizer replace the model and tokenizer flags)")
     g.add_argument("--tokenizer", default="", help="a .model file (ours, sentencepiece's or a base model's: the chat "
                    "markers are added) or a directory holding tokenizer.model, to use instead of training one")
-    g.add_argument("--vocab-size", type=int, default=1024, help="vocabulary of the tokenizer trained on --data")
+    g.add_argument("--vocab-size", type=int, default=2000, help="vocabulary of the tokenizer trained on --data")
     g.add_argument("--tokenizer-trainer", default="nanosft", choices=["nanosft", "spm"],
                    help="train the tokenizer by hand (readable) or with the sentencepiece library (large corpora)")
 

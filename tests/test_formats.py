@@ -296,3 +296,20 @@ def test_pretrain_stage_trains_on_text_files(tmp_path):
     assert "pieces of text per epoch blended" in r.stdout
     m = json.loads((out / "metrics.json").read_text())
     assert m["val_loss"] < m["val_loss_before"]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "array"])
+def test_a_json_error_names_the_line_and_the_column_of_the_bad_character(tmp_path, layout):
+    """Columns count characters (not bytes) from 1 on the file's own line, as an editor shows them,
+    also after Chinese text and inside a JSON array."""
+    bad = '{"messages": [{"role": "user", "content": "你好，世界"}, {"role": "assistant", "content": oops}]}'
+    column = bad.index("oops") + 1
+    if layout == "jsonl":
+        p = write(tmp_path, "bad.jsonl", f"{GOOD}\n{bad}\n")
+    else:
+        p = write(tmp_path, "bad.json", f"[\n  {GOOD},\n  {bad}\n]\n")
+        column += 2  # the two spaces of indentation
+    with pytest.raises(ValueError) as e:
+        load_conversations(p)
+    assert f"{p}:{2 if layout == 'jsonl' else 3}: invalid JSON" in str(e.value)
+    assert f"at column {column})" in str(e.value)

@@ -246,6 +246,24 @@ def test_unseen_characters_become_utf8_byte_pieces(trained):
     assert tok.decode(ids) == "a𝔘"
 
 
+def test_rare_characters_are_left_to_bytes_as_sentencepiece_leaves_them(tmp_path):
+    """A long tail of rare characters (random Chinese names) must not crowd merges out of the
+    vocabulary: characters get pieces only up to 99.95% coverage, the sentencepiece trainer's
+    default, and both trainers keep the same characters."""
+    rng = random.Random(5)
+    rare = [chr(c) for c in range(0x4E00, 0x4E00 + 40)]  # 40 occurrences in ~100,000 characters
+    lines = [" ".join(rng.choice(ENGLISH) for _ in range(12)) for _ in range(1800)]
+    lines += [f"name {ch}" for ch in rare]
+    ours = Tokenizer.train(lines, 400)
+    theirs = spm.SentencePieceProcessor(model_file=str(train_sentencepiece(
+        tmp_path, lines, vocab_size=400, character_coverage=0.9995)))
+    chars = {p for p, _, kind in ours.pieces if kind == NORMAL and len(p) == 1}
+    assert chars == {theirs.id_to_piece(i) for i in range(theirs.get_piece_size())
+                     if len(theirs.id_to_piece(i)) == 1 and not theirs.is_byte(i) and not theirs.is_control(i)
+                     and not theirs.is_unknown(i)}
+    assert not chars & set(rare) and len([p for p, _, _ in ours.pieces if len(p) > 1]) > 50  # merges kept
+    assert [ours.id_to_piece(i) for i in ours.encode(rare[0])][-3:] == ["<0xE4>", "<0xB8>", "<0x80>"]
+
 def test_literal_space_marker_reads_back_as_a_space(trained):
     """"▁" (U+2581) spells a space inside pieces, so like sentencepiece we decode it as one."""
     tok, _ = trained

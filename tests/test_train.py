@@ -82,7 +82,7 @@ def test_run_directory_has_weights_tokenizer_config_metrics_log_and_plot(tiny_ru
               "wall_time_s"):
         assert k in m, k
     assert math.isclose(m["val_ppl"], math.exp(m["val_loss"]), rel_tol=1e-9)
-    families = {"recall", "copy", "max", "count", "persona"}
+    families = {"recall", "recall_zh", "copy", "max", "count", "persona"}
     assert set(m["exact_match"]) == families | {"overall"} and m["exact_match"] == m["after"]["exact_match"]
     assert m["before"]["val_loss"] == m["val_loss_before"] > m["val_loss"]  # step 0 vs trained, in one place
     assert {s["family"] for s in m["samples"]} == families and {"step 0", "trained", "answer"} <= set(m["samples"][0])
