@@ -93,6 +93,13 @@ def babbler(tiny_run, tmp_path_factory):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=4, n_kv_head=2,
                                     max_seq_len=128, tie_embeddings=False))
+    # At init the residual stream is mostly the current token's embedding, so greedy replies barely
+    # depend on earlier turns; 4x larger block weights make what came before change the reply, which
+    # the tests of /reset and /system need in order to tell a conversation from a fresh one.
+    with torch.no_grad():
+        for p in model.layers.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
     d = tmp_path_factory.mktemp("babbler")
     save_model(d, model.state_dict(), model.cfg, tok)
     return d
@@ -208,13 +215,14 @@ class Terminal:
     def read_until(self, marker, timeout=60):
         """Read until `marker` follows what earlier calls consumed -> (the text up to and including
         it, [(seconds since the call, bytes), ...] for every read that arrived meanwhile)."""
-        t0, chunks = time.monotonic(), []
-        while (at := self.screen.find(marker.encode(), self.pos)) < 0:
+        t0, chunks, marker = time.monotonic(), [], marker.encode()
+        while (at := self.screen.find(marker, self.pos)) < 0:
             data = self._read(t0, timeout)
             assert data != b"", f"chat.py ended before {marker!r}: {self.screen[self.pos:]!r}"
             if data:
                 chunks.append((time.monotonic() - t0, data))
                 self.screen += data
+        # positions count bytes: a marker such as "\ufffd" is longer in UTF-8 than in characters
         text, self.pos = self.screen[self.pos:at + len(marker)].decode(errors="replace"), at + len(marker)
         return text, chunks
 
