@@ -32,8 +32,8 @@ from nanosft.cache import load_data
 from nanosft.checkpoint import describe_path, load_model, point_latest, save_model
 from nanosft.data import Batches
 from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, load_checkpoint,
-                                 lr_schedule, make_optimizer, print0, rng_state, save_checkpoint,
-                                 set_rng_state, setup_distributed)
+                                 lr_factor, lr_schedule, make_optimizer, param_groups, print0,
+                                 rng_state, save_checkpoint, set_rng_state, setup_distributed, with_muon)
 from nanosft.evaluate import brief, format_samples, generation_metrics, loss_and_ppl, pick_samples, table, validation_loss
 from nanosft.interrupt import StopRequest, save_and_exit
 from nanosft.machine import choose_threads, cpu_name, pick_dtype, using_threads
@@ -81,8 +81,8 @@ def train(run, start, evaluate):
     for step in range(start["step"] + 1, run.total_steps + 1):
         epochs_done = batches.epoch + batches.epoch_done  # an epoch may end in the middle of a step
         micro = [batches.next() for _ in range(args.grad_accum)]
-        lr = engine.lr_scheduler.get_last_lr()[0]  # the rate this step uses
-        # memory is measured at the second step: Adam's state appears at the first
+        lr = args.lr * lr_factor(engine)  # the rate this step uses
+        # memory is measured at the second step: the optimizer's state appears at the first
         measure = (lambda: record_memory(engine, args, run.n_params, run.world, run.dir, show)) if step == 2 else None
         nll, n_sup, n_tok, n_slots = train_step(engine, micro, run.world, run.device, measure)
         tokens, sup_tokens, slots = tokens + int(n_tok), sup_tokens + int(n_sup), slots + int(n_slots)
@@ -176,7 +176,7 @@ def main(args):
 
 
 def start_engine(run, model, data):
-    """The batches, the step count, and deepspeed.initialize around model, AdamW and its schedule
+    """The batches, the step count, and deepspeed.initialize around model, optimizer and schedule
     (kept in `run`). -> (engine, the DeepSpeed config it runs with)."""
     args = run.args
     args.dtype, dtype_why = pick_dtype(args.dtype, run.device, model.cfg.dim)
@@ -193,8 +193,6 @@ def start_engine(run, model, data):
     if steps_per_epoch < 1:  # every step then sees some conversations more than once
         print0(f"note: one step takes {1 / steps_per_epoch:.1f} epochs of this data ({run.batches.rows_per_epoch} rows "
                f"per epoch per rank, {args.batch_size * args.grad_accum} per step): lower --batch-size or --grad-accum")
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.offload)
-    scheduler = lr_schedule(optimizer, args.warmup_steps, run.total_steps)
     ds_cfg = deepspeed_config(args.ds_base, world=run.world, micro_batch=args.batch_size, grad_accum=args.grad_accum,
                               zero_stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
                               grad_clip=args.grad_clip, pin_memory=run.device.type == "cuda", log_dir=run.dir,
@@ -204,7 +202,14 @@ def start_engine(run, model, data):
             print0(f"note: {run.dir} holds an earlier run, which this one replaces (--resume would continue it)")
         for folder in (MONITOR_DIR, "tensorboard"):
             shutil.rmtree(os.path.join(run.dir, folder), ignore_errors=True)
-    run.engine = engine = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)[0]
+    if args.optimizer == "muon":  # DeepSpeed builds it from the config, then the schedule around it
+        ds_cfg = with_muon(ds_cfg, args.lr, args.muon_lr)
+        optimizer, scheduler = None, lambda opt: lr_schedule(opt, args.warmup_steps, run.total_steps)
+    else:
+        optimizer = make_optimizer(model, args.lr, args.weight_decay, args.offload)
+        scheduler = lr_schedule(optimizer, args.warmup_steps, run.total_steps)
+    run.engine = engine = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay),
+                                               optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)[0]
     if args.compile:
         # Packed rows all have one shape, so the training step compiles once (with --packing off, a
         # second compilation covers every length). Evaluation runs eagerly (see evaluator): its

@@ -34,7 +34,8 @@ def run(args, data, stage, offload, dtype, out):
            "--data", data, "--val-data", "", "--eval-data", "", "--out", out, "--steps", "2",
            "--dim", str(args.dim), "--n-layer", str(args.n_layer), "--n-head", str(args.dim // 64), "--n-kv-head",
            str(max(args.dim // 128, 1)), "--vocab-size", "1024", "--batch-size", "2",
-           "--zero-stage", stage, "--offload", offload, "--dtype", dtype]
+           "--zero-stage", stage, "--offload", offload, "--dtype", dtype,
+           "--optimizer", "adamw"]  # the ZeRO paper's accounting is for Adam: two moments per weight
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"stage {stage} offload {offload} {dtype} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")

@@ -4,6 +4,7 @@ Running under DeepSpeed: the plumbing train.py needs, so that train.py itself ca
     setup_distributed()         one code path for `python train.py` (a world of one) and the launcher
     deepspeed_config(...)       the JSON DeepSpeed reads: configs/ds_config.json (or --ds-config) + flags
     make_optimizer(...)         AdamW; DeepSpeed's CPU Adam when ZeRO-Offload moves the optimizer to CPU
+    with_muon(cfg, ...)         or Muon: DeepSpeed builds it from the config
     lr_schedule(...)            linear warm-up, then cosine decay to 10%
     full_state_dict(engine)     the fp32 weights, gathered from the ZeRO shards whatever the stage
     save_checkpoint / load_checkpoint   everything needed to resume, with a `latest` that is never
@@ -120,17 +121,39 @@ def config_settings(base):
             "zero_stage": zero.get("stage"), "offload": offload, "dtype": dtype, "grad_clip": base.get("gradient_clipping")}
 
 
-def make_optimizer(model, lr, weight_decay, offload):
-    """AdamW with no weight decay on norms (1-d tensors). With ZeRO-Offload the optimizer steps on
-    the CPU, where DeepSpeed's vectorized CPU Adam (compiled on first use) is much faster than
-    torch's; it computes the same AdamW update."""
+def param_groups(model, weight_decay):
+    """Weight decay on matrices only: norms (1-d tensors) keep their scale."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, lr, weight_decay, offload):
+    """AdamW with no weight decay on norms. With ZeRO-Offload the optimizer steps on the CPU, where
+    DeepSpeed's vectorized CPU Adam (compiled on first use) is much faster than torch's; it computes
+    the same AdamW update."""
+    groups = param_groups(model, weight_decay)
     if offload != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, lr=lr, betas=(0.9, 0.95), adamw_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def with_muon(cfg, lr, muon_lr):
+    """cfg with DeepSpeed's Muon as its optimizer (Jordan et al., 2024): each weight matrix of the
+    blocks moves along its momentum orthogonalized by a Newton-Schulz iteration, so that every
+    direction of the update has the same size and directions that few examples push along (an
+    induction head's, early on) learn as fast as common ones; at muon_lr. The embeddings, the head
+    and the norms keep AdamW at lr. DeepSpeed tells the two apart by name ("embed", "lm_head") and
+    shape (a fused matrix such as qkv_proj is one matrix to it), and runs the iteration on whole
+    matrices under every ZeRO stage; stage 3 then reduces gradients whole, not scattered. Its
+    default "gram" iteration runs in fp16 where the device has fast fp16, else in fp32."""
+    cfg = copy.deepcopy(cfg)
+    cfg["optimizer"] = {"type": "Muon", "params": {"muon_lr": muon_lr, "adam_lr": lr, "momentum": 0.95,
+                                                   "betas": [0.9, 0.95]}}
+    if cfg["zero_optimization"]["stage"] == 3:
+        cfg["zero_optimization"]["reduce_scatter"] = False  # DeepSpeed refuses Muon with it
+    return cfg
 
 
 def lr_schedule(optimizer, warmup, total):
@@ -141,6 +164,12 @@ def lr_schedule(optimizer, warmup, total):
         progress = min((step - warmup) / max(total - warmup, 1), 1.0)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def lr_factor(engine):
+    """Where the schedule stands: the current multiple of the peak rates, the same for every group."""
+    schedule = engine.lr_scheduler
+    return schedule.get_last_lr()[0] / schedule.base_lrs[0]
 
 
 def base_optimizer(engine):

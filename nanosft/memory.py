@@ -1,7 +1,7 @@
 """
 What ZeRO saves, measured: the bytes of parameters, fp32 master weights, gradients and optimizer
 state a rank really holds, next to the ZeRO paper's estimate of them. train.py calls record_memory
-at the second step of every run (Adam's state exists from the first) and writes memory.json;
+at the second step of every run (the optimizer's state exists from the first) and writes memory.json;
 bench/zero_memory.py tabulates it for every stage.
 
     measure_memory(engine)      every live tensor, found by walking Python's objects, sorted by kind
@@ -19,13 +19,13 @@ from nanosft.files import write_json
 
 def record_memory(engine, args, n_params, world, run_dir, show=print0):
     """Measure what each rank holds after the backward pass of a step, with gradients, weights
-    and Adam's state all there, and write memory.json: measured bytes per rank next to the ZeRO
+    and the optimizer's state all there, and write memory.json: measured bytes per rank next to the ZeRO
     paper's estimate."""
     per_rank = [None] * world
     torch.distributed.all_gather_object(per_rank, measure_memory(engine))
     report = {"zero_stage": args.zero_stage, "offload": args.offload, "dtype": args.dtype, "world_size": world,
               "params": n_params, "per_rank": per_rank,
-              "estimate_per_rank": estimate_memory(n_params, args.zero_stage, world, args.dtype)}
+              "estimate_per_rank": estimate_memory(n_params, args.zero_stage, world, args.dtype, muon_weights(engine))}
     if torch.distributed.get_rank() == 0:
         write_json(os.path.join(run_dir, "memory.json"), report)
         ms = [sum(dev["model_states"] for dev in r.values()) for r in per_rank]
@@ -112,15 +112,22 @@ def measure_memory(engine):
     return report
 
 
-def estimate_memory(n_params, stage, world, dtype):
+def muon_weights(engine):
+    """How many weights DeepSpeed's Muon updates (it tags them use_muon); 0 under AdamW."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if getattr(p, "use_muon", False))
+
+
+def estimate_memory(n_params, stage, world, dtype, n_muon=0):
     """The ZeRO paper's per-rank bytes of model states for n_params weights and Adam: per weight,
     2 or 4 bytes of parameter and of gradient, 4 of fp32 master copy (mixed precision only) and 8
-    of Adam moments; stage 1 divides the master copy and the moments by the world size, stage 2
-    the gradients too, stage 3 the parameters too."""
+    of Adam moments (4 for the n_muon weights Muon updates: one momentum); stage 1 divides the
+    master copy and the optimizer state by the world size, stage 2 the gradients too, stage 3 the
+    parameters too."""
     half = dtype in ("bf16", "fp16")
-    per_weight = {"parameters": 2 if half else 4, "gradients": 2 if half else 4,
-                  "master_weights": 4 if half else 0, "optimizer_state": 8}
+    per_weight = {"parameters": 2 if half else 4, "gradients": 2 if half else 4, "master_weights": 4 if half else 0}
     split_from = {"parameters": 3, "gradients": 2, "master_weights": 1, "optimizer_state": 1}
-    est = {k: n_params * b / (world if stage >= split_from[k] else 1) for k, b in per_weight.items()}
+    total = {k: n_params * b for k, b in per_weight.items()}
+    total["optimizer_state"] = 8 * (n_params - n_muon) + 4 * n_muon
+    est = {k: b / (world if stage >= split_from[k] else 1) for k, b in total.items()}
     est["model_states"] = sum(est.values())
     return est

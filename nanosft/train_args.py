@@ -108,7 +108,12 @@ def _optimization_flags(p):
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=None, help="packed rows per micro-batch per rank (default 16)")
     g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--optimizer", default="muon", choices=["muon", "adamw"],
+                   help="muon (default): Muon on the blocks' weight matrices, AdamW on embeddings, head and "
+                        "norms, DeepSpeed's implementation under every ZeRO stage; adamw: AdamW on everything")
+    g.add_argument("--lr", type=float, default=3e-3, help="AdamW's learning rate (with --optimizer muon: for the "
+                   "embeddings, the head and the norms); the log shows this one")
+    g.add_argument("--muon-lr", type=float, default=0.02, help="Muon's learning rate for the weight matrices")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup-steps", type=int, default=50)
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default 1.0; 0: off)")
@@ -193,7 +198,8 @@ def resumed_args(args, given):
         recorded = None
     if not isinstance(recorded, dict):
         raise SystemExit(f"error: {path} is not the JSON object train.py writes; the run cannot be resumed from it")
-    saved = {**vars(build_parser().parse_args([])), **recorded}  # a setting it lacks takes its default
+    # a setting it lacks takes its default, except the optimizer: runs from before Muon used AdamW
+    saved = {**vars(build_parser().parse_args([])), "optimizer": "adamw", **recorded}
     if isinstance(saved["data"], str):
         saved["data"] = [saved["data"]]  # one path, not a list
 
@@ -234,6 +240,8 @@ def check_args(p, args):
         p.error("--batch-size, --grad-accum and --max-seq-len must be at least 1, --steps not negative")
     if args.warmup_steps < 0 or args.seed < 0 or not 0 <= (args.grad_clip or 0) < math.inf:
         p.error("--warmup-steps, --seed and --grad-clip must not be negative (nor nan or inf)")
+    if not (0 < args.lr < math.inf and 0 < args.muon_lr < math.inf):
+        p.error("--lr and --muon-lr must be positive numbers")
     if not args.steps and not 0 < args.epochs < float("inf"):
         p.error("--epochs must be a positive number (or give --steps)")
     if args.attn and args.init_from:

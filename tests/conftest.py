@@ -14,10 +14,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
 from generate import generate, write_jsonl  # noqa: E402  (data/generate.py)
 
+from nanosft.data import epoch_rows, load_jsonl, render_conversations  # noqa: E402
+from nanosft.model import ModelConfig, Transformer  # noqa: E402
+from nanosft.template import ChatTemplate  # noqa: E402
+from nanosft.tokenizer import Tokenizer  # noqa: E402
+
 # a model small enough to train in seconds; every flag spelled out so tests can rebuild it
 TINY = ["--dim", "32", "--n-layer", "2", "--n-head", "4", "--n-kv-head", "2", "--vocab-size", "300",
         "--max-seq-len", "128", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2",
-        "--seed", "7", "--cache-dir", ""]  # no cache: every test run tokenizes (test_formats.py tests the cache)
+        "--seed", "7", "--cache-dir", "",  # no cache: every test run tokenizes (test_formats.py tests the cache)
+        "--optimizer", "adamw"]  # what test_train.py's plain PyTorch loop does; test_optimizer.py tests Muon
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -41,6 +47,18 @@ def tiny_data(tmp_path_factory):
     for name, recs in (("train", train), ("val", val), ("eval", evals)):
         write_jsonl(d / f"{name}.jsonl", recs)
     return d
+
+
+def tiny_start(data_dir, seed=7, world=1):
+    """What train.py starts from with TINY's flags on data_dir/train.jsonl, rebuilt without it: the
+    initial model (same seed, same tokenizer) and each rank's packed rows of the first epoch."""
+    records = load_jsonl(data_dir / "train.jsonl")
+    tok = Tokenizer.train([m["content"] for r in records for m in r["messages"]], 300)
+    samples, _ = render_conversations(records, ChatTemplate(tok), 129)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=4, n_kv_head=2,
+                                    max_seq_len=128))
+    return model, [epoch_rows(samples, 129, tok.pad_id, seed, 0, rank, world) for rank in range(world)]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run, run_chat, run_train
+from conftest import ROOT, TINY, run, run_chat, run_train, tiny_start
 
 from nanosft.checkpoint import load_model
 from nanosft.data import epoch_rows, load_jsonl, render_conversations, to_batch
@@ -31,19 +31,13 @@ pytestmark = pytest.mark.slow
 def reference_weights(data_dir, steps=5, seed=7, batch=2, accum=2, lr=1e-2, warmup=2, world=1):
     """The same training written as a plain PyTorch loop, no DeepSpeed: each step takes the rows
     every rank would take, and divides the summed loss by the supervised tokens of them all."""
-    records = load_jsonl(data_dir / "train.jsonl")
-    tok = Tokenizer.train([m["content"] for r in records for m in r["messages"]], 300)
-    samples, _ = render_conversations(records, ChatTemplate(tok), 129)
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=128)
-    model = Transformer(cfg)
+    model, shards = tiny_start(data_dir, seed, world)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0},
                              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               0.1 + 0.45 * (1 + math.cos(math.pi * min((s - warmup) / (steps - warmup), 1))))
-    shards = [epoch_rows(samples, 129, tok.pad_id, seed, 0, rank, world) for rank in range(world)]
     cursor = 0
     for _ in range(steps):
         micro = [to_batch(rows, slice(cursor + i * batch, cursor + (i + 1) * batch))
