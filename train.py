@@ -220,7 +220,8 @@ def start_engine(run, model, data):
         # second compilation covers every length). Evaluation runs eagerly (see evaluator): its
         # batches have other shapes and no backward pass, and would only cost more compilations.
         engine.compile()
-    print0(f"model: {run.n_params:,} parameters, {args.dtype} ({dtype_why}), ZeRO stage {args.zero_stage}"
+    print0(f"model: {run.n_params:,} parameters, {args.optimizer}, {args.dtype} ({dtype_why}), "
+           f"ZeRO stage {args.zero_stage}"
            + (f" offload {args.offload}" if args.offload != "none" else "") + f", {run.world} rank(s) on "
            f"{run.device.type}; {run.total_steps} steps of {ds_cfg['train_batch_size']} rows x {data.row_len} tokens"
            + (f"; from {describe_path(args.init_from)}" if args.init_from else ""))

@@ -108,9 +108,10 @@ def _optimization_flags(p):
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=None, help="packed rows per micro-batch per rank (default 16)")
     g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--optimizer", default="muon", choices=["muon", "adamw"],
-                   help="muon (default): Muon on the blocks' weight matrices, AdamW on embeddings, head and "
-                        "norms, DeepSpeed's implementation under every ZeRO stage; adamw: AdamW on everything")
+    g.add_argument("--optimizer", default=None, choices=["muon", "adamw"],
+                   help="muon: Muon on the blocks' weight matrices, AdamW on embeddings, head and norms "
+                        "(DeepSpeed's, under every ZeRO stage); adamw: AdamW on everything. Default: muon "
+                        "for a new model, adamw with --init-from (fine-tuning a trained model)")
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW's learning rate (with --optimizer muon: for the "
                    "embeddings, the head and the norms); the log shows this one")
     g.add_argument("--muon-lr", type=float, default=0.02, help="Muon's learning rate for the weight matrices")
@@ -174,6 +175,8 @@ def parse_args(argv=None):
     for k, default in (("val_data", "data/val.jsonl"), ("eval_data", "data/eval.jsonl")):
         if getattr(args, k) is None:  # the built-in chat data's, which a pretraining run has no use for
             setattr(args, k, "" if args.stage == "pretrain" else os.path.join(HERE, default))
+    if args.optimizer is None:  # Muon's steps are sized for training from scratch, not for nudging a base model
+        args.optimizer = "adamw" if args.init_from else "muon"
     check_args(p, args)
     return args
 
