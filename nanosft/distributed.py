@@ -84,7 +84,8 @@ def deepspeed_config(base, *, world, micro_batch, grad_accum, zero_stage, offloa
     for key in ("optimizer", "scheduler"):
         if key in base:
             raise ValueError(f'the DeepSpeed config has an "{key}" section; train.py builds the optimizer '
-                             "and the schedule from --lr, --weight-decay and --warmup-steps, remove it")
+                             "and the schedule from --optimizer, --lr, --muon-lr, --weight-decay and --warmup-steps "
+                             "(a run's saved ds_config.json has the section it was given), remove it")
     cfg = copy.deepcopy(base)
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = grad_accum
@@ -150,7 +151,7 @@ def with_muon(cfg, lr, muon_lr):
     default "gram" iteration runs in fp16 where the device has fast fp16, else in fp32."""
     cfg = copy.deepcopy(cfg)
     cfg["optimizer"] = {"type": "Muon", "params": {"muon_lr": muon_lr, "adam_lr": lr, "momentum": 0.95,
-                                                   "betas": [0.9, 0.95]}}
+                                                   "betas": [0.9, 0.95], "eps": 1e-8}}  # torch AdamW's eps
     if cfg["zero_optimization"]["stage"] == 3:
         cfg["zero_optimization"]["reduce_scatter"] = False  # DeepSpeed refuses Muon with it
     return cfg

@@ -113,9 +113,11 @@ def _optimization_flags(p):
                         "(DeepSpeed's, under every ZeRO stage); adamw: AdamW on everything. Default: muon "
                         "for a new model, adamw with --init-from (fine-tuning a trained model)")
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW's learning rate (with --optimizer muon: for the "
-                   "embeddings, the head and the norms); the log shows this one")
+                   "embeddings, the head and the norms); the progress line and Train_lr show this one, "
+                   "DeepSpeed's Train_Samples_lr the first group's (with Muon: --muon-lr's)")
     g.add_argument("--muon-lr", type=float, default=0.02, help="Muon's learning rate for the weight matrices")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the matrices: "
+                   "each step shrinks them by lr x this, so under Muon (--muon-lr 0.02) ~7x more than under AdamW")
     g.add_argument("--warmup-steps", type=int, default=50)
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default 1.0; 0: off)")
     g.add_argument("--steps", type=int, default=0, help="optimizer steps (0: use --epochs)")

@@ -8,6 +8,7 @@ of training runs: test_train.py holds it to a plain PyTorch AdamW loop.)"""
 import pytest
 import torch
 from conftest import TINY, run_train, tiny_start
+from deepspeed.runtime.zero.muon.original_muon import ns_compute_dtype
 
 from nanosft.checkpoint import load_model
 from nanosft.data import to_batch
@@ -16,6 +17,8 @@ from nanosft.loss import masked_nll
 pytestmark = pytest.mark.slow
 
 MUON_LR, ADAM_LR = 0.02, 1e-2
+# DeepSpeed iterates in fp16 where the CPU has fast fp16 (and fp32 elsewhere): a looser match then
+NS_TOLERANCE = 3e-2 if ns_compute_dtype("gram") == torch.float32 else 1e-1
 
 
 def first_step(tiny_data, tmp_path, optimizer):
@@ -32,6 +35,11 @@ def first_step(tiny_data, tmp_path, optimizer):
     (total / sum(b["loss_mask"].sum() for b in micro)).backward()
     grads = {k: p.grad for k, p in model.named_parameters()}
     return before, load_model(out)[0].state_dict(), grads
+
+
+@pytest.fixture(scope="module")
+def muon_step(tiny_data, tmp_path_factory):
+    return first_step(tiny_data, tmp_path_factory.mktemp("muon"), "muon")
 
 
 def is_matrix_of_a_block(name, w):
@@ -60,15 +68,16 @@ def assert_adam_first_step(k, step, g, lr):
     assert step.abs().max() <= lr * (1 + 1e-4), k
 
 
-def test_muon_steps_each_block_matrix_along_its_orthogonalized_gradient(tiny_data, tmp_path):
-    before, after, grads = first_step(tiny_data, tmp_path, "muon")
+def test_muon_steps_each_block_matrix_along_its_orthogonalized_gradient(muon_step):
+    before, after, grads = muon_step
     matrices = [k for k in grads if is_matrix_of_a_block(k, before[k])]
     assert len(matrices) == 2 * 4  # per layer: q, k and v (one matrix), o, the MLP's gate and up (one), down
     for k in matrices:
         rows, cols = before[k].shape
         step = (before[k] - after[k]) / (MUON_LR * max(1.0, rows / cols) ** 0.5)
         # the first step's momentum is a multiple of the gradient, and the iteration ignores the scale
-        torch.testing.assert_close(step, newton_schulz(grads[k]), rtol=0, atol=3e-2 * step.abs().max().item(), msg=k)
+        torch.testing.assert_close(step, newton_schulz(grads[k]), rtol=0, atol=NS_TOLERANCE * step.abs().max().item(),
+                                   msg=k)
         # what that means, by the SVD: the singular values are brought near 1 (~0.7-1.2 after five
         # iterations; the smallest lag behind), where the gradient's spread over orders of magnitude
         s, sv = torch.linalg.svdvals(grads[k]), torch.linalg.svdvals(step)
@@ -76,8 +85,8 @@ def test_muon_steps_each_block_matrix_along_its_orthogonalized_gradient(tiny_dat
         assert s.max() / s.median() > 3 * sv.max() / sv.median(), k
 
 
-def test_muon_leaves_embeddings_and_norms_to_adamw(tiny_data, tmp_path):
-    before, after, grads = first_step(tiny_data, tmp_path, "muon")
+def test_muon_leaves_embeddings_and_norms_to_adamw(muon_step):
+    before, after, grads = muon_step
     others = [k for k in grads if not is_matrix_of_a_block(k, before[k])]  # (lm_head is embed_tokens, tied)
     assert "embed_tokens.weight" in others and any(k.endswith("norm.weight") for k in others)
     for k in others:

@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT, TINY, run, run_chat, run_train, tiny_start
 
 from nanosft.checkpoint import load_model
-from nanosft.data import epoch_rows, load_jsonl, render_conversations, to_batch
+from nanosft.data import load_jsonl, render_conversations, to_batch
 from nanosft.loss import masked_nll
 from nanosft.model import ModelConfig, Transformer
 from nanosft.monitor import read_monitor

@@ -273,7 +273,8 @@ def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_pat
         timing = name in ("Train/tokens_per_s", "Train/elapsed_s")  # (clock readings differ)
         assert [e.step for e in got.Scalars(name)] == [e.step for e in want.Scalars(name)], name
         if not timing:
-            assert [e.value for e in got.Scalars(name)] == pytest.approx([e.value for e in want.Scalars(name)], rel=1e-5)
+            values = [e.value for e in want.Scalars(name)]
+            assert [e.value for e in got.Scalars(name)] == pytest.approx(values, rel=1e-5), name
     a, b = load_model(whole)[0].state_dict(), load_model(killed)[0].state_dict()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
