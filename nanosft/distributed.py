@@ -150,8 +150,11 @@ def with_muon(cfg, lr, muon_lr):
     matrices under every ZeRO stage; stage 3 then reduces gradients whole, not scattered. Its
     default "gram" iteration runs in fp16 where the device has fast fp16, else in fp32."""
     cfg = copy.deepcopy(cfg)
+    # torch_adam: the other half is torch's AdamW, as with --optimizer adamw, rather than DeepSpeed's
+    # FusedAdam, which is compiled on first use (and a build cut short leaves a lock that stalls the
+    # next run)
     cfg["optimizer"] = {"type": "Muon", "params": {"muon_lr": muon_lr, "adam_lr": lr, "momentum": 0.95,
-                                                   "betas": [0.9, 0.95], "eps": 1e-8}}  # torch AdamW's eps
+                                                   "betas": [0.9, 0.95], "eps": 1e-8, "torch_adam": True}}
     if cfg["zero_optimization"]["stage"] == 3:
         cfg["zero_optimization"]["reduce_scatter"] = False  # DeepSpeed refuses Muon with it
     return cfg

@@ -29,7 +29,6 @@ from nanosft.checkpoint import load_model
 from nanosft.data import epoch_rows, load_jsonl, render_conversations, to_batch
 from nanosft.distributed import deepspeed_config, make_optimizer, save_checkpoint, setup_distributed
 from nanosft.model import ModelConfig, Transformer
-from nanosft.monitor import read_monitor
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
@@ -233,9 +232,7 @@ def train_command(nproc, *flags):
 @pytest.mark.parametrize("nproc, zero", [(1, "0"), (2, "3")])
 def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_path, nproc, zero):
     """With Muon, the default optimizer: its momentum is in the checkpoint (whole matrices, even
-    under ZeRO-3), and the resumed run matches the uninterrupted one to float32 rounding rather
-    than bit for bit (DeepSpeed's Muon, see README). The Ctrl-C test below resumes AdamW's
-    moments, bit for bit."""
+    under ZeRO-3). The Ctrl-C test below resumes AdamW's moments."""
     # 8 rows a step: the first epoch (~200 rows) ends near step 25, so the resumed position (a
     # checkpoint every 8 steps) lies in the second epoch, after the rows carried over
     batch = ["--batch-size", "4", "--grad-accum", "2"] if nproc == 1 else ["--batch-size", "2", "--grad-accum", "2"]
@@ -262,22 +259,18 @@ def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_pat
     r = run(train_command(nproc, "--out", str(killed), "--resume"))  # the settings come from the run's args.json
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"resumed {killed} at step {int(tag[4:])} (epoch 1)" in r.stdout
-    want, got = read_monitor(whole), read_monitor(killed)
     for name in ("Train_loss", "Train_lr", "Train_tokens", "Train_Samples_lr", "Eval_val_loss"):
-        assert list(got[name]) == list(want[name]), name  # every step once
-        assert list(got[name].values()) == pytest.approx(list(want[name].values()), rel=1e-5), name
+        want, got = ((d / "monitor" / f"{name}.csv").read_text() for d in (whole, killed))
+        assert got == want, name  # every step once (one header), each loss to the last printed digit
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     want, got = (EventAccumulator(str(d / "tensorboard")).Reload() for d in (whole, killed))
     assert sorted(got.Tags()["scalars"]) == sorted(want.Tags()["scalars"])
     for name in want.Tags()["scalars"]:  # TensorBoard's events too: every step once, the same values
         timing = name in ("Train/tokens_per_s", "Train/elapsed_s")  # (clock readings differ)
-        assert [e.step for e in got.Scalars(name)] == [e.step for e in want.Scalars(name)], name
-        if not timing:
-            values = [e.value for e in want.Scalars(name)]
-            assert [e.value for e in got.Scalars(name)] == pytest.approx(values, rel=1e-5), name
+        assert ([(e.step, None if timing else e.value) for e in got.Scalars(name)] ==
+                [(e.step, None if timing else e.value) for e in want.Scalars(name)]), name
     a, b = load_model(whole)[0].state_dict(), load_model(killed)[0].state_dict()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert all(torch.equal(a[k], b[k]) for k in a)
     m = json.loads((killed / "metrics.json").read_text())
     assert m["val_loss_before"] == json.loads((whole / "metrics.json").read_text())["val_loss_before"]
 
