@@ -110,8 +110,8 @@ def _optimization_flags(p):
     g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--optimizer", default=None, choices=["muon", "adamw"],
                    help="muon: Muon on the blocks' weight matrices, AdamW on embeddings, head and norms "
-                        "(DeepSpeed's, under every ZeRO stage); adamw: AdamW on everything. Default: muon "
-                        "for a new model, adamw with --init-from (fine-tuning a trained model)")
+                        "(DeepSpeed's); adamw: AdamW on everything. Default: muon for a new model, adamw with "
+                        "--init-from (fine-tuning a trained model) or --zero-stage 3")
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW's learning rate (with --optimizer muon: for the "
                    "embeddings, the head and the norms); the progress line and Train_lr show this one, "
                    "DeepSpeed's Train_Samples_lr the first group's (with Muon: --muon-lr's)")
@@ -177,8 +177,10 @@ def parse_args(argv=None):
     for k, default in (("val_data", "data/val.jsonl"), ("eval_data", "data/eval.jsonl")):
         if getattr(args, k) is None:  # the built-in chat data's, which a pretraining run has no use for
             setattr(args, k, "" if args.stage == "pretrain" else os.path.join(HERE, default))
-    if args.optimizer is None:  # Muon's steps are sized for training from scratch, not for nudging a base model
-        args.optimizer = "adamw" if args.init_from else "muon"
+    # Muon's steps are sized for training from scratch, not for nudging a base model; and a ZeRO-3
+    # run with Muon once ended in an abort at exit ("terminate called without an active exception")
+    if args.optimizer is None:
+        args.optimizer = "adamw" if args.init_from or args.zero_stage == 3 else "muon"
     check_args(p, args)
     return args
 

@@ -29,6 +29,7 @@ from nanosft.checkpoint import load_model
 from nanosft.data import epoch_rows, load_jsonl, render_conversations, to_batch
 from nanosft.distributed import deepspeed_config, make_optimizer, save_checkpoint, setup_distributed
 from nanosft.model import ModelConfig, Transformer
+from nanosft.monitor import read_monitor
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
@@ -229,16 +230,16 @@ def train_command(nproc, *flags):
     return [launcher, "--num_gpus", str(nproc), "--master_port", str(29900 + len(flags)), os.path.join(ROOT, "train.py"), *flags]
 
 
-@pytest.mark.parametrize("nproc, zero", [(1, "0"), (2, "3")])
-def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_path, nproc, zero):
-    """With Muon, the default optimizer: its momentum is in the checkpoint (whole matrices, even
-    under ZeRO-3). The Ctrl-C test below resumes AdamW's moments."""
+@pytest.mark.parametrize("nproc, zero, optimizer", [(1, "0", "muon"), (2, "3", "adamw")])
+def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_path, nproc, zero, optimizer):
+    """Each optimizer's state is in the checkpoint: Muon's momentum, AdamW's moments (sharded
+    under ZeRO-3)."""
     # 8 rows a step: the first epoch (~200 rows) ends near step 25, so the resumed position (a
     # checkpoint every 8 steps) lies in the second epoch, after the rows carried over
     batch = ["--batch-size", "4", "--grad-accum", "2"] if nproc == 1 else ["--batch-size", "2", "--grad-accum", "2"]
     flags = ["--data", str(tiny_data / "train.jsonl"), "--val-data", str(tiny_data / "val.jsonl"), "--eval-data", "",
              "--steps", "50", "--dtype", "fp32", "--zero-stage", zero, "--save-every", "8", "--log-every", "1",
-             "--tensorboard", *ZERO_TINY, *batch, "--optimizer", "muon"]
+             "--tensorboard", *ZERO_TINY, *batch, "--optimizer", optimizer]
     whole = tmp_path / "whole"
     r = run(train_command(nproc, *flags, "--out", str(whole)))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
