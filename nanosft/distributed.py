@@ -20,6 +20,7 @@ that every stage trains exactly like one rank without ZeRO; memory.py measures w
 """
 
 import copy
+import importlib
 import math
 import os
 import random
@@ -51,6 +52,10 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
+        if device.type == "cpu" and os.environ["WORLD_SIZE"] == "1":
+            # DeepSpeed's CPU backend compiles a shared-memory all-reduce on first use (~30 s on 2
+            # cores, again for every checkout: the build folder is shared) that one rank never calls
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
 

@@ -36,7 +36,7 @@ from nanosft.bleu import corpus_bleu, pick_tokenizer
 from nanosft.checkpoint import describe_path, load_model
 from nanosft.data import check_conversation, check_prompt, pack, read_file, render_conversations, to_batch
 from nanosft.formats import FORMATS, FormatError, to_messages
-from nanosft.generate import reply
+from nanosft.generate import greedy_batch
 from nanosft.machine import decoding_threads, why_threads
 from nanosft.template import ChatTemplate
 
@@ -104,14 +104,10 @@ def generation_metrics(model, template, records, max_new_tokens=None):
     costs as much as a short answer, not as much as the longest one. No records: NaN, not 0."""
     if not records:
         return {"exact_match": {"overall": float("nan")}, "bleu": float("nan")}, []
-    hits, totals, replies = defaultdict(int), defaultdict(int), []
-    for r in records:
-        limit = max_new_tokens or len(template.tok.encode(r["answer"])) + 16
-        try:
-            out = reply(model, template, r["messages"], limit)
-        except ValueError:  # the prompt does not fit in the context
-            out = None
-        replies.append(out)
+    limits = [max_new_tokens or len(template.tok.encode(r["answer"])) + 16 for r in records]
+    replies = greedy_replies(model, template, [r["messages"] for r in records], limits)
+    hits, totals = defaultdict(int), defaultdict(int)
+    for r, out in zip(records, replies):
         fam = r.get("family", "all")
         totals[fam] += 1
         hits[fam] += int(out is not None and out.strip() == r["answer"].strip())
@@ -121,6 +117,23 @@ def generation_metrics(model, template, records, max_new_tokens=None):
     bleu_tokenize = pick_tokenizer(references)  # "13a", or "zh" for Chinese references
     bleu = corpus_bleu([out or "" for out in replies], references, bleu_tokenize)
     return {"exact_match": em, "bleu": bleu, "bleu_tokenize": bleu_tokenize}, replies
+
+
+def greedy_replies(model, template, conversations, limits, batch=64):
+    """The reply text to each conversation (None where the prompt leaves no room in the context),
+    at most limits[i] tokens. Prompts of one length are decoded together, up to `batch` at a time."""
+    prompts = [template.render_prompt(messages) for messages in conversations]
+    by_length = defaultdict(list)  # prompt length -> indices
+    for i, p in enumerate(prompts):
+        if len(p) < model.cfg.max_seq_len:
+            by_length[len(p)].append(i)
+    replies = [None] * len(prompts)
+    for same in by_length.values():
+        for rows in (same[k:k + batch] for k in range(0, len(same), batch)):
+            ids = greedy_batch(model, [prompts[i] for i in rows], [limits[i] for i in rows], template.stop_ids)
+            for i, reply_ids in zip(rows, ids):
+                replies[i] = template.tok.decode(reply_ids)
+    return replies
 
 
 def as_conversations(records):
@@ -226,7 +239,7 @@ def main(argv=None):
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
                    help="the data's format when it holds conversations")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="reply length limit (default: 16 tokens past the longest reference answer)")
+                   help="reply length limit (default: 16 tokens past each reference answer)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--samples", type=int, default=1, help="sample conversations to show per family")
     p.add_argument("--json", default=None, help="also write the numbers (and the samples) to this JSON file")

@@ -91,7 +91,8 @@ def test_generation_metrics_are_exact_match_per_family_and_corpus_bleu(tiny_run,
 
     # by default a reply may run 16 tokens past its own reference, not past the longest one
     limits = []
-    monkeypatch.setattr(evaluate, "reply", lambda model, template, messages, limit: limits.append(limit) or "")
+    monkeypatch.setattr(evaluate, "greedy_replies",
+                        lambda model, template, conversations, limit: limits.extend(limit) or [""] * len(limit))
     generation_metrics(model, template, records)
     assert limits == [len(tok.encode(r["answer"])) + 16 for r in records] and len(set(limits)) > 1
     monkeypatch.undo()

@@ -3,10 +3,11 @@ packed row (several conversations, positions restarting) gives each conversation
 logits it would get alone, greedy generation equals re-running the full model every token, and
 given targets the model returns the masked loss of its own logits, with the same gradients."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from nanosft.generate import generate, sample_next
+from nanosft.generate import generate, greedy_batch, sample_next
 from nanosft.model import ModelConfig, Transformer
 
 
@@ -57,6 +58,24 @@ def test_generation_stops_at_a_stop_token_and_never_yields_it():
     free = list(generate(model, [1, 2, 3], max_new_tokens=10))
     stop = free[4]
     assert list(generate(model, [1, 2, 3], 10, stop_ids={stop})) == free[:free.index(stop)]
+
+
+def test_prompts_of_one_length_decoded_together_get_the_tokens_each_gets_alone():
+    model = tiny()
+    with torch.no_grad():  # larger weights than at init: replies that wander rather than repeat one token
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, 97, (6, 8), generator=g).tolist()
+    free = list(generate(model, prompts[0], 10))
+    stop = free[3]  # ends the first reply early, maybe others too
+    limits = [10, 10, 2, 0, 10, 60]  # the last one is cut at the context: 64 positions - 8
+    alone = [list(generate(model, p, n, stop_ids={stop})) for p, n in zip(prompts, limits)]
+    assert greedy_batch(model, prompts, limits, stop_ids={stop}) == alone
+    assert alone[0] == free[:free.index(stop)] and len(alone[2]) <= 2 and alone[3] == [] and len(alone[5]) <= 56
+    assert max(map(len, alone)) > 3  # rows that stopped rode along while others went on
+    with pytest.raises(ValueError, match="one length"):
+        greedy_batch(model, [[1, 2], [1, 2, 3]], [4, 4])
 
 
 def test_top_k_one_is_greedy_and_top_p_keeps_the_head_of_the_distribution():

@@ -384,3 +384,13 @@ def test_the_plot_is_titled_with_the_runs_name_also_through_latest(tmp_path):
     (tmp_path / "20261204-164524").mkdir()
     (tmp_path / "latest").symlink_to("20261204-164524")
     assert run_name(tmp_path / "latest") == run_name(tmp_path / "20261204-164524") == "20261204-164524"
+
+
+def test_one_cpu_rank_compiles_no_deepspeed_op(tiny_data, tmp_path, monkeypatch):
+    """DeepSpeed's CPU backend would build its shared-memory all-reduce (~30 s) into
+    TORCH_EXTENSIONS_DIR; a run of one rank never calls it, so nothing is built."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ops"))
+    r = run_train("--data", str(tiny_data / "train.jsonl"), "--val-data", "", "--eval-data", "", *TINY,
+                  "--steps", "2", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (tmp_path / "ops").exists() and "built successfully" not in r.stdout
