@@ -5,6 +5,7 @@ training conversations, and the answers are right.
 """
 
 import re
+import statistics
 
 import pytest
 from conftest import generate
@@ -60,6 +61,18 @@ def test_max_answers_the_larger_number_of_a_pair_training_never_asked(default_li
     for r in (r for r in evals if r["family"] == "max"):
         a, b = map(int, re.findall(r"\d+", r["messages"][0]["content"]))
         assert r["answer"] == str(max(a, b)) and r["messages"][0]["content"] not in asked
+
+
+def test_training_sentences_lean_long_and_held_out_ones_are_uniform(default_like):
+    train, val, _ = default_like
+
+    def lengths(records, family):
+        return [len(r["messages"][0]["content"].split(":", 1)[1].split()) for r in records if r["family"] == family]
+    for family in ("copy", "count"):
+        trained, held = lengths(train, family), lengths(val, family)
+        assert set(trained) == set(held) == set(range(3, 13))
+        # n words with weight n: mean sum(n^2) / sum(n) = 645 / 75 = 8.6 words; uniform: 7.5
+        assert abs(statistics.mean(trained) - 8.6) < 0.15 and abs(statistics.mean(held) - 7.5) < 0.8
 
 
 def test_same_seed_same_files():
