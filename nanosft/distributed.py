@@ -26,12 +26,20 @@ import os
 import random
 import shutil
 import socket
+import sys
 
 import deepspeed
 import numpy as np
 import torch
 
 from nanosft.files import atomic_write
+
+# DeepSpeed compiles its CPU ops (the shared-memory all-reduce of several CPU ranks, CPU Adam for
+# offload) on first use into TORCH_EXTENSIONS_DIR, by default one folder for every Python
+# environment of the user: two checkouts would rebuild them in turn, minutes each time. In a virtual
+# environment they go inside it instead, unless the variable is set.
+if sys.prefix != sys.base_prefix:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 # -----------------------------------------------------------------------------

@@ -108,6 +108,11 @@ def test_two_rank_zero2_run_under_the_launcher_equals_plain_pytorch_loop(tiny_da
              "--steps", "5", "--dtype", "fp32", "--zero-stage", "2", *TINY])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "2 rank(s)" in r.stdout
+    # two CPU ranks use DeepSpeed's shared-memory all-reduce, compiled inside the virtual environment
+    # (nanosft/distributed.py), not in a folder every checkout of the user shares and rebuilds
+    ops = os.path.join(sys.prefix, "torch_extensions")
+    if sys.prefix != sys.base_prefix and os.environ.get("TORCH_EXTENSIONS_DIR", ops) == ops:
+        assert os.path.isdir(os.path.join(ops, "deepspeed_shm_comm"))
     ours = load_model(out)[0].state_dict()
     ref = reference_weights(tiny_data, world=2)
     for k in ref:
