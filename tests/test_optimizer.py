@@ -78,11 +78,14 @@ def test_muon_steps_each_block_matrix_along_its_orthogonalized_gradient(muon_ste
         # the first step's momentum is a multiple of the gradient, and the iteration ignores the scale
         torch.testing.assert_close(step, newton_schulz(grads[k]), rtol=0, atol=NS_TOLERANCE * step.abs().max().item(),
                                    msg=k)
-        # what that means, by the SVD: the singular values are brought near 1 (~0.7-1.2 after five
-        # iterations; the smallest lag behind), where the gradient's spread over orders of magnitude
-        s, sv = torch.linalg.svdvals(grads[k]), torch.linalg.svdvals(step)
-        assert 0.5 < sv.median() < 1.3 and sv.max() < 1.6, (k, sv)
-        assert s.max() / s.median() > 3 * sv.max() / sv.median(), k
+        # what that means, by the SVD: the gradient's singular values spread over orders of
+        # magnitude; the step's are brought near 1 (~0.7-1.2 after five iterations) for every
+        # direction above 1% of the gradient's norm (the iteration multiplies a small one by ~3.4
+        # each time, so those far below lag behind: a gradient of low rank keeps its low rank)
+        s, sv = torch.linalg.svdvals(grads[k]), torch.linalg.svdvals(step)  # (both descending)
+        n = int((s > 1e-2 * s.norm()).sum())
+        assert n >= 4 and 0.5 < sv[:n].min() and sv.max() < 1.6, (k, n, sv)
+        assert s[0] / s[n - 1] > 3 * sv[:n].max() / sv[:n].min(), k
 
 
 def test_muon_leaves_embeddings_and_norms_to_adamw(muon_step):
