@@ -34,10 +34,10 @@ import torch
 
 from nanosft.files import atomic_write
 
-# DeepSpeed compiles its CPU ops (the shared-memory all-reduce of several CPU ranks, CPU Adam for
-# offload) on first use into TORCH_EXTENSIONS_DIR, by default one folder for every Python
-# environment of the user: two checkouts would rebuild them in turn, minutes each time. In a virtual
-# environment they go inside it instead, unless the variable is set.
+# DeepSpeed compiles the ops it needs on a CPU (CPU Adam for --offload) on first use into
+# TORCH_EXTENSIONS_DIR, by default one folder for every Python environment of the user: two
+# checkouts would rebuild them in turn, minutes each time. In a virtual environment they go inside
+# it instead, unless the variable is set.
 if sys.prefix != sys.base_prefix:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
@@ -60,9 +60,10 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
-        if device.type == "cpu" and os.environ["WORLD_SIZE"] == "1":
-            # DeepSpeed's CPU backend compiles a shared-memory all-reduce on first use (~30 s on 2
-            # cores, again for every checkout: the build folder is shared) that one rank never calls
+        if device.type == "cpu":
+            # DeepSpeed's CPU backend compiles a shared-memory all-reduce on first use (~30-50 s on 2
+            # cores) that only its inference all-reduce calls: training's collectives go through
+            # torch.distributed (gloo) either way
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return device, torch.distributed.get_rank(), torch.distributed.get_world_size()

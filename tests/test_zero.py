@@ -94,6 +94,11 @@ def test_zero_stage_on_two_ranks_trains_like_stage0_on_one(name, stage0, zero_ru
     assert cfg["train_batch_size"] == 8 and cfg["zero_optimization"]["stage"] == int(RUNS[name][2])
     if name == "stage2_offload":
         assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        # DeepSpeed's CPU Adam, compiled on first use inside the virtual environment
+        # (nanosft/distributed.py), not in a folder that every checkout of the user shares
+        ops = os.path.join(sys.prefix, "torch_extensions")
+        if sys.prefix != sys.base_prefix and os.environ.get("TORCH_EXTENSIONS_DIR", ops) == ops:
+            assert os.path.isdir(os.path.join(ops, "cpu_adam"))
 
 
 def test_zero3_gathered_weights_load_in_chat_and_answer_like_stage0(stage0, zero_runs, tiny_data, tmp_path):
