@@ -125,12 +125,14 @@ def greedy_replies(model, template, conversations, limits, batch=64):
     prompts = [template.render_prompt(messages) for messages in conversations]
     by_length = defaultdict(list)  # prompt length -> indices
     for i, p in enumerate(prompts):
-        if len(p) < model.cfg.max_seq_len:
-            by_length[len(p)].append(i)
+        by_length[len(p)].append(i)
     replies = [None] * len(prompts)
     for same in by_length.values():
         for rows in (same[k:k + batch] for k in range(0, len(same), batch)):
-            ids = greedy_batch(model, [prompts[i] for i in rows], [limits[i] for i in rows], template.stop_ids)
+            try:
+                ids = greedy_batch(model, [prompts[i] for i in rows], [limits[i] for i in rows], template.stop_ids)
+            except ValueError:  # prompts of this length do not fit in the context: their replies stay None
+                continue
             for i, reply_ids in zip(rows, ids):
                 replies[i] = template.tok.decode(reply_ids)
     return replies
