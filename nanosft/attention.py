@@ -28,10 +28,12 @@ The variants, each a ModelConfig field (VARIANTS at the bottom names the ones th
              scaled_dot_product_attention. The tests hold the two to the same outputs and
              gradients. sdpa cannot soft-cap, so with softcap the manual path is used, with a notice.
 
-What each query may see is one tensor, `mask`, built once per forward by attention_mask() (model.py
-calls it) and shared by all layers: None for plain causal attention (the fused kernels need no
-tensor for that), a bool (B or 1, 1, T, S) with True = may attend, or with ALiBi a float
-(B or 1, H, T, S) added to the scores: -inf where hidden, -slope * distance elsewhere.
+What each query may see is `mask`, made once per forward by model.py and shared by all layers:
+None for plain causal attention (the fused kernels need no tensor for that), a bool (B or 1, 1, T, S)
+with True = may attend, or with ALiBi a float (B or 1, H, T, S) added to the scores: -inf where
+hidden, -slope * distance elsewhere (attention_mask). In training it is a BlockwiseMask, which hands
+the attention function the same mask a block of queries at a time, so long rows never hold a (T, T)
+tensor.
 """
 
 import math
@@ -40,6 +42,7 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanosft.embedding import apply_rotary
 from nanosft.norm import RMSNorm
@@ -47,15 +50,24 @@ from nanosft.norm import RMSNorm
 
 # ---- masks: which keys each query sees, and ALiBi's distance penalty
 
-def causal_mask(T, S, device, offset=0, window=0):
-    """(T, S) bool: query i (at absolute position offset + i) may see key j iff j <= offset + i,
-    and, with a window, offset + i - j < window."""
-    q = torch.arange(T, device=device)[:, None] + offset
-    k = torch.arange(S, device=device)[None, :]
-    mask = k <= q
+def span_mask(q0, q1, k0, device, doc=None, window=0, slopes=None):
+    """What the queries at positions q0..q1-1 may see of the keys at positions k0..q1-1 (positions
+    in one row): key j iff j <= i, and with a window i - j < window, and in a packed row (doc (B, T):
+    each token's conversation) j in i's conversation. -> bool (1 or B, 1, q1 - q0, q1 - k0), True =
+    may attend; with ALiBi's slopes (H,) a float (1 or B, H, q1 - q0, q1 - k0) added to the scores:
+    -inf where hidden, -slope * distance elsewhere."""
+    q = torch.arange(q0, q1, device=device)[:, None]  # (Tq, 1)
+    k = torch.arange(k0, q1, device=device)[None, :]  # (1, S)
+    mask = k <= q  # (Tq, S)
     if window:
         mask &= q - k < window
-    return mask
+    mask = mask[None, None]  # (1, 1, Tq, S)
+    if doc is not None:
+        mask = mask & (doc[:, q0:q1, None] == doc[:, None, k0:q1])[:, None]  # (B, 1, Tq, S)
+    if slopes is None:
+        return mask
+    bias = -slopes.to(device, torch.float32)[:, None, None] * (q - k).float()  # (H, Tq, S): far keys count less
+    return torch.where(mask, bias, float("-inf"))  # (1 or B, H, Tq, S)
 
 
 def alibi_slopes(n_head):
@@ -69,21 +81,72 @@ def alibi_slopes(n_head):
 
 
 def attention_mask(T, S, device, doc=None, window=0, slopes=None):
-    """The mask of one forward: T queries, the last T of S positions (S > T when a KV cache holds
-    the first S - T). doc (B, T): each token's conversation in a packed row; attention never
-    crosses conversations. slopes (H,): ALiBi's. -> None, bool or float mask (see the docstring)."""
+    """The whole mask of one forward: T queries, the last T of S positions (S > T when a KV cache
+    holds the first S - T). -> None for plain causal attention, else span_mask's bool or float
+    (B or 1, 1 or H, T, S). In training BlockwiseMask builds it a block of queries at a time instead;
+    this dense one is its reference and serves generation."""
     if doc is None and not window and slopes is None:
-        return None  # plain causal
-    offset = S - T
-    mask = causal_mask(T, S, device, offset, window)[None, None]  # (1, 1, T, S)
+        return None  # plain causal: the fused kernels need no tensor for it
+    assert doc is None or S == T, "packed rows (doc) are for training; generation uses one sequence"
+    return span_mask(S - T, S, 0, device, doc, window, slopes)
+
+
+# ---- long rows: the mask a block of queries at a time
+
+BLOCK = 512  # queries per block. A row of T <= BLOCK tokens is one block: exactly the dense mask
+
+
+class BlockwiseMask:
+    """The mask of a training forward (rows of T tokens, no cache), never built whole: the dense
+    (B, 1, T, T) mask of a 32k-token row is 1 GiB, and 10 GiB at 100k, though a query sees only
+    its own conversation, or only its window. attend() runs attention one block of queries at a
+    time, each block against the keys its queries can see at all: from the start of the earliest
+    conversation among them (or the window's reach) to the block's end. Its small mask is
+    span_mask's rows of the dense mask, cut to those keys. With short conversations this also skips
+    most of the dense mask's work: keys in other conversations are never scored."""
+
+    def __init__(self, T, device, doc=None, window=0, slopes=None, block=None):
+        self.device, self.doc, self.window = device, doc, window
+        self.slopes = None if slopes is None else slopes.to(device, torch.float32)  # moved once, not per block
+        self.block = block or BLOCK
+        self.blocks = [(0, T, 0)] if T <= self.block else block_plan(T, self.block, doc, window)  # (q0, q1, k0)
+
+    def attend(self, attend, q, k, v, softcap=0.0):
+        """attend (an ATTEND function) one block at a time: q (B, H, T, hd), k, v (B, H_kv, T, hd)
+        -> (B, H, T, hd), the same as attend with the dense mask."""
+        out = []
+        for q0, q1, k0 in self.blocks:
+            args = (attend, softcap, q0, q1, k0, q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1])
+            if torch.is_grad_enabled() and q.requires_grad and q1 - k0 > 2 * self.block:
+                # a block that reaches far back would keep its large mask (and, on the manual path,
+                # its weights) until the backward pass, and those add up to T^2 / 2 over a long
+                # conversation: recompute them in the backward pass instead (as flash attention does)
+                out.append(checkpoint(self.part, *args, use_reentrant=False, preserve_rng_state=False))
+            else:
+                out.append(self.part(*args))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)  # (B, H, T, hd)
+
+    def part(self, attend, softcap, q0, q1, k0, q, k, v):
+        """One block: queries q0..q1-1 against keys k0..q1-1 -> (B, H, q1 - q0, hd)."""
+        return attend(q, k, v, span_mask(q0, q1, k0, self.device, self.doc, self.window, self.slopes), softcap)
+
+
+def block_plan(T, block, doc=None, window=0):
+    """-> [(q0, q1, k0), ...]: each block of `block` queries, and the first key any of them sees:
+    where the earliest of their conversations begins (doc (B, T); conversations are contiguous in
+    a row), or the window's reach if that is later."""
+    starts = list(range(0, T, block))  # each block's first query
+    first = [0] * len(starts)
     if doc is not None:
-        assert S == T, "packed rows (doc) are for training; generation uses one sequence"
-        mask = mask & (doc[:, :, None] == doc[:, None, :])[:, None]  # (B, 1, T, T)
-    if slopes is None:
-        return mask
-    distance = (torch.arange(T, device=device)[:, None] + offset - torch.arange(S, device=device)).float()  # (T, S)
-    bias = -slopes.to(device, torch.float32)[:, None, None] * distance  # (H, T, S): far keys count less
-    return torch.where(mask, bias, float("-inf"))  # (B or 1, H, T, S)
+        pos = torch.arange(T, device=doc.device).expand_as(doc)
+        begins = torch.ones_like(doc, dtype=torch.bool)
+        begins[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        first_of = torch.where(begins, pos, 0).cummax(dim=1).values  # (B, T): where each token's conversation begins
+        # over the rows, at the block's first query (the earliest); read back to Python: one sync per forward
+        first = first_of[:, starts].amin(0).tolist()
+    if window:
+        first = [max(f, q0 - window + 1) for f, q0 in zip(first, starts)]
+    return [(q0, min(q0 + block, T), k0) for q0, k0 in zip(starts, first)]
 
 
 # ---- the attention computation itself: q, k, v and the mask -> output
@@ -110,7 +173,7 @@ def masked_softmax(scores, mask=None):
     lets it see. mask None: causal, the T queries being the last T of the S positions."""
     if mask is None:
         T, S = scores.shape[-2:]
-        mask = causal_mask(T, S, scores.device, offset=S - T)
+        mask = span_mask(S - T, S, 0, scores.device)
     if mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     else:
@@ -138,7 +201,7 @@ def attend_sdpa(q, k, v, mask=None, softcap=0.0):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if mask is None:
         # queries come after cached keys: is_causal would align them to the start, so spell it out
-        mask = causal_mask(T, S, q.device, offset=S - T)
+        mask = span_mask(S - T, S, 0, q.device)
     if mask.is_floating_point():
         mask = mask.to(q.dtype)  # an additive mask in the dtype of q, which every backend accepts
     # NOTE: with a mask (packed rows, prefill after a cache), CUDA's memory-efficient kernel does not
@@ -214,7 +277,10 @@ class CausalSelfAttention(nn.Module):
         q, k = qk[:, :H], qk[:, H:]  # (B, H, T, hd), (B, H_kv, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, hd) with S = cached + T
-        y = ATTEND[self.impl](q, k, v, mask, self.softcap)  # (B, H, T, hd)
+        if isinstance(mask, BlockwiseMask):
+            y = mask.attend(ATTEND[self.impl], q, k, v, self.softcap)  # (B, H, T, hd)
+        else:
+            y = ATTEND[self.impl](q, k, v, mask, self.softcap)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # (B, T, H * hd): the heads side by side
         return self.o_proj(y)
 

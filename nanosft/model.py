@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from nanosft.attention import ATTEND, KVCache, alibi_slopes, attention_mask
+from nanosft.attention import ATTEND, BlockwiseMask, KVCache, alibi_slopes, attention_mask
 from nanosft.block import Block
 from nanosft.embedding import Rotary, TokenEmbedding
 from nanosft.fused_loss import linear_masked_nll
@@ -166,8 +166,13 @@ class Transformer(nn.Module):
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
         # ALiBi's slopes, made here in fp32 rather than kept in a buffer that bf16 training would round
         slopes = alibi_slopes(self.cfg.n_head) if self.cfg.pos_emb == "alibi" else None  # (H,)
-        # what each query may see (conversation, window, ALiBi): None or (B or 1, 1 or H, T, start + T)
-        mask = attention_mask(T, start + T, idx.device, doc, self.cfg.window, slopes)
+        # what each query may see (conversation, window, ALiBi): in training a BlockwiseMask, which
+        # builds it for a block of queries at a time; with a cache the dense (B or 1, 1 or H, T,
+        # start + T) mask; None for plain causal attention
+        if cache is None and (doc is not None or self.cfg.window or slopes is not None):
+            mask = BlockwiseMask(T, idx.device, doc, self.cfg.window, slopes)
+        else:
+            mask = attention_mask(T, start + T, idx.device, doc, self.cfg.window, slopes)
         x = self.embed_tokens(idx)  # (B, T, C)
         cos, sin = self.rotary(pos, x.dtype) if self.rotary is not None else (None, None)  # (B, 1, T, hd) each
         for i, block in enumerate(self.layers):

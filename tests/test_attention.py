@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanosft.attention import (VARIANTS, CausalSelfAttention, alibi_slopes, attend_manual, attend_sdpa,
-                               attention_mask)
+from nanosft import attention
+from nanosft.attention import (VARIANTS, BlockwiseMask, CausalSelfAttention, alibi_slopes, attend_manual,
+                               attend_sdpa, attention_mask)
 from nanosft.embedding import Rotary
 from nanosft.model import ModelConfig, Transformer
 
@@ -242,3 +243,80 @@ def test_qk_norm_gives_each_head_unit_rms_queries_and_keys():  # (before RoPE: t
     for t in seen.values():  # (B, heads, T, hd), weights still ones: each vector has rms 1
         torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(t.shape[:-1], dtype=torch.float64))
     assert math.isclose(cfg.norm_eps, attn.q_norm.eps)
+
+
+# ---- long rows: the mask a block of queries at a time (BlockwiseMask), never a (T, T) tensor
+
+def packed_doc(T=200, seed=3):
+    """doc (3, T) of packed rows: many conversations of 1-40 tokens; a single conversation; many
+    conversations then padding (doc -1)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for r in range(3):
+        lengths = [T] if r == 1 else [int(n) for n in torch.randint(1, 41, (T,), generator=g)]
+        row = torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)])[:T]
+        if r == 2:
+            row[-23:] = -1
+        rows.append(row)
+    return torch.stack(rows)  # (3, T)
+
+
+def test_each_block_of_queries_sees_keys_from_where_its_earliest_conversation_begins():
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    # (q0, q1, k0): queries 4..7 include the second row's position 4, in its conversation from 0
+    assert BlockwiseMask(10, "cpu", doc, block=4).blocks == [(0, 4, 0), (4, 8, 0), (8, 10, 5)]
+    assert BlockwiseMask(10, "cpu", doc[:1], block=4).blocks == [(0, 4, 0), (4, 8, 3), (8, 10, 8)]
+    assert BlockwiseMask(10, "cpu", doc, window=2, block=4).blocks == [(0, 4, 0), (4, 8, 3), (8, 10, 7)]
+    assert BlockwiseMask(10, "cpu", block=16).blocks == [(0, 10, 0)]  # a short row: one block, the dense mask
+
+
+@pytest.mark.parametrize("variant, impl", EACH_PATH)
+def test_blockwise_attention_equals_the_dense_mask_in_loss_and_gradients_for_every_variant(variant, impl, monkeypatch):
+    model = model_of(variant, impl).float().train()
+    T = 200
+    doc = packed_doc(T)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in torch.unique_consecutive(row, return_counts=True)[1]])
+                       for row in doc])  # (3, T) position inside each conversation
+    ids = torch.randint(0, 97, (3, T + 1), generator=torch.Generator().manual_seed(4))
+
+    def loss_and_grads(block):
+        monkeypatch.setattr(attention, "BLOCK", block)
+        loss, n = model(ids[:, :-1], pos=pos, doc=doc, targets=ids[:, 1:])
+        return [loss / n, *torch.autograd.grad(loss / n, list(model.parameters()))]
+
+    dense, blockwise = loss_and_grads(T), loss_and_grads(24)  # 24: blocks that end mid-conversation
+    for a, b in zip(dense, blockwise):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_no_mask_ever_spans_the_whole_row(monkeypatch):
+    """2,048-token rows in blocks of 256 queries: a mask covers at most 256 queries and the keys back
+    to the start of their earliest conversation (at most 40 tokens before the block), and only a
+    row of one conversation reaches back to its start (256 x 2,048 at most, never 2,048 x 2,048)."""
+    seen = []
+    span_mask = attention.span_mask
+    monkeypatch.setattr(attention, "span_mask", lambda q0, q1, k0, *a: seen.append((q1 - q0, q1 - k0)) or span_mask(q0, q1, k0, *a))
+    monkeypatch.setattr(attention, "BLOCK", 256)
+    model = model_of("gqa", "sdpa", n_layer=1).float().train()
+    T = 2048
+    doc = packed_doc(T)
+    for rows, longest in ((doc[[0, 2]], 256 + 40), (doc[[1]], T)):
+        seen.clear()
+        model(torch.randint(0, 97, (rows.size(0), T)), doc=rows)[:, -1].sum().backward()
+        assert max(q for q, _ in seen) == 256
+        assert max(k for _, k in seen) <= longest
+    assert max(k for _, k in seen) == T
+
+
+def test_long_rows_under_torch_compile_give_the_same_outputs_without_recompiling(monkeypatch):
+    """Blocks' bounds change with every batch's conversations; train.py --compile still compiles
+    the model once (the bounds are read back to Python and traced as symbols, not constants)."""
+    import torch._dynamo
+    monkeypatch.setattr(attention, "BLOCK", 16)
+    model = model_of("alibi", "sdpa").float()
+    compiled = torch.compile(model, backend="eager")  # dynamo's graphs, run without code generation
+    torch._dynamo.reset()
+    for seed in range(3):
+        doc, idx = packed_doc(64, seed), torch.randint(0, 97, (3, 64))
+        torch.testing.assert_close(compiled(idx, doc=doc), model(idx, doc=doc), rtol=0, atol=0)
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # after the first batch
