@@ -36,9 +36,9 @@ from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, 
                                  rng_state, save_checkpoint, set_rng_state, setup_distributed, with_muon)
 from nanosft.evaluate import brief, format_samples, generation_metrics, loss_and_ppl, pick_samples, table, validation_loss
 from nanosft.interrupt import StopRequest, save_and_exit
-from nanosft.machine import choose_threads, cpu_name, pick_dtype, using_threads
+from nanosft.machine import choose_threads, cpu_name, free_memory, pick_dtype, using_threads
 from nanosft.files import write_json
-from nanosft.memory import record_memory
+from nanosft.memory import check_fits, record_memory
 from nanosft.model import Transformer
 from nanosft.monitor import MONITOR_DIR, log_events, trim_monitor
 from nanosft.plot import plot_run
@@ -182,6 +182,9 @@ def start_engine(run, model, data):
     args.dtype, dtype_why = pick_dtype(args.dtype, run.device, model.cfg.dim)
     model.grad_checkpointing = args.gradient_checkpointing
     run.n_params = model.num_params()  # counted now: under ZeRO-3 the module's own tensors become empty shards
+    check_fits(model.cfg, run.n_params, args.batch_size, data.row_len - 1, args.dtype, args.zero_stage, run.world,
+               args.gradient_checkpointing, free_memory(run.device),  # rather than the OS killing the run later
+               offload=args.offload if run.device.type == "cuda" else "none")
     run.batches = Batches(data.samples, data.row_len, data.template.pad, args.batch_size, args.seed, run.rank,
                           run.world, args.packing == "on")
     steps_per_epoch = run.batches.rows_per_epoch / (args.batch_size * args.grad_accum)

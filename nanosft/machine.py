@@ -43,7 +43,10 @@ def pick_dtype(name, device, dim=128):
     if name != "auto":
         return name, "as asked"
     if device.type == "cuda":
-        return ("bf16", "the GPU has bf16") if torch.cuda.is_bf16_supported() else ("fp16", "the GPU has no bf16")
+        # not emulated bf16 (older GPUs, e.g. V100, T4): fp16 runs there at full speed
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", "the GPU has bf16"
+        return "fp16", "the GPU has no bf16"
     x, w = torch.randn(2048, dim), torch.randn(3 * dim, dim)  # (tokens, C) x (3C, C): a q/k/v projection
     xb, wb = x.bfloat16(), w.bfloat16()
     ratio = best_time(lambda: F.linear(x, w)) / best_time(lambda: F.linear(xb, wb))  # > 1: bf16 faster
@@ -85,12 +88,14 @@ def decoding_threads(model, steps=16):
 
 
 def training_threads(model, rows, T):
-    """fastest_threads for a forward pass of `rows` random rows of T tokens (no gradients: the
-    training state stays as it was)."""
+    """fastest_threads for a forward pass of `rows` random rows of T tokens, at most 512 of them (no
+    gradients: the training state stays as it was). Longer probe rows would be one causal
+    attention over all T tokens, minutes at 100k, where training's packed rows attend within
+    their conversations."""
     device = next(model.parameters()).device
     if device.type != "cpu":
         return torch.get_num_threads(), {}
-    idx = torch.randint(0, model.cfg.vocab_size, (rows, T), device=device)
+    idx = torch.randint(0, model.cfg.vocab_size, (rows, min(T, 512)), device=device)
     with torch.no_grad():
         return fastest_threads(lambda: model(idx))
 
@@ -134,3 +139,18 @@ def cpu_name():
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
+
+
+def free_memory(device):
+    """-> (bytes one rank may use, what they are): the GPU's free memory, or on CPU the memory
+    the kernel says is available (MemAvailable) shared among the ranks on this machine (LOCAL_SIZE,
+    set by the deepspeed launcher). None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"GPU {device.index or 0}'s free memory"
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    ranks = int(os.environ.get("LOCAL_SIZE", 1))
+    return kib * 1024 // ranks, "this machine's available memory" + (f" / {ranks} ranks" if ranks > 1 else "")

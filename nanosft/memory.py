@@ -6,14 +6,19 @@ bench/zero_memory.py tabulates it for every stage.
 
     measure_memory(engine)      every live tensor, found by walking Python's objects, sorted by kind
     estimate_memory(...)        the paper's per-rank bytes for n parameters, a stage and a world size
+    activation_bytes(...)       the activations of one training step, per token
+    check_fits(...)             train.py's refusal, before training, of a step that cannot fit
 """
 
 import gc
+import math
 import os
 
 import torch
 
+from nanosft.attention import BLOCK
 from nanosft.distributed import base_optimizer, print0
+from nanosft.model import FUSED_LOSS_VOCAB
 from nanosft.files import write_json
 
 
@@ -131,3 +136,52 @@ def estimate_memory(n_params, stage, world, dtype, n_muon=0):
     est = {k: b / (world if stage >= split_from[k] else 1) for k, b in total.items()}
     est["model_states"] = sum(est.values())
     return est
+
+
+def activation_bytes(cfg, T, dtype, impl="sdpa", checkpointing=False):
+    """Bytes per token of one training step's activations, estimated from the model's shapes. Per
+    layer, the tensors its backward pass needs: the block's input and norm outputs, q/k/v before and
+    after RoPE, the attention output, SwiGLU's gate/up and their product (4C + 4Cq + 3Ckv + 4F
+    values), and the attention mask's rows (BlockwiseMask keeps those of the blocks that reach at
+    most 2 x BLOCK keys back; the manual path keeps its softmax weights instead, in fp32, one per
+    head). Then the logits in fp32, unless the loss is fused (model.FUSED_LOSS_VOCAB). With
+    --gradient-checkpointing each block keeps only its input, and the backward pass recomputes one
+    block at a time. The factor 1.5 covers the backward pass's own temporaries: against the peak
+    resident memory of real steps the estimate comes out 1-2x (tests/test_memory.py)."""
+    act = 2 if dtype in ("bf16", "fp16") else 4
+    C, F = cfg.dim, cfg.ffn_hidden
+    Cq, Ckv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    keys = min(T, 2 * BLOCK)  # mask columns kept per query
+    layer = (4 * C + 4 * Cq + 3 * Ckv + 4 * F) * act + keys * (cfg.n_head * 4 if impl == "manual" else act)
+    logits = 0 if cfg.vocab_size >= FUSED_LOSS_VOCAB else 3 * cfg.vocab_size * 4
+    kept = cfg.n_layer * C * act + 2 * layer if checkpointing else cfg.n_layer * layer
+    return 1.5 * (kept + logits)
+
+
+def check_fits(cfg, n_params, batch, T, dtype, stage, world, checkpointing, free, offload="none"):
+    """Raise ValueError before training when a rank's estimated need (model states as the ZeRO
+    paper counts them for Adam, plus a micro-batch's activations) exceeds free = (bytes, what they
+    are) from machine.free_memory; the message says what would fit. offload: what leaves that
+    memory (a GPU's; on a CPU nothing leaves): "optimizer" (master weights and optimizer state)
+    or "all" (the weights too). -> the estimated bytes."""
+    def need(rows, tokens):
+        return states + rows * tokens * activation_bytes(cfg, tokens, dtype, cfg.attn_impl, checkpointing)
+    parts = estimate_memory(n_params, stage, world, dtype)
+    away = {"none": (), "optimizer": ("master_weights", "optimizer_state"),
+            "all": ("master_weights", "optimizer_state", "parameters")}[offload]
+    states = parts["model_states"] - sum(parts[k] for k in away)
+    if free is None or need(batch, T) <= free[0]:
+        return need(batch, T)
+    available, what = free
+    rows = next((r for r in range(batch - 1, 0, -1) if need(r, T) <= available), 0)
+    tokens = next((t for t in (2 ** i for i in range(int(math.log2(T)), 5, -1)) if need(1, t) <= available), 0)
+    if rows:
+        fits = f"--batch-size {rows} with --grad-accum {math.ceil(batch / rows)} (at least as many rows per step)"
+    elif tokens:
+        fits = f"--batch-size 1 with --max-seq-len {tokens}"
+    else:
+        fits = "a smaller model, or ZeRO stage 3 over more ranks"
+    gib = 2 ** 30
+    raise ValueError(f"{batch} rows x {T:,} tokens per step need about {need(batch, T) / gib:.1f} GiB (estimated), "
+                     f"more than {what} ({available / gib:.1f} GiB): try {fits}"
+                     + ("" if checkpointing else ", or --gradient-checkpointing"))
