@@ -13,7 +13,7 @@ LAUNCH := $(if $(NGPUS),.venv/bin/deepspeed --num_gpus $(NGPUS),$(if $(NPROC),CU
 
 VARIANTS ?=
 
-.PHONY: install train chat plot evaluate compare test data clean
+.PHONY: install train chat plot evaluate compare test data clean gpu-check
 
 install: .venv/.installed
 
@@ -57,6 +57,12 @@ evaluate: install data
 # the same budget, then a table and runs/compare/compare.png (variants: VARIANTS in nanosft/attention.py)
 compare: install data
 	$(PY) -m nanosft.compare $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(ARGS),-- $(ARGS))
+
+# make gpu-check: every path only a GPU takes, run once, one table (bench/gpu_check.py). It runs with
+# the Python that already holds CUDA PyTorch (GPU_PY), never .venv and its CPU wheel: README, "On a GPU"
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py $(ARGS)
 
 test: install .venv/.test-installed
 	$(PY) -m pytest $(ARGS)

@@ -248,8 +248,8 @@ def rng_state():
     """Every random number generator a run touches. (Training draws none today: data order is
     seeded per epoch and there is no dropout. Saved so that a change that adds some resumes right.)"""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's GPU only: a resume may see fewer GPUs than were visible
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -258,7 +258,7 @@ def set_rng_state(state):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def load_checkpoint(engine, ckpt_dir):

@@ -49,3 +49,39 @@ def test_generate_reports_every_prompt_length_against_recompute_and_transformers
     for r in d["runs"]:
         assert {"speedup_vs_recompute", "speedup_vs_hf_generate"} <= set(r)
         assert all(r[k]["identical_ids"] for k in ("kv_cache", "recompute", "hf_generate"))
+
+
+def test_gpu_check_stops_at_once_on_a_machine_without_a_gpu(tmp_path):  # (the tests' torch is the CPU wheel)
+    r = run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--out", str(tmp_path / "out")])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "gpu-check: needs a CUDA GPU" in r.stderr and "On a GPU" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_gpu_check_runs_every_check_reports_each_and_fits_the_default_model(tmp_path, monkeypatch, capsys):
+    """The check's own logic, on CPU: its commands (faked) and the table and JSON it makes of them."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gpu_check
+    import torch
+    from nanosft.model import ModelConfig
+    monkeypatch.setattr(gpu_check, "preflight", lambda: {"gpus": ["Fake GPU"] * 2, "torch": "x", "cuda": "13",
+                                                          "deepspeed": "y"})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    commands = []
+    monkeypatch.setattr(gpu_check, "run", lambda cmd, timeout: commands.append(cmd) or
+                        ((1.0, None) if cmd[-1].endswith("generate.py") else (2.0, "Traceback...\nRuntimeError: boom")))
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main()
+    assert e.value.code == 1  # some failed
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in table[1:-1]] == [["data", "ok"]] + [[n, "FAILED"] for n in
+                                                         ("bf16", "fp16", "zero2", "zero3", "compile", "train_step", "decode")]
+    assert all(line.endswith("RuntimeError: boom") for line in table[2:-1])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["ok"] for r in report["checks"]] == [True] + [False] * 7
+    zero = [c for c in commands if "--zero-stage" in c]
+    assert len(zero) == 2 and all("--num_gpus" in c and c[c.index("--num_gpus") + 1] == "2" for c in zero)
+    decode = commands[-1]
+    prompt = max(int(n) for n in decode[decode.index("--prompt-tokens") + 1].split(","))
+    assert prompt + int(decode[decode.index("--new-tokens") + 1]) <= ModelConfig().max_seq_len  # the default run's

@@ -66,3 +66,12 @@ def test_using_threads_restores_the_count():
     with machine.using_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
+
+
+def test_auto_dtype_on_a_gpu_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    gpu = torch.device("cuda", 0)  # a device object needs no GPU
+    emulated_only = lambda including_emulation=True: including_emulation  # noqa: E731  (a V100, a T4)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated_only)
+    assert machine.pick_dtype("auto", gpu) == ("fp16", "the GPU has no bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, H100
+    assert machine.pick_dtype("auto", gpu) == ("bf16", "the GPU has bf16")

@@ -103,6 +103,7 @@ def test_deepspeed_monitor_csv_has_one_row_per_step_and_the_evaluations(tiny_run
 def test_two_rank_zero2_run_under_the_launcher_equals_plain_pytorch_loop(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ops"))  # where DeepSpeed would build ops
     out = tmp_path / "run2"
+    shm = set(os.listdir("/dev/shm"))
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     r = run([launcher, "--num_gpus", "2", "--master_port", "29731", os.path.join(ROOT, "train.py"),
              "--data", str(tiny_data / "train.jsonl"), "--val-data", "", "--eval-data", "", "--out", str(out),
@@ -111,6 +112,8 @@ def test_two_rank_zero2_run_under_the_launcher_equals_plain_pytorch_loop(tiny_da
     assert "2 rank(s)" in r.stdout
     # DeepSpeed's CPU backend would first compile a shared-memory all-reduce that training never calls
     assert not (tmp_path / "ops").exists() and "built successfully" not in r.stdout
+    # nor map its buffers into /dev/shm (66 MB a rank, left behind after every run)
+    assert not [f for f in set(os.listdir("/dev/shm")) - shm if f.startswith("deepspeed")]
     ours = load_model(out)[0].state_dict()
     ref = reference_weights(tiny_data, world=2)
     for k in ref:
@@ -388,3 +391,51 @@ def test_the_plot_is_titled_with_the_runs_name_also_through_latest(tmp_path):
     (tmp_path / "latest").symlink_to("20261204-164524")
     assert run_name(tmp_path / "latest") == run_name(tmp_path / "20261204-164524") == "20261204-164524"
 
+
+
+def test_a_checkpoint_keeps_this_ranks_gpu_random_state_and_restores_it_on_fewer_gpus(monkeypatch):
+    """The CUDA path of the RNG state (no GPU needed: torch.cuda's calls are stand-ins): each rank
+    saves its own GPU's generator, so a resume that sees fewer GPUs than the run did still loads."""
+    from nanosft import distributed
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7, 8, 9], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state was read"))
+    state = distributed.rng_state()
+    torch.manual_seed(1)  # the CPU generator moves on...
+    distributed.set_rng_state(state)  # ...and comes back
+    assert torch.equal(torch.get_rng_state(), state["torch"])
+    assert len(restored) == 1 and restored[0].tolist() == [7, 8, 9]
+
+
+def test_on_a_gpu_each_rank_takes_its_local_gpu_then_joins_over_nccl(monkeypatch):
+    """setup_distributed's CUDA path, with torch.cuda and DeepSpeed's init as stand-ins: the rank's
+    device is set before the process group starts (NCCL binds to the current device)."""
+    from nanosft import distributed
+    calls = []
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.deepspeed, "init_distributed", lambda dist_backend, verbose: calls.append(dist_backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    assert distributed.setup_distributed() == (torch.device("cuda", 1), 3, 4)
+    assert calls == [("set_device", 1), "nccl"]
+
+
+def test_the_gpu_config_scales_fp16_losses_dynamically_and_pins_offloaded_memory():
+    """What a GPU run hands DeepSpeed (train.py passes pin_memory on CUDA): fp16 with the dynamic
+    loss scale of configs/ds_config.json (from 2^16, halved after 2 overflows, doubled after 100
+    clean steps), and page-locked CPU buffers for whatever is offloaded."""
+    from nanosft.distributed import deepspeed_config
+    from nanosft.train_args import parse_args
+    cfg = deepspeed_config(parse_args([]).ds_base, world=8, micro_batch=4, grad_accum=2, zero_stage=3, offload="all",
+                           dtype="fp16", grad_clip=1.0, pin_memory=True)
+    assert cfg["fp16"] == {"enabled": True, "loss_scale": 0, "loss_scale_window": 100, "initial_scale_power": 16,
+                           "hysteresis": 2, "min_loss_scale": 1} and not cfg["bf16"]["enabled"]
+    zero = cfg["zero_optimization"]
+    assert zero["offload_optimizer"] == zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert cfg["train_batch_size"] == 64
