@@ -38,7 +38,7 @@ from nanosft.evaluate import brief, format_samples, generation_metrics, loss_and
 from nanosft.interrupt import StopRequest, save_and_exit
 from nanosft.machine import choose_threads, cpu_name, free_memory, pick_dtype, using_threads
 from nanosft.files import write_json
-from nanosft.memory import check_fits, record_memory
+from nanosft.memory import check_fits, least_free, record_memory
 from nanosft.model import Transformer
 from nanosft.monitor import MONITOR_DIR, log_events, trim_monitor
 from nanosft.plot import plot_run
@@ -182,9 +182,11 @@ def start_engine(run, model, data):
     args.dtype, dtype_why = pick_dtype(args.dtype, run.device, model.cfg.dim)
     model.grad_checkpointing = args.gradient_checkpointing
     run.n_params = model.num_params()  # counted now: under ZeRO-3 the module's own tensors become empty shards
-    check_fits(model.cfg, run.n_params, args.batch_size, data.row_len - 1, args.dtype, args.zero_stage, run.world,
-               args.gradient_checkpointing, free_memory(run.device),  # rather than the OS killing the run later
-               offload=args.offload if run.device.type == "cuda" else "none")
+    tight = check_fits(model.cfg, run.n_params, args.batch_size, args.grad_accum, data.row_len - 1, args.dtype,
+                       args.zero_stage, run.world, args.gradient_checkpointing, least_free(free_memory(run.device)),
+                       offload=args.offload if run.device.type == "cuda" else "none")  # not the OS killing it later
+    if tight:
+        print0(tight)
     run.batches = Batches(data.samples, data.row_len, data.template.pad, args.batch_size, args.seed, run.rank,
                           run.world, args.packing == "on")
     steps_per_epoch = run.batches.rows_per_epoch / (args.batch_size * args.grad_accum)

@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 
 
 def preflight():
-    """-> a description of the GPUs, or exit 2 with the reason this machine cannot run the check."""
+    """-> a description of the GPUs, or exit 1 with the reason this machine cannot run the check."""
     try:
         import torch
     except ImportError:
@@ -46,6 +46,10 @@ def preflight():
     except ImportError as e:
         raise SystemExit(f"gpu-check: DeepSpeed does not import beside this PyTorch ({e}); install it and its needs "
                          "from wheels made beforehand (README, \"On a GPU\"), without replacing torch")
+    try:
+        import transformers  # noqa: F401  (bench/train_step.py's reference model)
+    except ImportError as e:
+        raise SystemExit(f"gpu-check: transformers does not import ({e}); the train_step check compares with it")
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"gpus": names, "torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__}
 

@@ -10,9 +10,9 @@ CPU), packs one row of T tokens with conversations of 20-300 tokens (--docs one:
 conversation fills the row, the case where a block's keys reach furthest back) and times forward +
 backward steps. Peak memory is the process's peak resident memory during the steps minus its
 resident memory just before them, so the model, torch and Python are left out. "dense" runs the
-same code with one block of T queries, which is exactly the dense mask (model.py's old path);
-"blockwise" uses attention.BLOCK. The ratio columns are dense / blockwise, measured in the same
-invocation.
+same code with one block of T queries: the dense mask, built once and shared by the layers;
+"blockwise" uses attention.BLOCK. The ratio columns, measured in the same invocation: d/b is
+dense memory over blockwise memory, b/d blockwise tokens/s over dense tokens/s.
 """
 
 import argparse

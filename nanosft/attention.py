@@ -53,7 +53,7 @@ from nanosft.norm import RMSNorm
 def span_mask(q0, q1, k0, device, doc=None, window=0, slopes=None):
     """What the queries at positions q0..q1-1 may see of the keys at positions k0..q1-1 (positions
     in one row): key j iff j <= i, and with a window i - j < window, and in a packed row (doc (B, T):
-    each token's conversation) j in i's conversation. -> bool (1 or B, 1, q1 - q0, q1 - k0), True =
+    each token's conversation, -1 on padding) j in i's conversation (padding sees only itself). -> bool (1 or B, 1, q1 - q0, q1 - k0), True =
     may attend; with ALiBi's slopes (H,) a float (1 or B, H, q1 - q0, q1 - k0) added to the scores:
     -inf where hidden, -slope * distance elsewhere."""
     q = torch.arange(q0, q1, device=device)[:, None]  # (Tq, 1)
@@ -63,7 +63,9 @@ def span_mask(q0, q1, k0, device, doc=None, window=0, slopes=None):
         mask &= q - k < window
     mask = mask[None, None]  # (1, 1, Tq, S)
     if doc is not None:
-        mask = mask & (doc[:, q0:q1, None] == doc[:, None, k0:q1])[:, None]  # (B, 1, Tq, S)
+        dq, dk = doc[:, q0:q1, None], doc[:, None, k0:q1]  # (B, Tq, 1), (B, 1, S)
+        same = (dq == dk) & (dq >= 0) | (q == k)  # padding (doc -1) sees only itself
+        mask = mask & same[:, None]  # (B, 1, Tq, S)
     if slopes is None:
         return mask
     bias = -slopes.to(device, torch.float32)[:, None, None] * (q - k).float()  # (H, Tq, S): far keys count less
@@ -94,43 +96,71 @@ def attention_mask(T, S, device, doc=None, window=0, slopes=None):
 # ---- long rows: the mask a block of queries at a time
 
 BLOCK = 512  # queries per block. A row of T <= BLOCK tokens is one block: exactly the dense mask
+REACH = 2  # a block whose keys reach more than REACH x BLOCK back is recomputed in the backward pass
+
+
+def kept_keys(T, block=None):
+    """How many keys a query's mask row holds while it waits for the backward pass: T in one
+    block, at most REACH x BLOCK in blocks (those reaching further back are recomputed instead)."""
+    return min(T, REACH * (block or BLOCK))
 
 
 class BlockwiseMask:
     """The mask of a training forward (rows of T tokens, no cache), never built whole: the dense
-    (B, 1, T, T) mask of a 32k-token row is 1 GiB, and 10 GiB at 100k, though a query sees only
-    its own conversation, or only its window. attend() runs attention one block of queries at a
-    time, each block against the keys its queries can see at all: from the start of the earliest
-    conversation among them (or the window's reach) to the block's end. Its small mask is
-    span_mask's rows of the dense mask, cut to those keys. With short conversations this also skips
-    most of the dense mask's work: keys in other conversations are never scored."""
+    (B, 1, T, T) mask of a long row is quadratic in T, though a query sees only its own
+    conversation, or only its window. attend() runs attention one block of queries at a time, each
+    block against the keys its queries can see at all: from the start of the earliest conversation
+    among them (or the window's reach) to the block's end. Its small mask is span_mask's rows of the
+    dense mask, cut to those keys, built at the first layer and shared by the others (except those
+    of blocks recomputed in the backward pass). With short conversations this also skips most of
+    the dense mask's work: keys before the block's earliest conversation are never scored."""
 
     def __init__(self, T, device, doc=None, window=0, slopes=None, block=None):
         self.device, self.doc, self.window = device, doc, window
         self.slopes = None if slopes is None else slopes.to(device, torch.float32)  # moved once, not per block
         self.block = block or BLOCK
-        self.blocks = [(0, T, 0)] if T <= self.block else block_plan(T, self.block, doc, window)  # (q0, q1, k0)
+        self.plain = doc is None and not window and slopes is None  # plain causal: no mask at all
+        self.blocks = [(0, T, 0)] if T <= self.block or self.plain else block_plan(T, self.block, doc, window)
+        self.masks = {}  # (q0, q1, k0) -> its mask, once built
 
     def attend(self, attend, q, k, v, softcap=0.0):
         """attend (an ATTEND function) one block at a time: q (B, H, T, hd), k, v (B, H_kv, T, hd)
         -> (B, H, T, hd), the same as attend with the dense mask."""
+        if self.plain:
+            return attend(q, k, v, None, softcap)  # the fused kernels' own causal attention
+        if len(self.blocks) == 1:  # one mask for the whole row
+            return self.attend_blocks(attend, q, k, v, softcap)
+        return self.attend_long(attend, q, k, v, softcap)
+
+    # Under torch.compile (--compile) the blocks' bounds, which change with every batch's
+    # conversations, would be compiled into the graph as constants: a new graph every step
+    @torch.compiler.disable
+    def attend_long(self, attend, q, k, v, softcap):
+        return self.attend_blocks(attend, q, k, v, softcap)
+
+    def attend_blocks(self, attend, q, k, v, softcap):
         out = []
         for q0, q1, k0 in self.blocks:
-            args = (attend, softcap, q0, q1, k0, q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1])
-            if torch.is_grad_enabled() and q.requires_grad and q1 - k0 > 2 * self.block:
+            qb, kb, vb = q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1]
+            if torch.is_grad_enabled() and q.requires_grad and q1 - k0 > REACH * self.block:
                 # a block that reaches far back would keep its large mask (and, on the manual path,
                 # its weights) until the backward pass, and those add up to T^2 / 2 over a long
-                # conversation: recompute them in the backward pass instead (as flash attention does)
-                out.append(checkpoint(self.part, *args, use_reentrant=False, preserve_rng_state=False))
+                # conversation: recompute them in the backward pass instead (as flash attention does;
+                # with --gradient-checkpointing such a block is then computed three times)
+                out.append(checkpoint(self.recomputed, attend, softcap, q0, q1, k0, qb, kb, vb,
+                                      use_reentrant=False, preserve_rng_state=False))
             else:
-                out.append(self.part(*args))
+                if (q0, q1, k0) not in self.masks:
+                    self.masks[q0, q1, k0] = span_mask(q0, q1, k0, self.device, self.doc, self.window, self.slopes)
+                out.append(attend(qb, kb, vb, self.masks[q0, q1, k0], softcap))  # (B, H, q1 - q0, hd)
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)  # (B, H, T, hd)
 
-    def part(self, attend, softcap, q0, q1, k0, q, k, v):
-        """One block: queries q0..q1-1 against keys k0..q1-1 -> (B, H, q1 - q0, hd)."""
+    def recomputed(self, attend, softcap, q0, q1, k0, q, k, v):
+        """One block, its mask built afresh (in the forward pass and again in the backward pass)."""
         return attend(q, k, v, span_mask(q0, q1, k0, self.device, self.doc, self.window, self.slopes), softcap)
 
 
+@torch.compiler.disable  # (see attend_long)
 def block_plan(T, block, doc=None, window=0):
     """-> [(q0, q1, k0), ...]: each block of `block` queries, and the first key any of them sees:
     where the earliest of their conversations begins (doc (B, T); conversations are contiguous in
@@ -141,6 +171,7 @@ def block_plan(T, block, doc=None, window=0):
         pos = torch.arange(T, device=doc.device).expand_as(doc)
         begins = torch.ones_like(doc, dtype=torch.bool)
         begins[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        begins |= doc < 0  # padding (-1) sees only itself: a long padded tail reaches nowhere back
         first_of = torch.where(begins, pos, 0).cummax(dim=1).values  # (B, T): where each token's conversation begins
         # over the rows, at the block's first query (the earliest); read back to Python: one sync per forward
         first = first_of[:, starts].amin(0).tolist()

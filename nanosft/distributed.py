@@ -248,7 +248,9 @@ def rng_state():
     """Every random number generator a run touches. (Training draws none today: data order is
     seeded per epoch and there is no dropout. Saved so that a change that adds some resumes right.)"""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():  # this rank's GPU only: a resume may see fewer GPUs than were visible
+    # The current GPU's generator only, not every visible GPU's: a resume may see fewer GPUs. (DeepSpeed
+    # keeps one rank's client state, so every rank resumes with that rank's CUDA state.)
+    if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -257,7 +259,7 @@ def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and torch.is_tensor(state["cuda"]):  # (not older lists)
         torch.cuda.set_rng_state(state["cuda"])
 
 

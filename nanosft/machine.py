@@ -144,7 +144,7 @@ def cpu_name():
 def free_memory(device):
     """-> (bytes one rank may use, what they are): the GPU's free memory, or on CPU the memory
     the kernel says is available (MemAvailable) shared among the ranks on this machine (LOCAL_SIZE,
-    set by the deepspeed launcher). None where it cannot be told."""
+    set by the deepspeed launcher; torchrun's LOCAL_WORLD_SIZE). None where it cannot be told."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0], f"GPU {device.index or 0}'s free memory"
     try:
@@ -152,5 +152,5 @@ def free_memory(device):
             kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return None
-    ranks = int(os.environ.get("LOCAL_SIZE", 1))
+    ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)  # deepspeed's, torchrun's
     return kib * 1024 // ranks, "this machine's available memory" + (f" / {ranks} ranks" if ranks > 1 else "")

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from nanosft.attention import BLOCK
+from nanosft.attention import kept_keys
 from nanosft.distributed import base_optimizer, print0
 from nanosft.model import FUSED_LOSS_VOCAB
 from nanosft.files import write_json
@@ -151,19 +151,20 @@ def activation_bytes(cfg, T, dtype, impl="sdpa", checkpointing=False):
     act = 2 if dtype in ("bf16", "fp16") else 4
     C, F = cfg.dim, cfg.ffn_hidden
     Cq, Ckv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    keys = min(T, 2 * BLOCK)  # mask columns kept per query
+    keys = kept_keys(T)  # mask columns kept per query
     layer = (4 * C + 4 * Cq + 3 * Ckv + 4 * F) * act + keys * (cfg.n_head * 4 if impl == "manual" else act)
     logits = 0 if cfg.vocab_size >= FUSED_LOSS_VOCAB else 3 * cfg.vocab_size * 4
     kept = cfg.n_layer * C * act + 2 * layer if checkpointing else cfg.n_layer * layer
     return 1.5 * (kept + logits)
 
 
-def check_fits(cfg, n_params, batch, T, dtype, stage, world, checkpointing, free, offload="none"):
-    """Raise ValueError before training when a rank's estimated need (model states as the ZeRO
-    paper counts them for Adam, plus a micro-batch's activations) exceeds free = (bytes, what they
-    are) from machine.free_memory; the message says what would fit. offload: what leaves that
-    memory (a GPU's; on a CPU nothing leaves): "optimizer" (master weights and optimizer state)
-    or "all" (the weights too). -> the estimated bytes."""
+def check_fits(cfg, n_params, batch, grad_accum, T, dtype, stage, world, checkpointing, free, offload="none"):
+    """Before training: does a rank's estimated need (model states as the ZeRO paper counts them
+    for Adam, plus a micro-batch's activations) fit in free = (bytes, what they are), from
+    least_free? Measured peaks are 0.5-1x the estimate, so a run whose estimate is over twice what
+    is free raises ValueError, saying what would fit; one merely over it gets a note back (else
+    None). offload: what leaves that memory (a GPU's; on a CPU nothing leaves): "optimizer"
+    (master weights and optimizer state) or "all" (the weights too)."""
     def need(rows, tokens):
         return states + rows * tokens * activation_bytes(cfg, tokens, dtype, cfg.attn_impl, checkpointing)
     parts = estimate_memory(n_params, stage, world, dtype)
@@ -171,17 +172,30 @@ def check_fits(cfg, n_params, batch, T, dtype, stage, world, checkpointing, free
             "all": ("master_weights", "optimizer_state", "parameters")}[offload]
     states = parts["model_states"] - sum(parts[k] for k in away)
     if free is None or need(batch, T) <= free[0]:
-        return need(batch, T)
+        return None
     available, what = free
     rows = next((r for r in range(batch - 1, 0, -1) if need(r, T) <= available), 0)
     tokens = next((t for t in (2 ** i for i in range(int(math.log2(T)), 5, -1)) if need(1, t) <= available), 0)
+    per_step = batch * grad_accum  # rows per optimizer step: kept by the suggestion
     if rows:
-        fits = f"--batch-size {rows} with --grad-accum {math.ceil(batch / rows)} (at least as many rows per step)"
+        fits = f"--batch-size {rows} --grad-accum {math.ceil(per_step / rows)}"
     elif tokens:
-        fits = f"--batch-size 1 with --max-seq-len {tokens}"
+        fits = f"--batch-size 1 --grad-accum {per_step} --max-seq-len {tokens}"
     else:
         fits = "a smaller model, or ZeRO stage 3 over more ranks"
     gib = 2 ** 30
-    raise ValueError(f"{batch} rows x {T:,} tokens per step need about {need(batch, T) / gib:.1f} GiB (estimated), "
-                     f"more than {what} ({available / gib:.1f} GiB): try {fits}"
-                     + ("" if checkpointing else ", or --gradient-checkpointing"))
+    why = (f"{batch} rows x {T:,} tokens a micro-batch need about {need(batch, T) / gib:.1f} GiB (estimated), "
+           f"more than {what} ({available / gib:.1f} GiB): try {fits}"
+           + ("" if checkpointing else ", or --gradient-checkpointing"))
+    if need(batch, T) / 2 > available:
+        raise ValueError(why)
+    return "note: this run may not fit in memory: " + why
+
+
+def least_free(free):
+    """The least of every rank's free memory (machine.free_memory's (bytes, what)), so that the
+    ranks refuse a run together or not at all."""
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, free)
+    known = [f for f in every if f is not None]
+    return min(known) if known else None

@@ -166,10 +166,10 @@ class Transformer(nn.Module):
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
         # ALiBi's slopes, made here in fp32 rather than kept in a buffer that bf16 training would round
         slopes = alibi_slopes(self.cfg.n_head) if self.cfg.pos_emb == "alibi" else None  # (H,)
-        # what each query may see (conversation, window, ALiBi): in training a BlockwiseMask, which
-        # builds it for a block of queries at a time; with a cache the dense (B or 1, 1 or H, T,
-        # start + T) mask; None for plain causal attention
-        if cache is None and (doc is not None or self.cfg.window or slopes is not None):
+        # what each query may see (conversation, window, ALiBi): without a cache a BlockwiseMask,
+        # which builds it for a block of queries at a time; with one the dense (B or 1, 1 or H, T,
+        # start + T) mask (None for plain causal attention)
+        if cache is None:
             mask = BlockwiseMask(T, idx.device, doc, self.cfg.window, slopes)
         else:
             mask = attention_mask(T, start + T, idx.device, doc, self.cfg.window, slopes)

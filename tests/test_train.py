@@ -393,9 +393,9 @@ def test_the_plot_is_titled_with_the_runs_name_also_through_latest(tmp_path):
 
 
 
-def test_a_checkpoint_keeps_this_ranks_gpu_random_state_and_restores_it_on_fewer_gpus(monkeypatch):
-    """The CUDA path of the RNG state (no GPU needed: torch.cuda's calls are stand-ins): each rank
-    saves its own GPU's generator, so a resume that sees fewer GPUs than the run did still loads."""
+def test_a_checkpoint_keeps_the_current_gpus_random_state_and_restores_it_on_fewer_gpus(monkeypatch):
+    """The CUDA path of the RNG state (no GPU needed: torch.cuda's calls are stand-ins): the current
+    GPU's generator, not every visible GPU's, so a resume that sees fewer GPUs still loads."""
     from nanosft import distributed
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
