@@ -1,5 +1,6 @@
 """
-Tokenizer benchmark: nanosft's hand-written BPE against the sentencepiece library (C++).
+Tokenizer benchmark: nanosft's hand-written BPE against the sentencepiece library (C++), and its
+byte-level BPE (bpe.py) against Hugging Face's tokenizers library (Rust).
 
     .venv/bin/python bench/tokenizer.py [--mb 5] [--vocab-size 8000] [--json out.json]
 
@@ -9,8 +10,10 @@ sentences generated from a word list; plus digits and emoji), then measures
      (a sentencepiece-trained model, which our encoder loads), checking along the way that both
      give identical ids;
   2. compression (tokens per character) on held-out English and Chinese text, for a vocabulary
-     trained by our trainer vs one trained by sentencepiece, at the same vocabulary size.
-Both encoders run on one thread.
+     trained by our trainer vs one trained by sentencepiece, at the same vocabulary size;
+  3. byte-level BPE: a Llama-3-style tokenizer.json trained by the tokenizers library on the same
+     lines, encoded by it and by bpe.py (throughput, identical ids).
+All encoders run on one thread.
 """
 
 import argparse
@@ -25,7 +28,9 @@ import time
 
 import sentencepiece as spm
 
+os.environ.setdefault("RAYON_NUM_THREADS", "1")  # tokenizers' thread pool: one thread, as ours
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nanosft.bpe import LLAMA3_PATTERN, load_tokenizer_json  # noqa: E402
 from nanosft.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -92,6 +97,23 @@ def timed(fn, *a):
     return out, time.perf_counter() - t
 
 
+def byte_level(train, lines, vocab_size):
+    """Encode `lines` with a Llama-3-style byte-level BPE trained by the tokenizers library (a
+    test and benchmark dependency, through transformers) and with bpe.py reading its file."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+    hf = HFTokenizer(models.BPE(ignore_merges=True))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.train_from_iterator(train, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save(os.path.join(d, "tokenizer.json"))
+        ours = load_tokenizer_json(os.path.join(d, "tokenizer.json"))
+    ids_ours, t_ours = timed(lambda: [ours.encode(l) for l in lines])
+    ids_hf, t_hf = timed(lambda: [e.ids for e in hf.encode_batch(lines, add_special_tokens=False)])
+    return {"nanosft_s": t_ours, "tokenizers_s": t_hf, "ratio": t_hf / t_ours, "identical_ids": ids_ours == ids_hf}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--mb", type=float, default=5.0, help="corpus size in MB (UTF-8)")
@@ -142,6 +164,10 @@ def main():
         },
     }
     res["throughput_ratio"] = res["encode_mb_per_s"]["nanosft"] / res["encode_mb_per_s"]["sentencepiece"]
+    bl = byte_level(train, mixed, args.vocab_size)
+    res["byte_level"] = {"encode_mb_per_s": {"nanosft": n_bytes / 1e6 / bl["nanosft_s"],
+                                             "tokenizers": n_bytes / 1e6 / bl["tokenizers_s"]},
+                         "throughput_ratio": bl["ratio"], "identical_ids": bl["identical_ids"]}
     for lang in ("english", "chinese"):
         t = res["tokens_per_char"][lang]
         t["ratio"] = t["nanosft_vocab"] / t["sentencepiece_vocab"]
@@ -156,9 +182,16 @@ def main():
         print(f"{'tokens/char ' + lang + ' (own vocab)':34} {t['nanosft_vocab']:10.4f} {t['sentencepiece_vocab']:14.4f} {t['ratio']:7.3f}")
     print(f"{'train s':34} {t_ours:10.2f} {t_spm:14.2f}")
     print(f"identical ids on the whole corpus: {identical}")
+    b = res["byte_level"]
+    print(f"\nbyte-level BPE (Llama 3 style)     {'nanosft':>10} {'tokenizers':>14} {'ratio':>7}")
+    print(f"{'encode MB/s (cold cache)':34} {b['encode_mb_per_s']['nanosft']:10.2f} "
+          f"{b['encode_mb_per_s']['tokenizers']:14.2f} {b['throughput_ratio']:7.2f}")
+    print(f"identical ids on the whole corpus: {b['identical_ids']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
+    if not (identical and b["identical_ids"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+GPT2_REGEX = regex.compile(GPT2_PATTERN)
+DIGIT, DIGITS = regex.compile(r"[0-9]"), regex.compile(r"[0-9]+")  # the Digits pre-tokenizer: ASCII only
+NO_MERGE = float("inf")  # the rank of a pair that is not a merge
 
 
 def bytes_to_unicode():
@@ -59,7 +62,7 @@ def split_isolated(pieces, pattern):
 
 def split_digits(pieces, individual):
     """ASCII digits cut out of the text: one piece per digit, or per run of digits."""
-    return split_isolated(pieces, regex.compile(r"[0-9]" if individual else r"[0-9]+"))
+    return split_isolated(pieces, DIGIT if individual else DIGITS)
 
 
 def byte_level(pieces, add_prefix_space, use_regex):
@@ -68,9 +71,6 @@ def byte_level(pieces, add_prefix_space, use_regex):
         pieces = [p if p.startswith(" ") else " " + p for p in pieces]
     return split_isolated(pieces, GPT2_REGEX) if use_regex else pieces
 
-
-GPT2_REGEX = regex.compile(GPT2_PATTERN)
-NO_MERGE = float("inf")  # the rank of a pair that is not a merge
 
 
 class ByteLevelBPE:

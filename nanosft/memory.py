@@ -147,12 +147,16 @@ def activation_bytes(cfg, T, dtype, impl="sdpa", checkpointing=False):
     head). Then the logits in fp32, unless the loss is fused (model.FUSED_LOSS_VOCAB). With
     --gradient-checkpointing each block keeps only its input, and the backward pass recomputes one
     block at a time. The factor 1.5 covers the backward pass's own temporaries: against the peak
-    resident memory of real steps the estimate comes out 1-2x (tests/test_memory.py)."""
+    resident memory of real steps the estimate comes out 0.9-2x (tests/test_memory.py)."""
     act = 2 if dtype in ("bf16", "fp16") else 4
     C, F = cfg.dim, cfg.ffn_hidden
     Cq, Ckv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     keys = kept_keys(T)  # mask columns kept per query
-    layer = (4 * C + 4 * Cq + 3 * Ckv + 4 * F) * act + keys * (cfg.n_head * 4 if impl == "manual" else act)
+    # per key and layer: the manual path's fp32 softmax weights, one per head; else the mask's value in
+    # the activations' dtype, one per head for ALiBi's penalties in bf16/fp16 (attend_sdpa converts
+    # the shared fp32 mask in every layer)
+    per_key = cfg.n_head * 4 if impl == "manual" else act * (cfg.n_head if cfg.pos_emb == "alibi" and act < 4 else 1)
+    layer = (4 * C + 4 * Cq + 3 * Ckv + 4 * F) * act + keys * per_key
     logits = 0 if cfg.vocab_size >= FUSED_LOSS_VOCAB else 3 * cfg.vocab_size * 4
     kept = cfg.n_layer * C * act + 2 * layer if checkpointing else cfg.n_layer * layer
     return 1.5 * (kept + logits)
@@ -161,7 +165,7 @@ def activation_bytes(cfg, T, dtype, impl="sdpa", checkpointing=False):
 def check_fits(cfg, n_params, batch, grad_accum, T, dtype, stage, world, checkpointing, free, offload="none"):
     """Before training: does a rank's estimated need (model states as the ZeRO paper counts them
     for Adam, plus a micro-batch's activations) fit in free = (bytes, what they are), from
-    least_free? Measured peaks are 0.5-1x the estimate, so a run whose estimate is over twice what
+    least_free? Measured peaks are 0.5-1.1x the estimate, so a run whose estimate is over twice what
     is free raises ValueError, saying what would fit; one merely over it gets a note back (else
     None). offload: what leaves that memory (a GPU's; on a CPU nothing leaves): "optimizer"
     (master weights and optimizer state) or "all" (the weights too)."""

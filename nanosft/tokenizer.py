@@ -85,8 +85,11 @@ class Tokenizer:
         """Derive the lookup tables encode/decode need, rejecting what we cannot reproduce."""
         if self._option("model_type") != BPE:
             raise ValueError("only BPE models are supported (model_type must be BPE)")
-        if self._option("precompiled_charsmap") or self._option("treat_whitespace_as_suffix"):
-            raise ValueError("only the 'identity' normalizer with whitespace as prefix is supported")
+        if self._option("precompiled_charsmap"):  # nmt_nfkc, nfkc, ...: a character map we do not apply
+            raise ValueError(f"its normalizer {self.normalizer.get('name') or 'precompiled map'!r} is not supported: "
+                             "only 'identity' (no Unicode normalization), as Llama-family models use")
+        if self._option("treat_whitespace_as_suffix"):
+            raise ValueError("whitespace as a suffix (treat_whitespace_as_suffix) is not supported")
         self._norm_args = tuple(self._option(name) for name in (
             "add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces"))
         self._byte_fallback = self._option("byte_fallback")
@@ -301,6 +304,9 @@ class Tokenizer:
     @classmethod
     def from_bytes(cls, data, name="<bytes>"):
         """A tokenizer from the bytes of a .model file; `name` appears in error messages."""
+        if data.lstrip()[:1] in (b"{", b"["):  # tokenizer.json, tekken.json: text, not a protobuf
+            raise ValueError(f"{name}: a JSON file, not a SentencePiece .model (a byte-level BPE tokenizer.json "
+                             "goes with its model directory, not here)")
         try:
             return cls(*read_model(data))
         except (ValueError, UnicodeDecodeError) as e:

@@ -373,3 +373,16 @@ def test_cli_trains_on_any_chat_format_and_names_a_bad_record(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nanosft.tokenizer", "train", "--input", str(alpaca), "--trainer", "spm",
                         "--vocab-size", "50", "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "the sentencepiece trainer refused vocabulary size 50" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_normalizing_model_and_a_json_file_are_refused_by_name(tmp_path):
+    """sentencepiece's nmt_nfkc (its default, and botchan_en_bpe_1000.model's) rewrites text through
+    a precompiled character map that this tokenizer does not apply; a JSON tokenizer (Mistral's
+    tekken.json, a tokenizer.json) given as a .model is named as what it is."""
+    path = train_sentencepiece(tmp_path, make_corpus(300, seed=14), normalization_rule_name="nmt_nfkc")
+    with pytest.raises(ValueError, match=r"sp.model: not a usable .* normalizer 'nmt_nfkc' is not supported"):
+        Tokenizer.load(path)
+    tekken = tmp_path / "tekken.json"
+    tekken.write_text('{"config": {"pattern": ""}, "vocab": []}', encoding="utf-8")
+    with pytest.raises(ValueError, match="tekken.json: a JSON file, not a SentencePiece .model"):
+        Tokenizer.load(tekken)
