@@ -304,12 +304,12 @@ class Tokenizer:
     @classmethod
     def from_bytes(cls, data, name="<bytes>"):
         """A tokenizer from the bytes of a .model file; `name` appears in error messages."""
-        if data.lstrip()[:1] in (b"{", b"["):  # tokenizer.json, tekken.json: text, not a protobuf
-            raise ValueError(f"{name}: a JSON file, not a SentencePiece .model (a byte-level BPE tokenizer.json "
-                             "goes with its model directory, not here)")
         try:
             return cls(*read_model(data))
         except (ValueError, UnicodeDecodeError) as e:
+            if data.lstrip()[:1] in (b"{", b"["):  # tokenizer.json, tekken.json: text, not a protobuf
+                raise ValueError(f"{name}: a JSON file, not a SentencePiece .model (a byte-level BPE "
+                                 "tokenizer.json goes with its model directory, not here)") from None
             raise ValueError(f"{name}: not a usable SentencePiece BPE model: {e}") from e
 
     def to_bytes(self):
