@@ -18,7 +18,6 @@ dense memory over blockwise memory, b/d blockwise tokens/s over dense tokens/s.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -30,6 +29,13 @@ sys.path.insert(0, ROOT)
 def rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes():
+    """This process's peak resident memory since it started (VmHWM). Not ru_maxrss: Linux carries
+    the parent's peak over into a child it starts, which would hide a child's smaller one."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
 
 
 def packed_row(T, docs, seed=0):
@@ -67,7 +73,7 @@ def one(T, mode, attn, docs, steps):
         loss, n = model(idx, pos=pos, doc=doc, targets=targets)
         (loss / n).backward()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0  # ru_maxrss: KiB on Linux
+    peak = peak_rss_bytes() - rss0
     step = min(times)
     return {"peak_mib": peak / 2**20, "step_s": step, "tok_s": T / step}
 

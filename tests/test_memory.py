@@ -15,7 +15,7 @@ from nanosft.model import ModelConfig
 
 # One training step in a fresh process: its peak resident memory above what the process held before
 MEASURE = """
-import json, os, resource, sys, torch
+import json, os, sys, torch
 from nanosft.model import ModelConfig, Transformer
 cfg = ModelConfig(**json.loads(sys.argv[1]))
 T, rows, dtype, ckpt = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
@@ -28,7 +28,9 @@ with open("/proc/self/statm") as f:
     before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 loss, n = model(ids[:, :-1], pos=torch.arange(T).remainder(100).expand(rows, T), doc=doc, targets=ids[:, 1:])
 (loss / n).backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+with open("/proc/self/status") as f:  # VmHWM: this process's peak since exec (ru_maxrss would count
+    peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024  # its parent's)
+print(peak - before)
 """
 
 
