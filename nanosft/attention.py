@@ -151,13 +151,17 @@ class BlockwiseMask:
                                       use_reentrant=False, preserve_rng_state=False))
             else:
                 if (q0, q1, k0) not in self.masks:
-                    self.masks[q0, q1, k0] = span_mask(q0, q1, k0, self.device, self.doc, self.window, self.slopes)
+                    self.masks[q0, q1, k0] = self.mask(q0, q1, k0)
                 out.append(attend(qb, kb, vb, self.masks[q0, q1, k0], softcap))  # (B, H, q1 - q0, hd)
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)  # (B, H, T, hd)
 
     def recomputed(self, attend, softcap, q0, q1, k0, q, k, v):
         """One block, its mask built afresh (in the forward pass and again in the backward pass)."""
-        return attend(q, k, v, span_mask(q0, q1, k0, self.device, self.doc, self.window, self.slopes), softcap)
+        return attend(q, k, v, self.mask(q0, q1, k0), softcap)
+
+    def mask(self, q0, q1, k0):
+        """The dense mask's rows q0..q1-1, columns k0..q1-1."""
+        return span_mask(q0, q1, k0, self.device, self.doc, self.window, self.slopes)
 
 
 @torch.compiler.disable  # (see attend_long)

@@ -175,7 +175,8 @@ def check_fits(cfg, n_params, batch, grad_accum, T, dtype, stage, world, checkpo
     away = {"none": (), "optimizer": ("master_weights", "optimizer_state"),
             "all": ("master_weights", "optimizer_state", "parameters")}[offload]
     states = parts["model_states"] - sum(parts[k] for k in away)
-    if free is None or need(batch, T) <= free[0]:
+    total = need(batch, T)
+    if free is None or total <= free[0]:
         return None
     available, what = free
     rows = next((r for r in range(batch - 1, 0, -1) if need(r, T) <= available), 0)
@@ -188,10 +189,10 @@ def check_fits(cfg, n_params, batch, grad_accum, T, dtype, stage, world, checkpo
     else:
         fits = "a smaller model, or ZeRO stage 3 over more ranks"
     gib = 2 ** 30
-    why = (f"{batch} rows x {T:,} tokens a micro-batch need about {need(batch, T) / gib:.1f} GiB (estimated), "
+    why = (f"{batch} rows x {T:,} tokens a micro-batch need about {total / gib:.1f} GiB (estimated), "
            f"more than {what} ({available / gib:.1f} GiB): try {fits}"
            + ("" if checkpointing else ", or --gradient-checkpointing"))
-    if need(batch, T) / 2 > available:
+    if total / 2 > available:
         raise ValueError(why)
     return "note: this run may not fit in memory: " + why
 
