@@ -65,7 +65,7 @@ def stream_reply(model, template, messages, args, generator):
     prompt = template.render_prompt(messages)
     try:
         for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          stop_ids=template.stop_ids, generator=generator):
+                          stop_ids=template.stop_ids, generator=generator, vocab_size=template.tok.vocab_size):
             ids.append(t)
             text = template.tok.decode(ids)
             if not text.endswith("\ufffd"):

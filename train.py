@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from nanosft.cache import load_data
-from nanosft.checkpoint import describe_path, load_model, point_latest, save_model
+from nanosft.checkpoint import describe_path, load_model, point_latest, save_model, save_tokenizer
 from nanosft.data import Batches
 from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, load_checkpoint,
                                  lr_factor, lr_schedule, make_optimizer, param_groups, print0,
@@ -129,6 +129,8 @@ def main(args):
     # ---- data, tokenizer and model
     model, tok = load_model(args.init_from, attn_impl=args.attn_impl) if args.init_from else (None, None)
     data = load_data(args, run.dir, rank, world, tok)
+    if model and data.tok.vocab_size > tok.vocab_size:  # --chat-format's markers, new to the model's vocabulary
+        model.add_token_rows(tok.vocab_size, data.tok.vocab_size)
     model = model.train() if model else Transformer(model_config(args, data.tok.vocab_size))
     if args.max_seq_len > model.cfg.max_seq_len:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {model.cfg.max_seq_len} positions")
@@ -159,7 +161,7 @@ def main(args):
         write_json(os.path.join(run.dir, "args.json"),
                    {k: v for k, v in vars(args).items() if k not in ("ds_base", "resume", "local_rank")})
         write_json(os.path.join(run.dir, "ds_config.json"), ds_cfg)
-        data.tok.save(os.path.join(run.dir, "tokenizer.model"))
+        save_tokenizer(run.dir, data.tok, model.cfg)  # (with the chat format: a resumed run renders as this one)
 
     # ---- train, evaluate, save
     run.stop = StopRequest()  # Ctrl-C and SIGTERM now finish the step, then save (nanosft/interrupt.py)

@@ -29,8 +29,10 @@ from nanosft.data import (Blend, error_list, load_conversations, load_documents,
 from nanosft.distributed import is_rank0, print0
 from nanosft.evaluate import load_held_out
 from nanosft.files import atomic_write
-from nanosft.template import ChatTemplate
-from nanosft.tokenizer import Tokenizer, load_tokenizer
+from nanosft.bpe import ByteLevelBPE
+from nanosft.template import ChatTemplate, with_markers
+from nanosft.tokenizer import Tokenizer
+from nanosft.tokenizer_dir import load_tokenizer
 
 CACHE_VERSION = 1  # bump when rendering or tokenizing changes what a cached file would hold
 
@@ -100,7 +102,7 @@ class DataFile:
         file was rendered before with the same tokenizer and settings."""
         a = self.args
         cached = a.cache_dir and cache_path(a.cache_dir, "samples", self.digest, hashlib.sha256(tok.to_bytes()).hexdigest(),
-                                            row_len, a.train_on, a.format, a.skip_invalid, a.stage)
+                                            template.signature, row_len, a.train_on, a.format, a.skip_invalid, a.stage)
         hit = load_samples(cached) if cached and os.path.exists(cached) else None  # (unreadable: a miss)
         if hit:
             samples, meta = hit
@@ -123,11 +125,12 @@ def tokenizer_for(args, files, run_dir):
     rank, every time; so it is cached like the samples)."""
     if args.resume:
         return load_tokenizer(run_dir)
-    if args.tokenizer:  # a .model file, or a directory holding one
+    if args.tokenizer:  # a .model or tokenizer.json file, or a directory holding one
         return load_tokenizer(args.tokenizer)
+    byte_level = args.tokenizer_kind == "bytelevel"
     cached = args.cache_dir and cache_path(args.cache_dir, "tokenizer", [f.digest for f in files], args.vocab_size,
                                            args.tokenizer_trainer, args.format, args.skip_invalid, args.stage,
-                                           ext=".model")
+                                           *(["bytelevel"] if byte_level else []), ext=".json" if byte_level else ".model")
     if cached and os.path.exists(cached):
         try:
             return load_tokenizer(cached)
@@ -135,8 +138,10 @@ def tokenizer_for(args, files, run_dir):
             pass
     texts = [t for f in files for r in f.records() for t in ([r["text"]] if "text" in r else
                                                               [m["content"] for m in r["messages"]])]
-    train = Tokenizer.train_spm if args.tokenizer_trainer == "spm" else Tokenizer.train
-    tok = train(texts, args.vocab_size)
+    if byte_level:
+        tok = ByteLevelBPE.train(texts, args.vocab_size, Tokenizer.CHAT_TOKENS)
+    else:
+        tok = (Tokenizer.train_spm if args.tokenizer_trainer == "spm" else Tokenizer.train)(texts, args.vocab_size)
     if cached and is_rank0():
         os.makedirs(args.cache_dir, exist_ok=True)
         with atomic_write(cached, "wb", shared=True) as f:
@@ -174,7 +179,8 @@ def fit_note(counts, row_len):
 def load_data(args, run_dir, rank, world, tok=None):
     """train.py's data: validate, tokenize and render the files (or find it all in the cache),
     blend them, pack this rank's validation rows, read the held-out prompts. tok: the --init-from
-    model's tokenizer (else tokenizer_for's). -> a namespace of what the run uses."""
+    model's tokenizer (else tokenizer_for's); it gains the markers of --chat-format where it lacks
+    them. -> a namespace of what the run uses."""
     t0 = time.time()
     if rank != 0 and args.cache_dir:
         torch.distributed.barrier()  # rank 0 first: it fills the cache, the others then read the same rows
@@ -182,7 +188,10 @@ def load_data(args, run_dir, rank, world, tok=None):
     files = [DataFile(path, args) for path, _ in sources]
     if args.resume or tok is None:
         tok = tokenizer_for(args, files, run_dir)
-    template = ChatTemplate(tok)
+    chat_format = None if args.chat_format == "auto" else args.chat_format  # auto: the tokenizer's own
+    tok = with_markers(tok, chat_format)
+    template = ChatTemplate(tok, chat_format)
+    tok.chat_template = template.jinja  # saved with the run: chat.py renders prompts in the same format
     row_len = args.max_seq_len + 1  # +1: inputs and targets are the row shifted by one
     samples, val_samples, counts = training_samples(files, [w for _, w in sources], tok, template, row_len, args)
     mix = (" blended " + ", ".join(f"{f.path} x{n}" for f, n in zip(files, samples.counts))

@@ -7,8 +7,8 @@ Llama-family Hugging Face directory can be loaded here: one format in and out.
                           (QK-norm), Mistral (sliding window), or model_type "nanosft" for
                           attention variants no Hugging Face architecture computes
       model.safetensors   the weights (or shards + model.safetensors.index.json when loading)
-      tokenizer.model     SentencePiece format, see tokenizer.py
-      tokenizer_config.json  special tokens and the chat template, for Hugging Face tokenizers
+      tokenizer.model     SentencePiece format (tokenizer.py), or tokenizer.json: byte-level BPE (bpe.py)
+      tokenizer_config.json  special tokens and the chat template (its format: template.py)
       generation_config.json  the end tokens
       ds_config.json      the DeepSpeed config the run used          (train.py)
       monitor/            DeepSpeed's CSV monitor, one row per step    (train.py)
@@ -33,7 +33,8 @@ from nanosft.files import read_json, write_json
 from nanosft.hf_config import STANDARD_IMPLS, config_from_hf, config_to_hf, tokenizer_config
 from nanosft.model import ModelConfig, Transformer
 from nanosft.safetensors import load_sharded, save_file
-from nanosft.tokenizer import Tokenizer, load_tokenizer
+from nanosft.template import ChatTemplate, with_markers
+from nanosft.tokenizer_dir import load_tokenizer
 
 
 # nanosft computes these projections with one matrix each; Llama files store the parts, in this order
@@ -91,21 +92,31 @@ def hf_state_dict(state, cfg: ModelConfig):
     return state
 
 
-def save_model(directory, state, cfg: ModelConfig, tok: Tokenizer):
+def save_model(directory, state, cfg: ModelConfig, tok):
     """Write config.json, model.safetensors and the tokenizer files: a directory that transformers'
-    AutoModelForCausalLM / AutoTokenizer.from_pretrained and this module's load_model all read."""
+    AutoModelForCausalLM / AutoTokenizer.from_pretrained and this module's load_model all read.
+    tok.chat_template (the format the model was trained in) goes into tokenizer_config.json."""
     os.makedirs(directory, exist_ok=True)
     state = hf_state_dict(state, cfg)
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})  # atomic
     remove_shards(directory)
-    # generation ends at the chat template's <|end|> as well as at </s>
-    eos = [tok.token_id("<|end|>")] + ([tok.eos_id] if tok.eos_id >= 0 else [])
+    # generation ends at the chat format's end of turn as well as at the end of text
+    template = ChatTemplate(tok)
+    eos = [template.end] + ([tok.eos_id] if tok.eos_id >= 0 and tok.eos_id != template.end else [])
     bos = tok.bos_id if tok.bos_id >= 0 else None
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     write_json(os.path.join(directory, "config.json"), config_to_hf(cfg, bos, eos, dtype))
     write_json(os.path.join(directory, "generation_config.json"), {"bos_token_id": bos, "eos_token_id": eos})
-    tok.save(os.path.join(directory, "tokenizer.model"))
-    write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_config(tok, cfg))
+    save_tokenizer(directory, tok, cfg)
+
+
+def save_tokenizer(directory, tok, cfg: ModelConfig):
+    """tokenizer.model or tokenizer.json, and tokenizer_config.json with the chat template."""
+    for name in ("tokenizer.model", "tokenizer.json", "chat_template.jinja"):  # another kind's file would be read instead
+        if name != tok.FILE and os.path.exists(os.path.join(directory, name)):
+            os.remove(os.path.join(directory, name))
+    tok.save(os.path.join(directory, tok.FILE))
+    write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_config(tok, cfg, ChatTemplate(tok)))
 
 
 def remove_shards(directory):
@@ -165,7 +176,7 @@ def load_model(directory, device="cpu", attn_impl="sdpa"):
     cfg = read_config(directory)
     if cfg.attn_impl in STANDARD_IMPLS:  # a variant's own function stays
         cfg.attn_impl = attn_impl
-    tok = load_tokenizer(directory)
+    tok = with_markers(load_tokenizer(directory))
     model = Transformer(cfg)
     load_weights(directory, model)
     if tok.vocab_size > tok.base_size:  # chat markers added to a base model's vocabulary

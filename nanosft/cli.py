@@ -2,15 +2,17 @@
 The command-line tools around the data pipeline, for looking at what train.py will see:
 
     python -m nanosft.tokenizer train --input data/train.jsonl --vocab-size 2000 --out tok.model
+    python -m nanosft.tokenizer train --kind bytelevel --input data/train.jsonl --out tokenizer.json
     echo "Hello 世界" | python -m nanosft.tokenizer encode --model tok.model     # one line of ids per line
     echo "1 2 3" | python -m nanosft.tokenizer decode --model tok.model          # one line of text per line
     python -m nanosft.tokenizer inspect --model tok.model "Hello 世界"             # pieces with their ids
     python -m nanosft.tokenizer inspect --model tok.model --chat data/train.jsonl  # supervised tokens in green
+    python -m nanosft.tokenizer inspect --model path/to/Qwen2.5-0.5B --chat data/train.jsonl  # in its ChatML
     python -m nanosft.data check my_train.jsonl          # exactly the validation train.py runs
     python -m nanosft.data stats my_train.jsonl --tokenizer runs/latest   # lengths, supervised share, a sample
 
---model and --tokenizer take a .model file (sentencepiece's or ours) or a directory holding a
-tokenizer.model. tokenizer.py and data.py forward `python -m` to tokenizer_main and data_main here.
+--model and --tokenizer take a .model file (sentencepiece's or ours), a tokenizer.json, or a directory
+holding either (a run, a Hugging Face model: then in the chat format its chat template names). tokenizer.py and data.py forward `python -m` to tokenizer_main and data_main here.
 """
 
 import argparse
@@ -22,8 +24,11 @@ import numpy as np
 
 from nanosft.data import error_list, load_conversations, load_jsonl, render_conversations
 from nanosft.formats import FORMATS
-from nanosft.template import TRAIN_ON, ChatTemplate
-from nanosft.tokenizer import Tokenizer, load_tokenizer
+from nanosft.bpe import ByteLevelBPE
+from nanosft.template import FORMATS as CHAT_FORMATS
+from nanosft.template import TRAIN_ON, ChatTemplate, with_markers
+from nanosft.tokenizer import Tokenizer
+from nanosft.tokenizer_dir import load_tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -59,10 +64,10 @@ def _cli_lines():
             raise SystemExit(f"stdin:{n}: invalid UTF-8 ({e.reason} at byte {e.start})")
 
 
-def _cli_inspect_chat(tok, path, count):
+def _cli_inspect_chat(tok, path, count, chat_format):
     tty = sys.stdout.isatty()  # green: supervised (in the loss), red: not; plain text: [supervised]
     print("\033[32msupervised\033[0m  \033[31mnot supervised\033[0m" if tty else "[supervised]  not supervised")
-    template = ChatTemplate(tok)
+    template = ChatTemplate(with_markers(tok, chat_format), chat_format)
     for rec in load_jsonl(path)[:count]:
         ids, mask = template.render(rec["messages"])
         print(show_tokens(template.tok, ids, mask, tty))
@@ -75,11 +80,16 @@ def tokenizer_main(argv=None):
     t = sub.add_parser("train", help="train a tokenizer on chat JSONL or text files")
     t.add_argument("--input", nargs="+", required=True)
     t.add_argument("--vocab-size", type=int, default=1024)
-    t.add_argument("--trainer", choices=["nanosft", "spm"], default="nanosft")
+    t.add_argument("--trainer", choices=["nanosft", "spm"], default="nanosft",
+                   help="for --kind sentencepiece: by hand (readable) or with the sentencepiece library")
+    t.add_argument("--kind", choices=["sentencepiece", "bytelevel"], default="sentencepiece",
+                   help="sentencepiece: a .model (tokenizer.py); bytelevel: a GPT-style tokenizer.json (bpe.py)")
     t.add_argument("--out", required=True)
     for name in ("encode", "decode", "inspect"):
         c = sub.add_parser(name)
-        c.add_argument("--model", required=True, help=".model file or run directory")
+        c.add_argument("--model", required=True, help=".model or tokenizer.json file, or a model directory")
+    sub.choices["inspect"].add_argument("--chat-format", choices=CHAT_FORMATS, default=None,
+                                        help="with --chat (default: the one the tokenizer's chat template names)")
     sub.choices["inspect"].add_argument("text", nargs="?", help="text to show as pieces")
     sub.choices["inspect"].add_argument("--chat", help="chat JSONL: show the rendering with its loss mask")
     sub.choices["inspect"].add_argument("-n", type=int, default=3, help="conversations to show")
@@ -88,9 +98,12 @@ def tokenizer_main(argv=None):
     try:
         if args.cmd == "train":
             texts = list(_cli_texts(args.input))
-            tok = (Tokenizer.train_spm if args.trainer == "spm" else Tokenizer.train)(texts, args.vocab_size)
+            if args.kind == "bytelevel":
+                tok = ByteLevelBPE.train(texts, args.vocab_size, Tokenizer.CHAT_TOKENS)
+            else:
+                tok = (Tokenizer.train_spm if args.trainer == "spm" else Tokenizer.train)(texts, args.vocab_size)
             tok.save(args.out)
-            print(f"{args.out}: {tok.vocab_size} pieces from {len(texts)} texts")
+            print(f"{args.out}: {tok.vocab_size} tokens from {len(texts)} texts")
             return
         tok = load_tokenizer(args.model)
         if args.cmd == "encode":
@@ -104,7 +117,7 @@ def tokenizer_main(argv=None):
                 except (ValueError, IndexError) as e:
                     raise SystemExit(f"stdin:{n}: {e}")
         elif args.chat:
-            _cli_inspect_chat(tok, args.chat, args.n)
+            _cli_inspect_chat(tok, args.chat, args.n, args.chat_format)
         else:
             text = args.text if args.text is not None else sys.stdin.read()
             print(" ".join(f"{tok.id_to_piece(i)}({i})" for i in tok.encode(text)))
@@ -205,9 +218,9 @@ def data_main(argv=None):
         print(report)
         return 1 if bad else 0
     try:
-        template = ChatTemplate(load_tokenizer(args.tokenizer))
+        template = ChatTemplate(with_markers(load_tokenizer(args.tokenizer)))
     except FileNotFoundError:
-        p.error(f"--tokenizer {args.tokenizer}: no tokenizer.model there (train a run first, or name a .model file)")
+        p.error(f"--tokenizer {args.tokenizer}: no tokenizer there (train a run first, or name a .model or .json file)")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     try:

@@ -130,7 +130,8 @@ def greedy_replies(model, template, conversations, limits, batch=64):
     for same in by_length.values():
         for rows in (same[k:k + batch] for k in range(0, len(same), batch)):
             try:
-                ids = greedy_batch(model, [prompts[i] for i in rows], [limits[i] for i in rows], template.stop_ids)
+                ids = greedy_batch(model, [prompts[i] for i in rows], [limits[i] for i in rows], template.stop_ids,
+                                   template.tok.vocab_size)
             except ValueError:  # prompts of this length do not fit in the context: their replies stay None
                 continue
             for i, reply_ids in zip(rows, ids):

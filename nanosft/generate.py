@@ -36,7 +36,9 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 @torch.inference_mode()  # no autograd bookkeeping at all: each step is a handful of tiny ops
 def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
-             stop_ids=(), generator=None):
+             stop_ids=(), generator=None, vocab_size=None):
+    """vocab_size: the tokenizer's; rows of the model past it (Qwen's embedding has spare ones) are
+    no token, so they are never sampled."""
     context = model.cfg.max_seq_len  # positions the model has: prompt and reply must fit in them
     if len(prompt_ids) >= context:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of {context}")
@@ -45,7 +47,7 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, 
     cache = model.new_cache(batch=1, max_len=len(prompt_ids) + max_new_tokens)
     x = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T) prompt, then (1, 1)
     for _ in range(max_new_tokens):
-        logits = model(x, cache=cache)[0, -1]  # (V,) at the last position
+        logits = model(x, cache=cache)[0, -1, :vocab_size]  # (V,) at the last position
         t = sample_next(logits, temperature, top_k, top_p, generator)
         if t in stop_ids:
             return
@@ -54,7 +56,7 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, 
 
 
 @torch.inference_mode()
-def greedy_batch(model, prompts, limits, stop_ids=()):
+def greedy_batch(model, prompts, limits, stop_ids=(), vocab_size=None):
     """Greedy replies to prompts of one length, decoded side by side (no padding, so each row sees
     exactly what it would see alone). limits: the most new tokens for each prompt. -> a list of
     token ids per prompt, without the stop token: generate()'s tokens at temperature 0."""
@@ -70,7 +72,7 @@ def greedy_batch(model, prompts, limits, stop_ids=()):
     for _ in range(max(limits)):
         if all(done):
             break
-        next_ids = model(x, cache=cache)[:, -1].argmax(-1)  # (B,)
+        next_ids = model(x, cache=cache)[:, -1, :vocab_size].argmax(-1)  # (B,)
         for i, t in enumerate(next_ids.tolist()):
             if not done[i]:  # finished rows ride along: cheaper than reshaping the cache
                 if t in stop_ids:
@@ -85,5 +87,6 @@ def greedy_batch(model, prompts, limits, stop_ids=()):
 def reply(model, template, messages, max_new_tokens=64, **sampling):
     """The assistant's answer (text) to a conversation that ends with a user turn."""
     prompt = template.render_prompt(messages)
-    ids = list(generate(model, prompt, max_new_tokens, stop_ids=template.stop_ids, **sampling))
+    ids = list(generate(model, prompt, max_new_tokens, stop_ids=template.stop_ids, vocab_size=template.tok.vocab_size,
+                        **sampling))
     return template.tok.decode(ids)

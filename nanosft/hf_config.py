@@ -3,9 +3,9 @@ Hugging Face's config.json, mapped onto ModelConfig and back: what lets every na
 Hugging Face model directory and every Llama-family directory load here (checkpoint.py reads and
 writes the directories; this file only translates their configs).
 
-    config_from_hf(json dict) -> ModelConfig        read key by key; a key nanosft does not implement
-    config_to_hf(ModelConfig) -> json dict          fails loudly (a silently ignored key would mean a
-    tokenizer_config(tok, cfg) -> json dict         silently different model)
+    config_from_hf(json dict) -> ModelConfig             read key by key; a key nanosft does not
+    config_to_hf(ModelConfig) -> json dict               implement fails loudly (a silently ignored
+    tokenizer_config(tok, cfg, template) -> json dict    key would mean a silently different model)
 
 Model types: llama, qwen2 (q/k/v biases), qwen3 (QK-norm), mistral (sliding window), and "nanosft"
 for attention variants no Hugging Face architecture computes (ALiBi, soft-capping, ...), which
@@ -15,8 +15,6 @@ transformers refuses to load rather than build a model that computes something e
 import math
 
 from nanosft.model import ModelConfig
-from nanosft.template import JINJA
-from nanosft.tokenizer import Tokenizer
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "nanosft")
 # Llama's attention. A model whose attention differs (attention.py's variants) is saved as the
@@ -179,19 +177,19 @@ def config_to_hf(cfg: ModelConfig, bos_id=None, eos_id=None, dtype="float32"):
     return hf
 
 
-def tokenizer_config(tok: Tokenizer, cfg: ModelConfig):
-    """What Hugging Face tokenizers read beside tokenizer.model: the special tokens, that encoding
-    text starts with <s> (as in Llama), and the chat template."""
-    pad = tok.pad_id if tok.pad_id >= 0 else tok.unk_id  # what the chat template pads with
+def tokenizer_config(tok, cfg: ModelConfig, template):
+    """What Hugging Face tokenizers read beside tokenizer.model or tokenizer.json: the special tokens,
+    whether encoding text starts with <s> (as in Llama), and the chat template (template.jinja)."""
     special = {name: tok.id_to_piece(i) for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id),
-                                                         ("unk_token", tok.unk_id), ("pad_token", pad)) if i >= 0}
+                                                         ("unk_token", tok.unk_id), ("pad_token", template.pad)) if i >= 0}
     out = {**special, "add_bos_token": tok.bos_id >= 0, "add_eos_token": False, "model_max_length": cfg.max_seq_len,
-           "chat_template": JINJA}
+           "chat_template": template.jinja}
+    # A tokenizer.json is read as it is by the generic class (a model type's own class may rebuild it).
     # Without a "tokenizer_class", transformers builds its tokenizer from tokenizer.model and splits
     # text as sentencepiece does ("LlamaTokenizer" would not, for text that starts with a space after
     # a special token). Except that for Qwen model types it picks Qwen's byte-level tokenizer: there,
     # name the generic class, which also reads tokenizer.model. NOTE: transformers 5 overrides that
     # for "qwen2" (q/k/v biases only); load such a tokenizer with PreTrainedTokenizerFast itself.
-    if hf_model_type(cfg) in ("qwen2", "qwen3"):
+    if tok.FILE == "tokenizer.json" or hf_model_type(cfg) in ("qwen2", "qwen3"):
         out["tokenizer_class"] = "PreTrainedTokenizerFast"
     return out

@@ -9,8 +9,8 @@ Encoding follows the sentencepiece library's BPE algorithm step for step (normal
 characters, merge the best-scoring adjacent pair until none is left, fall back to UTF-8 bytes),
 which is what lets the tests demand identical ids. The vocabulary is stored in SentencePiece's own
 `.model` file (spm_model.py reads and writes it), so the same class loads a Llama-family
-`tokenizer.model`, and a file saved here loads in the `sentencepiece` library. `load_tokenizer` is
-how every command gets its tokenizer, with the chat markers added where a base model lacks them.
+`tokenizer.model`, and a file saved here loads in the `sentencepiece` library. The other kind,
+byte-level BPE (Llama 3, Qwen, SmolLM2), is bpe.py; tokenizer_dir.py loads either from disk.
 
 Known quirk, shared with sentencepiece: the character "▁" (U+2581) is how a space is spelled
 inside pieces, so a literal "▁" in the input decodes as " ".
@@ -18,7 +18,6 @@ inside pieces, so a literal "▁" in the input decodes as " ".
 
 import codecs
 import heapq
-import os
 import re
 from collections import Counter, defaultdict
 
@@ -67,6 +66,7 @@ class Tokenizer:
     # control tokens of the chat template; plain text can never produce them
     CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # the chat template's markers
     SPECIALS = ("<unk>", "<s>", "</s>", "<pad>") + CHAT_TOKENS
+    FILE = "tokenizer.model"  # its name in a model directory (bpe.py's is "tokenizer.json")
 
     def __init__(self, pieces, trainer=None, normalizer=None, unknown_fields=None):
         """pieces: list of (piece, score, type); trainer/normalizer: the known fields
@@ -76,6 +76,7 @@ class Tokenizer:
         self.normalizer = dict(normalizer or {})
         self._unknown_fields = unknown_fields or {"model": [], "trainer": [], "normalizer": []}
         self.base_size = len(self.pieces)  # pieces before with_control_tokens added any
+        self.chat_template = None  # the Jinja chat template that came with it (tokenizer_dir.py sets it)
         self._setup()
 
     def _option(self, name):
@@ -150,6 +151,7 @@ class Tokenizer:
         trainer = {**self.trainer, "vocab_size": len(self.pieces) + len(new)}
         tok = Tokenizer(self.pieces + new, trainer, self.normalizer, self._unknown_fields)
         tok.base_size = self.base_size  # a base model's embedding has rows for these only
+        tok.chat_template = self.chat_template
         return tok
 
     @property
@@ -353,7 +355,7 @@ class Tokenizer:
             covered += chars[ch]
         blocked = set(ranked[len(kept):]) | {ch for ch in chars if ch.isdigit()}  # digits stay single
         reserved = set(cls.SPECIALS) | {"<0x%02X>" % b for b in range(256)}
-        merges = _learn_merges(words, vocab_size - fixed - len(kept), blocked, reserved)
+        merges = [a + b for a, b in learn_merges(words, vocab_size - fixed - len(kept), blocked, reserved)]
         pieces = ([(p, 0.0, UNKNOWN if p == "<unk>" else CONTROL) for p in cls.SPECIALS]
                   + [("<0x%02X>" % b, 0.0, BYTE) for b in range(256)]
                   + [(ch, 0.0, NORMAL) for ch in kept]
@@ -374,9 +376,11 @@ class Tokenizer:
         return tok
 
 
-def _learn_merges(word_counts, max_merges, blocked, reserved):
-    """Classic BPE over unique words: repeatedly merge the most frequent adjacent pair
-    (ties: smallest pair), updating pair counts only for the words that contain it."""
+def learn_merges(word_counts, max_merges, blocked=(), reserved=()):
+    """Classic BPE over unique words {word: count}: repeatedly merge the most frequent adjacent pair
+    (ties: smallest pair), updating pair counts only for the words that contain it. -> the merged
+    pairs in order. Symbols in `blocked` never merge; no merge may spell a piece in `reserved`.
+    (bpe.py's byte-level trainer learns its merges here too.)"""
     words = [list(w) for w in word_counts]
     freqs = list(word_counts.values())
     counts, where = Counter(), defaultdict(set)
@@ -402,7 +406,7 @@ def _learn_merges(word_counts, max_merges, blocked, reserved):
             continue
         if len(merged) > MAX_PIECE_LENGTH:  # as sentencepiece: no whole phrases as one piece
             continue
-        merges.append(merged)
+        merges.append(pair)
         changed = set()
         for i in where.pop(pair, ()):
             old, new, k = words[i], [], 0
@@ -425,20 +429,6 @@ def _learn_merges(word_counts, max_merges, blocked, reserved):
             if counts[p] > 0:
                 heapq.heappush(heap, (-counts[p], p))
     return merges
-
-
-def load_tokenizer(path):
-    """The tokenizer in a .model file (sentencepiece's or ours), or in the tokenizer.model of a
-    directory (a run, an export, a Hugging Face base model), ready for the chat template: the
-    markers in CHAT_TOKENS are added as control pieces where the vocabulary lacks them, as a base
-    model's does. Every command that reads a tokenizer reads it through here."""
-    file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
-    if os.path.isdir(path) and not os.path.exists(file) and os.path.exists(os.path.join(path, "tokenizer.json")):
-        raise ValueError(f"{path}: only a tokenizer.json (byte-level BPE, as in Llama 3, Qwen2 or SmolLM) is "
-                         "there; nanosft reads SentencePiece tokenizer.model files")
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file} not found")
-    return Tokenizer.load(file).with_control_tokens(Tokenizer.CHAT_TOKENS)
 
 
 if __name__ == "__main__":  # python -m nanosft.tokenizer train|encode|decode|inspect: the command line is cli.py

@@ -25,6 +25,8 @@ from nanosft.files import read_json
 from nanosft.formats import FORMATS
 from nanosft.model import ModelConfig
 from nanosft.template import TRAIN_ON
+from nanosft.bpe import ByteLevelBPE
+from nanosft.template import FORMATS as CHAT_FORMATS
 from nanosft.tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py is there
@@ -78,8 +80,14 @@ def _data_flags(p):
                    "longer conversations lose their oldest whole exchanges")
     g.add_argument("--init-from", default="", help="start from this run or Hugging Face Llama-family directory "
                    "(its model shape and tokenizer replace the model and tokenizer flags)")
-    g.add_argument("--tokenizer", default="", help="a .model file (ours, sentencepiece's or a base model's: the chat "
-                   "markers are added) or a directory holding tokenizer.model, to use instead of training one")
+    g.add_argument("--tokenizer", default="", help="a .model or tokenizer.json file (ours or a base model's: the chat "
+                   "markers are added) or a directory holding one, to use instead of training one")
+    g.add_argument("--tokenizer-kind", default="sentencepiece", choices=["sentencepiece", "bytelevel"],
+                   help="the tokenizer trained on --data: SentencePiece-style BPE with byte fallback (tokenizer.py), "
+                        "or GPT-style byte-level BPE (bpe.py, saved as tokenizer.json)")
+    g.add_argument("--chat-format", default="auto", choices=("auto",) + CHAT_FORMATS,
+                   help="how conversations are rendered: nanosft's markers, ChatML (Qwen, SmolLM2) or Llama 3's "
+                        "headers (auto: the --init-from model's own chat template, else nanosft)")
     g.add_argument("--vocab-size", type=int, default=2000, help="vocabulary of the tokenizer trained on --data")
     g.add_argument("--tokenizer-trainer", default="nanosft", choices=["nanosft", "spm"],
                    help="train the tokenizer by hand (readable) or with the sentencepiece library (large corpora)")
@@ -255,7 +263,9 @@ def check_args(p, args):
         p.error("--attn builds a new model; a model from --init-from keeps the attention it was trained with")
     if not args.init_from:
         try:
-            if not args.tokenizer:  # one is trained: refused now, not after the data has been read
+            if not args.tokenizer and args.tokenizer_kind == "bytelevel":  # one is trained: refused now,
+                ByteLevelBPE.check_vocab_size(args.vocab_size, Tokenizer.CHAT_TOKENS)  # not after reading the data
+            elif not args.tokenizer:
                 Tokenizer.check_vocab_size(args.vocab_size)
             model_config(args, args.vocab_size)
         except ValueError as e:

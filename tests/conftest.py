@@ -121,3 +121,73 @@ def hf_model(name, directory, sp_tokenizer, shard=False, seed=0, dtype=torch.flo
     copy.deepcopy(model).to(dtype).save_pretrained(directory, max_shard_size="40KB" if shard else "5GB")
     (directory / "tokenizer.model").write_bytes(sp_tokenizer.read_bytes())
     return model
+
+
+# ---- byte-level BPE base models (tokenizer.json), as the families ship them, made here with the
+# tokenizers and transformers libraries: each family's pre-tokenizer, special tokens and chat template
+
+def family_corpus():
+    import random
+    words = ["hello", " world", "The", " quick", "don't", "x = f(y) + 1;", "    def f():", "42", " 1234", "3.14",
+             " ", "\n", "\n\n", "\t", "你好", "世界", "こんにちは", "안녕하세요", "😀", "👍🏽", "مرحبا", "café", "user",
+             "assistant", "system", " is", " the", " answer", "?", "!", "."]
+    rng = random.Random(1)
+    return ["".join(rng.choice(words) for _ in range(rng.randint(1, 20))) for _ in range(2000)]
+
+
+def added(content, special=True, **kw):
+    return {"content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": not special,
+            "special": special, **kw}
+
+
+# family -> (pre-tokenizer kind, added tokens, tokenizer_config.json fields)
+FAMILIES = {
+    "llama3": ("llama3", [added("<|begin_of_text|>"), added("<|end_of_text|>"), added("<|start_header_id|>"),
+                          added("<|end_header_id|>"), added("<|eot_id|>")],
+               {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
+    "qwen2": ("qwen2", [added("<|endoftext|>"), added("<|im_start|>"), added("<|im_end|>"),
+                        added("<tool_call>", special=False), added("</tool_call>", special=False)],
+              {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
+    "qwen3": ("qwen2", [added("<|endoftext|>"), added("<|im_start|>"), added("<|im_end|>"),
+                        added("<think>", special=False), added("</think>", special=False)],
+              {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
+    "smollm2": ("smollm2", [added("<|endoftext|>"), added("<|im_start|>"), added("<|im_end|>")],
+                {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}),
+}
+
+
+def byte_level_tokenizer(directory, family, chat_template, vocab_size=700):
+    """tokenizer.json and tokenizer_config.json of `family` in `directory` -> the tokenizers.Tokenizer."""
+    import json
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, \
+        pre_tokenizers, processors, trainers
+    from nanosft.bpe import LLAMA3_PATTERN, QWEN2_PATTERN
+    kind, specials, config = FAMILIES[family]
+    tok = HFTokenizer(models.BPE(ignore_merges=kind == "llama3"))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if kind == "smollm2":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN if kind == "llama3" else QWEN2_PATTERN), "isolated"), byte_level])
+    if kind == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(family_corpus(), trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken(t["content"], special=True, normalized=False) for t in specials if t["special"]])
+    tok.add_tokens([AddedToken(t["content"], special=False, normalized=True) for t in specials if not t["special"]])
+    if family == "llama3":
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                          special_tokens=[(bos, tok.token_to_id(bos))])])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chat_template}), encoding="utf-8")
+    return tok

@@ -129,3 +129,52 @@ def test_a_saved_tokenizer_json_loads_in_the_tokenizers_library_and_encodes_the_
     again = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     text = "".join(PIECES)
     assert again.encode(text, add_special_tokens=False).ids == ref.encode(text, add_special_tokens=False).ids == ours.encode(text)
+
+
+def test_added_tokens_are_matched_in_the_text_as_the_file_says_and_special_ones_never(tmp_path):
+    """lstrip/rstrip absorb the whitespace beside the token, "normalized" ones match in the NFC text;
+    a special token's spelling stays text (nanosft's guarantee; the library would match it)."""
+    from tokenizers import AddedToken
+    ref = reference("qwen2", tmp_path / "base.json")
+    ref.add_tokens([AddedToken("<tool_call>", normalized=False), AddedToken("[L]", lstrip=True, normalized=False),
+                    AddedToken("[R]", rstrip=True, normalized=False), AddedToken("caf\u00e9", normalized=True)])
+    ref.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer_json(tmp_path / "tokenizer.json")
+    rng = random.Random(3)
+    pieces = PIECES + ["<tool_call>", "[L]", "[R]", "  ", "cafe\u0301", "café", "<tool_call", "[L", "L]"]
+    for _ in range(2000):
+        s = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 10)))
+        assert ours.encode(s) == ref.encode(s, add_special_tokens=False).ids, s
+    lstrip, rstrip = ref.token_to_id("[L]"), ref.token_to_id("[R]")
+    assert ours.encode("x  [L]") == ours.encode("x") + [lstrip] and ours.encode("[R]  y") == [rstrip] + ours.encode("y")
+    assert ours.decode(ours.encode("a <tool_call> b")) == "a <tool_call> b"
+    assert ref.token_to_id(SPECIAL) not in ours.encode("a " + SPECIAL)
+
+
+def test_the_bos_a_template_post_processor_adds_is_the_tokenizers_bos(tmp_path):
+    from tokenizers import processors
+    ref = reference("llama3", tmp_path / "tokenizer.json")
+    ref.add_special_tokens(["<|begin_of_text|>"])
+    bos = ref.token_to_id("<|begin_of_text|>")
+    ref.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    ref.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer_json(tmp_path / "tokenizer.json")
+    assert ours.bos_id == bos == ref.encode("hi").ids[0] and ours.eos_id == ref.token_to_id(SPECIAL)
+    assert [bos] + ours.encode("hi there") == ref.encode("hi there").ids
+
+
+def test_a_trained_byte_level_tokenizer_loads_in_the_tokenizers_library_and_encodes_the_same(tmp_path):
+    from nanosft.bpe import ByteLevelBPE
+    ours = ByteLevelBPE.train(corpus(), 800, ["<|user|>", "<|end|>"])
+    assert ours.vocab_size == 800 and ours.decode([ours.bos_id, ours.eos_id, ours.pad_id]) == ""
+    more = ours.with_control_tokens(["<|im_start|>", "<|end|>"])  # (one new)
+    assert more.vocab_size == ours.vocab_size + 1 and more.base_size == ours.base_size
+    more.save(tmp_path / "tokenizer.json")
+    ref = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    rng = random.Random(4)
+    strings = ["".join(rng.choice(PIECES) for _ in range(rng.randint(1, 12))) for _ in range(2000)]
+    assert [more.encode(s) for s in strings] == [e.ids for e in ref.encode_batch(strings, add_special_tokens=False)]
+    assert all(more.decode(more.encode(s)) == s for s in strings)
+    assert ref.encode("hi").ids[0] == more.bos_id and ref.token_to_id("<|im_start|>") == more.token_id("<|im_start|>")
+    assert len(ours.encode("".join(corpus()[:50]))) < len("".join(corpus()[:50]).encode()) / 2  # it compresses

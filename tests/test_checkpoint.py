@@ -346,11 +346,11 @@ def test_attention_variants_save_as_the_architecture_that_computes_them_and_load
             transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-def test_tokenizer_json_only_directory_gets_a_clear_message(tmp_path, sp_tokenizer):
+def test_a_broken_tokenizer_json_in_a_model_directory_is_named(tmp_path, sp_tokenizer):
     hf_model("gqa_tied", tmp_path, sp_tokenizer)
     os.remove(tmp_path / "tokenizer.model")
     (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(ValueError, match="only a tokenizer.json"):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.json'}: not a tokenizer.json as Hugging Face writes it"):
         load_model(tmp_path)
 
 

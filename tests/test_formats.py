@@ -213,7 +213,8 @@ def test_tokenized_data_is_cached_by_content_and_a_change_invalidates_it(tmp_pat
     import argparse
     from nanosft.cache import DataFile, tokenizer_for
     args = argparse.Namespace(cache_dir=str(tmp_path / "cache"), format="auto", skip_invalid=False, resume=False, val_split=0, stage="sft",
-                              train_on="all-assistant", vocab_size=300, tokenizer_trainer="nanosft", tokenizer="")
+                              train_on="all-assistant", vocab_size=300, tokenizer_trainer="nanosft", tokenizer="",
+                              tokenizer_kind="sentencepiece")
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} plus {i}?"},
                                                      {"role": "assistant", "content": f"{2 * i}, 你好"}]}) + "\n"
