@@ -94,6 +94,7 @@ class ByteLevelBPE:
         self.added = [dict(t) for t in added]
         self.spec = spec
         self.tokens = {i: t for t, i in vocab.items()} | {t["id"]: t["content"] for t in self.added}
+        self.ids = {**vocab, **{t["content"]: t["id"] for t in self.added}}  # token -> id, added ones too
         self.controls = {t["id"] for t in self.added if t.get("special")}
         self.texts = {t["id"] for t in self.added if not t.get("special")}  # decoded as written, not as bytes
         missing = [c for c in BYTE_CHAR.values() if c not in vocab]
@@ -103,22 +104,18 @@ class ByteLevelBPE:
         self.raw_added = added_pattern([t for t in self.added if not t.get("special") and not t.get("normalized")])
         self.normalized_added = added_pattern([t for t in self.added if not t.get("special") and t.get("normalized")])
         self.roles = dict(roles or {})  # {"bos": token, "eos": token, "pad": token}: what load_tokenizer_json found
-        self.bos_id, self.eos_id, self.pad_id = (self.ids_of().get(self.roles.get(r), -1) for r in ("bos", "eos", "pad"))
+        self.bos_id, self.eos_id, self.pad_id = (self.ids.get(self.roles.get(r), -1) for r in ("bos", "eos", "pad"))
         self.unk_id = -1  # every byte has a token: nothing is unknown
         self.base_size = self.vocab_size  # tokens before with_control_tokens added any
         self.chat_template = None  # the Jinja chat template that came with it (tokenizer_dir.py sets it)
         self.cache = {}  # pre-token -> ids: text repeats its words
-
-    def ids_of(self):
-        """{token: id} for the vocabulary and the added tokens."""
-        return {**self.vocab, **{t["content"]: t["id"] for t in self.added}}
 
     @property
     def vocab_size(self):
         return max(self.tokens) + 1
 
     def token_id(self, token):
-        i = self.ids_of().get(token)
+        i = self.ids.get(token)
         if i is None:
             raise KeyError(f"token {token!r} is not in the vocabulary")
         return i
@@ -184,8 +181,7 @@ class ByteLevelBPE:
     def with_control_tokens(self, names):
         """This tokenizer plus `names` as special added tokens after the last id (those it lacks):
         how a base model's vocabulary gains the chat template's markers."""
-        known = self.ids_of()
-        new = [name for name in names if name not in known]
+        new = [name for name in names if name not in self.ids]
         if not new:
             return self
         spec = json.loads(self.to_bytes())
@@ -255,18 +251,18 @@ class ByteLevelBPE:
 
 def added_pattern(tokens):
     """A regex matching any of the added tokens, longest first, with the whitespace their lstrip and
-    rstrip absorb; group names give the id. None when there are none."""
+    rstrip absorb; a match's group name is "t<id>". None when there are none."""
     if not tokens:
         return None
-    alternatives = [(r"\s*" if t.get("lstrip") else "") + regex.escape(t["content"]) + (r"\s*" if t.get("rstrip") else "")
-                    for t in sorted(tokens, key=lambda t: -len(t["content"]))]
-    return regex.compile("|".join(f"(?P<t{t['id']}>{a})" for t, a in
-                                  zip(sorted(tokens, key=lambda t: -len(t["content"])), alternatives)))
+    alternatives = [f"(?P<t{t['id']}>" + (r"\s*" if t.get("lstrip") else "") + regex.escape(t["content"])
+                    + (r"\s*" if t.get("rstrip") else "") + ")" for t in sorted(tokens, key=lambda t: -len(t["content"]))]
+    return regex.compile("|".join(alternatives))
 
 
 def split_added(text, pattern, ids):
     """The stretches of `text` between matches of `pattern` (added_pattern's), in order; each match
-    appends its token's id to `ids` in its place."""
+    appends its token's id to `ids` in its place (a generator: the caller encodes a stretch before
+    the match after it is appended)."""
     if pattern is None:
         if text:
             yield text

@@ -54,16 +54,10 @@ JINJA = ("{%- if bos_token %}{{ bos_token }}{% endif -%}"
 
 
 # The other formats as Jinja, for a model trained in a format its base did not come with (a base
-# model's own template is kept as it is). ChatML with `default_system` puts that system turn first
-# when a conversation has none, as Qwen2.5's and SmolLM2's templates do.
-def chatml_jinja(default_system=None):
-    default = ("{%- if messages and messages[0]['role'] != 'system' %}"
-               "{{ '<|im_start|>system\\n' + " + repr(default_system) + " + '<|im_end|>\\n' }}{%- endif %}"
-               if default_system else "")
-    return (default + "{%- for message in messages %}"
-            "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-            "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
-
+# model's own template is kept as it is, default system turn and all)
+CHATML_JINJA = ("{%- for message in messages %}"
+                "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+                "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
 
 LLAMA3_JINJA = ("{%- for message in messages %}{%- if loop.first and bos_token %}{{ bos_token }}{%- endif %}"
                 "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
@@ -114,7 +108,7 @@ class ChatTemplate:
         self.default_system, self.think, self.date = (settings.get(k) for k in ("default_system", "think", "date"))
         # what an export writes as its chat template: the base model's own where it is the one rendered
         self.jinja = tokenizer.chat_template if settings is own else \
-            {"nanosft": JINJA, "chatml": chatml_jinja(), "llama3": LLAMA3_JINJA}[self.format]
+            {"nanosft": JINJA, "chatml": CHATML_JINJA, "llama3": LLAMA3_JINJA}[self.format]
         self.signature = [self.format, self.default_system, self.think, self.date]  # what rendering depends on
         self.bos = tokenizer.bos_id
         # padding only fills packed rows (never attended to by real tokens, never in the loss), so

@@ -178,3 +178,28 @@ def test_a_trained_byte_level_tokenizer_loads_in_the_tokenizers_library_and_enco
     assert all(more.decode(more.encode(s)) == s for s in strings)
     assert ref.encode("hi").ids[0] == more.bos_id and ref.token_to_id("<|im_start|>") == more.token_id("<|im_start|>")
     assert len(ours.encode("".join(corpus()[:50]))) < len("".join(corpus()[:50]).encode()) / 2  # it compresses
+
+
+def test_the_command_line_trains_encodes_decodes_and_inspects_tokenizer_json(tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args, stdin=""):
+        r = subprocess.run([sys.executable, "-m", "nanosft.tokenizer", *args], input=stdin.encode(),
+                           capture_output=True, timeout=120)
+        assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode()
+        return r.stdout.decode("utf-8")
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "q " + s}, {"role": "assistant", "content": "a " + s[::-1]}]},
+                                       ensure_ascii=False) + "\n" for s in corpus()[:300]), encoding="utf-8")
+    cli("train", "--kind", "bytelevel", "--input", str(chat), "--vocab-size", "600", "--out", str(tmp_path / "tokenizer.json"))
+    ref = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))  # the library reads what the command wrote
+    lines = ["Hello world", "", "  two  spaces ", "你好，世界 🚀", "digits 12345", "<|user|> is plain text\t!"]
+    out = cli("encode", "--model", str(tmp_path / "tokenizer.json"), stdin="\n".join(lines) + "\n").split("\n")[:-1]
+    assert out == [" ".join(map(str, ref.encode(line, add_special_tokens=False).ids)) for line in lines[:-1]] + [out[-1]]
+    assert ref.token_to_id("<|user|>") not in map(int, out[-1].split())  # a control token's spelling stays text
+    back = cli("decode", "--model", str(tmp_path), stdin="\n".join(out) + "\n")  # (the directory works too)
+    assert back.split("\n")[:-1] == lines
+    shown = cli("inspect", "--model", str(tmp_path), "--chat", str(chat), "-n", "1", "--chat-format", "chatml")
+    assert "[<|im_end|>]" in shown and "<|im_start|>" in shown and "[<|im_start|>]" not in shown

@@ -102,3 +102,23 @@ def test_a_base_model_fine_tunes_in_its_own_format_exports_and_transformers_relo
     assert r.stdout.strip() == reply(tuned, template, [{"role": "user", "content": prompt}], 8).strip()
     r = run_chat("--ckpt", str(out), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "2", "--seed", "1")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_new_model_trains_with_a_byte_level_tokenizer_of_its_own_in_chatml(tiny_data, tmp_path):
+    import transformers
+    from conftest import TINY
+    out = tmp_path / "run"
+    r = run_train("--data", str(tiny_data / "train.jsonl"), "--val-data", "", "--eval-data", "", "--out", str(out),
+                  "--steps", "3", "--dtype", "fp32", *TINY, "--tokenizer-kind", "bytelevel", "--chat-format", "chatml")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    model, tok = load_model(out)
+    assert tok.FILE == "tokenizer.json" and tok.vocab_size == 300 + 2  # (+ <|im_start|>, <|im_end|>)
+    template = ChatTemplate(tok)
+    assert template.format == "chatml"
+    ref_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for rec in load_jsonl(tiny_data / "train.jsonl")[:20]:
+        assert template.render(rec["messages"])[0] == list(ref_tok.apply_chat_template(
+            rec["messages"], tokenize=True, return_dict=False))
+    r = run_chat("--ckpt", str(out), "--prompt", "你好 👋", "--max-new-tokens", "4", "--temperature", "1")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
