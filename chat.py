@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from nanosft.adapter import load_adapter
 from nanosft.checkpoint import describe_path, load_model
 from nanosft.data import check_prompt, load_jsonl, without_oldest_exchanges
 from nanosft.generate import generate, reply
@@ -36,6 +37,8 @@ def parse_args():
     p = argparse.ArgumentParser(description="chat with a model trained by train.py")
     p.add_argument("--ckpt", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs/latest"),
                    help="run directory or Hugging Face model directory")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (nanosft's or PEFT's) to add to "
+                   "--ckpt's model, unmerged")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--batch", default=None, help='JSONL of {"messages": [...]} ending with a user turn')
     p.add_argument("--system", default=None, help="system message for --prompt and interactive chat")
@@ -163,6 +166,11 @@ def main():
                  "Train one first:  make train   (or: python train.py --out runs/NAME, then --ckpt runs/NAME)")
     except OSError as e:  # a folder where a file should be, no permission, ...
         sys.exit(f"error: {e}")
+    if args.adapter:
+        try:
+            load_adapter(args.adapter, model).eval()
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")
     template = ChatTemplate(tok)
     generator = torch.Generator().manual_seed(args.seed)
     if args.threads:

@@ -28,6 +28,7 @@ import deepspeed
 import numpy as np
 import torch
 
+from nanosft.adapter import save_adapter
 from nanosft.cache import load_data
 from nanosft.checkpoint import describe_path, load_model, point_latest, save_model, save_tokenizer
 from nanosft.data import Batches
@@ -36,6 +37,7 @@ from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, 
                                  rng_state, save_checkpoint, set_rng_state, setup_distributed, with_muon)
 from nanosft.evaluate import brief, format_samples, generation_metrics, loss_and_ppl, pick_samples, table, validation_loss
 from nanosft.interrupt import StopRequest, save_and_exit
+from nanosft.lora import add_lora
 from nanosft.machine import choose_threads, cpu_name, free_memory, pick_dtype, using_threads
 from nanosft.files import write_json
 from nanosft.memory import check_fits, least_free, record_memory
@@ -83,7 +85,8 @@ def train(run, start, evaluate):
         micro = [batches.next() for _ in range(args.grad_accum)]
         lr = args.lr * lr_factor(engine)  # the rate this step uses
         # memory is measured at the second step: the optimizer's state appears at the first
-        measure = (lambda: record_memory(engine, args, run.n_params, run.world, run.dir, show)) if step == 2 else None
+        measure = (lambda: record_memory(engine, args, run.n_params, run.world, run.dir, show,
+                                         run.n_trainable)) if step == 2 else None
         nll, n_sup, n_tok, n_slots = train_step(engine, micro, run.world, run.device, measure)
         tokens, sup_tokens, slots = tokens + int(n_tok), sup_tokens + int(n_sup), slots + int(n_slots)
         loss, seconds, scale = nll / max(n_sup, 1.0), time.time() - t0, current_loss_scale(engine)
@@ -132,6 +135,8 @@ def main(args):
     if model and data.tok.vocab_size > tok.vocab_size:  # --chat-format's markers, new to the model's vocabulary
         model.add_token_rows(tok.vocab_size, data.tok.vocab_size)
     model = model.train() if model else Transformer(model_config(args, data.tok.vocab_size))
+    if args.lora_rank:  # the model frozen, adapters on the chosen projections (nanosft/lora.py)
+        add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
     if args.max_seq_len > model.cfg.max_seq_len:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {model.cfg.max_seq_len} positions")
 
@@ -168,10 +173,12 @@ def main(args):
     counted = train(run, start, evaluate)
     if run.stop.signum:
         save_and_exit(engine, run.dir, model.cfg, data.tok, counted["step"], run.stop.signum, world)
-    state = full_state_dict(engine)  # fp32, gathered from the shards: every rank takes part, rank 0 keeps it
+    state, adapters = full_state_dict(engine)  # fp32, gathered from the shards: every rank takes part, rank 0 keeps it
     after, after_replies = evaluate(run.total_steps, generation=True, state=state)  # the weights being saved
     if rank == 0:
-        save_model(run.dir, state, model.cfg, data.tok)
+        save_model(run.dir, state, model.cfg, data.tok)  # (with LoRA: merged)
+        if adapters:  # and the adapters alone, in PEFT's format
+            save_adapter(run.dir, adapters, engine.module, args.init_from)
         finish(run, data, start, counted, after, after_replies, time.time() - t_start)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # leave the process group before the interpreter exits
@@ -184,9 +191,11 @@ def start_engine(run, model, data):
     args.dtype, dtype_why = pick_dtype(args.dtype, run.device, model.cfg.dim)
     model.grad_checkpointing = args.gradient_checkpointing
     run.n_params = model.num_params()  # counted now: under ZeRO-3 the module's own tensors become empty shards
+    run.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tight = check_fits(model.cfg, run.n_params, args.batch_size, args.grad_accum, data.row_len - 1, args.dtype,
                        args.zero_stage, run.world, args.gradient_checkpointing, least_free(free_memory(run.device)),
-                       offload=args.offload if run.device.type == "cuda" else "none")  # not the OS killing it later
+                       offload=args.offload if run.device.type == "cuda" else "none",  # not the OS killing it later
+                       n_trainable=run.n_trainable)
     if tight:
         print0(tight)
     run.batches = Batches(data.samples, data.row_len, data.template.pad, args.batch_size, args.seed, run.rank,
@@ -213,21 +222,24 @@ def start_engine(run, model, data):
         ds_cfg = with_muon(ds_cfg, args.lr, args.muon_lr)
         optimizer, scheduler = None, lambda opt: lr_schedule(opt, args.warmup_steps, run.total_steps)
     else:
-        optimizer = make_optimizer(model, args.lr, args.weight_decay, args.offload)
+        optimizer = make_optimizer(model, args.lr, args.weight_decay, args.offload, args.lora_lr)
         scheduler = lr_schedule(optimizer, args.warmup_steps, run.total_steps)
     if not args.compile:
         # nothing is compiled, DeepSpeed's own torch.compile calls included: the one around Muon's
         # Newton-Schulz step cost ~25 s of compiling at start-up and ran ~20% slower than eager
         # (2-core AMD EPYC, default run)
         torch.compiler.set_stance("force_eager")
-    run.engine = engine = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay),
+    run.engine = engine = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay,
+                                                                                          args.lora_lr),
                                                optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)[0]
     if args.compile:
         # Packed rows all have one shape, so the training step compiles once (with --packing off, a
         # second compilation covers every length). Evaluation runs eagerly (see evaluator): its
         # batches have other shapes and no backward pass, and would only cost more compilations.
         engine.compile()
-    print0(f"model: {run.n_params:,} parameters, {args.optimizer}, {args.dtype} ({dtype_why}), "
+    print0(f"model: {run.n_params:,} parameters"
+           + (f" ({run.n_trainable:,} trained: LoRA rank {args.lora_rank})" if args.lora_rank else "")
+           + f", {args.optimizer}, {args.dtype} ({dtype_why}), "
            f"ZeRO stage {args.zero_stage}"
            + (f" offload {args.offload}" if args.offload != "none" else "") + f", {run.world} rank(s) on "
            f"{run.device.type}; {run.total_steps} steps of {ds_cfg['train_batch_size']} rows x {data.row_len} tokens"
@@ -253,7 +265,7 @@ def evaluator(run, data):
             engine.train()
         if generation and data.evals:
             if state is None:
-                state = full_state_dict(engine)  # every rank takes part in the gather
+                state = full_state_dict(engine)[0]  # every rank takes part in the gather
             if run.rank == 0:
                 snapshot = Transformer(engine.module.cfg)
                 snapshot.load_state_dict(state)

@@ -97,6 +97,9 @@ def save_model(directory, state, cfg: ModelConfig, tok):
     AutoModelForCausalLM / AutoTokenizer.from_pretrained and this module's load_model all read.
     tok.chat_template (the format the model was trained in) goes into tokenizer_config.json."""
     os.makedirs(directory, exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # an earlier LoRA run's adapter (train.py
+        if os.path.exists(os.path.join(directory, name)):              # writes this run's after the model)
+            os.remove(os.path.join(directory, name))
     state = hf_state_dict(state, cfg)
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})  # atomic
     remove_shards(directory)

@@ -6,7 +6,7 @@ Running under DeepSpeed: the plumbing train.py needs, so that train.py itself ca
     make_optimizer(...)         AdamW; DeepSpeed's CPU Adam when ZeRO-Offload moves the optimizer to CPU
     with_muon(cfg, ...)         or Muon: DeepSpeed builds it from the config
     lr_schedule(...)            linear warm-up, then cosine decay to 10%
-    full_state_dict(engine)     the fp32 weights, gathered from the ZeRO shards whatever the stage
+    full_state_dict(engine)     the fp32 weights (LoRA merged, and apart), gathered from the ZeRO shards
     save_checkpoint / load_checkpoint   everything needed to resume, with a `latest` that is never
                                 half-written; rng_state / set_rng_state for what they carry
     print0(...)                 every message of a run: printed on rank 0 only
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from nanosft.files import atomic_write
+from nanosft.lora import split_merged
 
 # DeepSpeed compiles the ops it needs on a CPU (CPU Adam for --offload) on first use into
 # TORCH_EXTENSIONS_DIR, by default one folder for every Python environment of the user: two
@@ -136,18 +137,25 @@ def config_settings(base):
             "zero_stage": zero.get("stage"), "offload": offload, "dtype": dtype, "grad_clip": base.get("gradient_clipping")}
 
 
-def param_groups(model, weight_decay):
-    """Weight decay on matrices only: norms (1-d tensors) keep their scale."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model, weight_decay, lora_lr=None):
+    """The trainable parameters (with LoRA, the adapters alone: frozen ones get no gradient and no
+    optimizer state), weight decay on matrices only (norms, 1-d tensors, keep their scale), and the
+    adapters at lora_lr when given."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2 and ".lora_" not in n]
+    adapters = [p for n, p in trainable if ".lora_" in n]
+    no_decay = [p for n, p in trainable if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if adapters:
+        groups.append({"params": adapters, "weight_decay": weight_decay, **({"lr": lora_lr} if lora_lr else {})})
+    return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model, lr, weight_decay, offload):
+def make_optimizer(model, lr, weight_decay, offload, lora_lr=None):
     """AdamW with no weight decay on norms. With ZeRO-Offload the optimizer steps on the CPU, where
     DeepSpeed's vectorized CPU Adam (compiled on first use) is much faster than torch's; it computes
     the same AdamW update."""
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, lora_lr)
     if offload != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, lr=lr, betas=(0.9, 0.95), adamw_mode=True)
@@ -205,9 +213,11 @@ def current_loss_scale(engine):
 # weights and checkpoints
 
 def full_state_dict(engine):
-    """{name: fp32 tensor on CPU} of the whole model on rank 0 ({} elsewhere). With mixed precision
-    the module holds 16-bit copies; the fp32 master weights live in the (possibly sharded)
-    optimizer and are what we save. Every rank must call this: gathering ZeRO shards is collective."""
+    """-> ({name: fp32 tensor on CPU} of the whole model, the LoRA adapters alone) on rank 0 ({}, {}
+    elsewhere; the adapters {} without LoRA). With mixed precision the module holds 16-bit copies;
+    the fp32 master weights live in the (possibly sharded) optimizer and are what we save. Adapters
+    are folded into their matrices: the state is the merged model's. Every rank must call this:
+    gathering ZeRO shards is collective."""
     opt = engine.optimizer
     # bf16/fp16 without ZeRO: the wrapper keeps one fp32 copy per parameter, group by group
     unsharded = {id(p): q for low, high in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
@@ -215,13 +225,16 @@ def full_state_dict(engine):
     state = {}
     for name, p in engine.module.named_parameters():
         full = unsharded.get(id(p))
-        if full is None:  # ZeRO (any stage, gathered) or bf16 with its own optimizer; None: fp32 module
+        if full is None and p.requires_grad:  # ZeRO (any stage, gathered) or bf16 with its own optimizer
             full = deepspeed.utils.safe_get_full_fp32_param(p)
+        if full is None and hasattr(p, "ds_id"):  # frozen (LoRA's base) under ZeRO-3: no master copy, gather it
+            with deepspeed.zero.GatheredParameters([p]):
+                full = p.detach().clone()
         if is_rank0():  # the other ranks took part in the gather; they need not keep a copy
             state[name] = (p.detach() if full is None else full).float().cpu().clone()
     if state and "lm_head.weight" not in state:  # tied: named_parameters lists the shared matrix once
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    return state
+    return split_merged(state, engine.module) if state else ({}, {})
 
 
 def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2):

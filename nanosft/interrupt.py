@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from nanosft.adapter import save_adapter
 from nanosft.checkpoint import save_model
 from nanosft.distributed import full_state_dict, is_rank0, print0
 
@@ -39,9 +40,11 @@ class StopRequest:
 def save_and_exit(engine, run_dir, cfg, tok, step, signum, world):
     """After the checkpoint of `step` is saved: the model so far in run_dir (chat.py talks to it),
     the command that continues the run, and the exit. Every rank calls it (gathering is collective)."""
-    state = full_state_dict(engine)
+    state, adapters = full_state_dict(engine)
     if is_rank0():
         save_model(run_dir, state, cfg, tok)
+        if adapters:
+            save_adapter(run_dir, adapters, engine.module)
     again = "python train.py" if world == 1 else f"train.py under the launcher with {world} ranks again:"
     print0(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint and model saved in {run_dir}\n"
            f"continue with: {again} --out {run_dir} --resume", file=sys.stderr)

@@ -22,15 +22,16 @@ from nanosft.model import FUSED_LOSS_VOCAB
 from nanosft.files import write_json
 
 
-def record_memory(engine, args, n_params, world, run_dir, show=print0):
+def record_memory(engine, args, n_params, world, run_dir, show=print0, n_trainable=None):
     """Measure what each rank holds after the backward pass of a step, with gradients, weights
     and the optimizer's state all there, and write memory.json: measured bytes per rank next to the ZeRO
-    paper's estimate."""
+    paper's estimate. n_trainable: the weights being trained (LoRA's adapters; default all)."""
     per_rank = [None] * world
     torch.distributed.all_gather_object(per_rank, measure_memory(engine))
     report = {"zero_stage": args.zero_stage, "offload": args.offload, "dtype": args.dtype, "world_size": world,
-              "params": n_params, "per_rank": per_rank,
-              "estimate_per_rank": estimate_memory(n_params, args.zero_stage, world, args.dtype, muon_weights(engine))}
+              "params": n_params, "trained_params": n_params if n_trainable is None else n_trainable, "per_rank": per_rank,
+              "estimate_per_rank": estimate_memory(n_params, args.zero_stage, world, args.dtype, muon_weights(engine),
+                                                   n_trainable)}
     if torch.distributed.get_rank() == 0:
         write_json(os.path.join(run_dir, "memory.json"), report)
         ms = [sum(dev["model_states"] for dev in r.values()) for r in per_rank]
@@ -122,17 +123,19 @@ def muon_weights(engine):
     return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if getattr(p, "use_muon", False))
 
 
-def estimate_memory(n_params, stage, world, dtype, n_muon=0):
+def estimate_memory(n_params, stage, world, dtype, n_muon=0, n_trainable=None):
     """The ZeRO paper's per-rank bytes of model states for n_params weights and Adam: per weight,
     2 or 4 bytes of parameter and of gradient, 4 of fp32 master copy (mixed precision only) and 8
     of Adam moments (4 for the n_muon weights Muon updates: one momentum); stage 1 divides the
     master copy and the optimizer state by the world size, stage 2 the gradients too, stage 3 the
-    parameters too."""
+    parameters too. n_trainable (LoRA: the adapters): the weights that have gradients, master
+    copies and optimizer state (default: all)."""
     half = dtype in ("bf16", "fp16")
+    trained = n_params if n_trainable is None else n_trainable
     per_weight = {"parameters": 2 if half else 4, "gradients": 2 if half else 4, "master_weights": 4 if half else 0}
     split_from = {"parameters": 3, "gradients": 2, "master_weights": 1, "optimizer_state": 1}
-    total = {k: n_params * b for k, b in per_weight.items()}
-    total["optimizer_state"] = 8 * (n_params - n_muon) + 4 * n_muon
+    total = {k: (n_params if k == "parameters" else trained) * b for k, b in per_weight.items()}
+    total["optimizer_state"] = 8 * (trained - n_muon) + 4 * n_muon
     est = {k: b / (world if stage >= split_from[k] else 1) for k, b in total.items()}
     est["model_states"] = sum(est.values())
     return est
@@ -162,16 +165,17 @@ def activation_bytes(cfg, T, dtype, impl="sdpa", checkpointing=False):
     return 1.5 * (kept + logits)
 
 
-def check_fits(cfg, n_params, batch, grad_accum, T, dtype, stage, world, checkpointing, free, offload="none"):
+def check_fits(cfg, n_params, batch, grad_accum, T, dtype, stage, world, checkpointing, free, offload="none",
+               n_trainable=None):
     """Before training: does a rank's estimated need (model states as the ZeRO paper counts them
     for Adam, plus a micro-batch's activations) fit in free = (bytes, what they are), from
     least_free? Measured peaks are 0.5-1.1x the estimate, so a run whose estimate is over twice what
     is free raises ValueError, saying what would fit; one merely over it gets a note back (else
     None). offload: what leaves that memory (a GPU's; on a CPU nothing leaves): "optimizer"
-    (master weights and optimizer state) or "all" (the weights too)."""
+    (master weights and optimizer state) or "all" (the weights too). n_trainable: LoRA's adapters."""
     def need(rows, tokens):
         return states + rows * tokens * activation_bytes(cfg, tokens, dtype, cfg.attn_impl, checkpointing)
-    parts = estimate_memory(n_params, stage, world, dtype)
+    parts = estimate_memory(n_params, stage, world, dtype, n_trainable=n_trainable)
     away = {"none": (), "optimizer": ("master_weights", "optimizer_state"),
             "all": ("master_weights", "optimizer_state", "parameters")}[offload]
     states = parts["model_states"] - sum(parts[k] for k in away)

@@ -26,6 +26,7 @@ from nanosft.formats import FORMATS
 from nanosft.model import ModelConfig
 from nanosft.template import TRAIN_ON
 from nanosft.bpe import ByteLevelBPE
+from nanosft.lora import expand_targets
 from nanosft.template import FORMATS as CHAT_FORMATS
 from nanosft.tokenizer import Tokenizer
 
@@ -48,6 +49,7 @@ def build_parser():
     _data_flags(p)
     _model_flags(p)
     _optimization_flags(p)
+    _lora_flags(p)
     _deepspeed_flags(p)
     _run_flags(p)
     return p
@@ -132,6 +134,18 @@ def _optimization_flags(p):
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
 
 
+def _lora_flags(p):
+    """LoRA (lora.py): adapters on the chosen projections; everything else frozen."""
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of the "
+                   "model (0: off); only the adapters are optimized, embeddings, norms and head stay frozen")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="the adapters' scale is alpha / rank")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--lora-targets", default="all", help="comma-separated projections as Llama names them "
+                   "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or groups: all, attn, qkv, mlp, gate_up")
+    g.add_argument("--lora-lr", type=float, default=None, help="the adapters' learning rate (default: --lr)")
+
+
 def _deepspeed_flags(p):
     """DeepSpeed's config: these win over --ds-config's, which win over CONFIG_DEFAULTS."""
     g = p.add_argument_group("deepspeed")
@@ -188,7 +202,7 @@ def parse_args(argv=None):
     # Muon's steps are sized for training from scratch, not for nudging a base model; and a ZeRO-3
     # run with Muon once ended in an abort at exit ("terminate called without an active exception")
     if args.optimizer is None:
-        args.optimizer = "adamw" if args.init_from or args.zero_stage == 3 else "muon"
+        args.optimizer = "adamw" if args.init_from or args.zero_stage == 3 or args.lora_rank else "muon"
     check_args(p, args)
     return args
 
@@ -270,6 +284,18 @@ def check_args(p, args):
             model_config(args, args.vocab_size)
         except ValueError as e:
             p.error(in_flag_terms(str(e), args))
+    if args.lora_rank:
+        if args.lora_rank < 0 or not 0 <= args.lora_dropout < 1 or not 0 < args.lora_alpha < math.inf:
+            p.error("--lora-rank must be at least 1 (0: off), --lora-alpha positive, --lora-dropout in [0, 1)")
+        if args.optimizer == "muon":
+            p.error("--optimizer muon with --lora-rank: LoRA trains with AdamW (Muon orthogonalizes whole weight "
+                    "matrices, not their low-rank factors)")
+        try:
+            expand_targets(args.lora_targets.split(","))
+        except ValueError as e:
+            p.error(f"--lora-targets: {e}")
+    elif args.lora_rank < 0:
+        p.error("--lora-rank must not be negative (0: off)")
     if args.offload == "optimizer" and args.zero_stage == 0:
         p.error("--offload optimizer needs --zero-stage 1, 2 or 3 (ZeRO-Offload moves the partitioned optimizer)")
     if args.offload == "all" and args.zero_stage != 3:

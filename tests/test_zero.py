@@ -83,6 +83,30 @@ def zero_runs(tiny_data):
             for name, (n, *flags) in RUNS.items()}
 
 
+LORA = ("--lora-rank", "4", "--lora-targets", "qkv,o_proj,down_proj", "--lora-lr", "2e-2")
+
+
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
+def test_lora_under_zero_on_two_ranks_trains_like_stage0_on_one(tiny_data, stage0, stage):
+    """The frozen model sharded, gathered and never updated; the adapters' gradients and moments
+    sharded; with gradient checkpointing on stage 3 (frozen blocks recomputed around live adapters)."""
+    lora0 = tiny_data / "zero" / "lora0"
+    if not (lora0 / "metrics.json").exists():  # one stage-0 reference for the three
+        launch(1, tiny_data, lora0, "--dtype", "fp32", "--batch-size", "4", "--grad-accum", "2", *LORA, steps=10)
+    extra = ("--gradient-checkpointing",) if stage == "3" else ()
+    got = launch(2, tiny_data, tiny_data / "zero" / f"lora{stage}", "--dtype", "fp32", "--zero-stage", stage,
+                 "--batch-size", "2", "--grad-accum", "2", *LORA, *extra, steps=10)
+    ref, got_losses = losses(lora0), losses(got)
+    assert len(ref) == len(got_losses) == 10 and ref[-1] < ref[0] - 0.1  # training
+    for step, (a, b) in enumerate(zip(ref, got_losses), 1):
+        assert abs(a - b) <= 1e-4 * abs(a), f"step {step}: stage 0 loss {a}, stage {stage} loss {b}"
+    base = load_model(stage0)[0].state_dict()  # (the same initial model: the same seed)
+    merged = load_model(got)[0].state_dict()
+    assert (got / "adapter_model.safetensors").exists()
+    assert torch.equal(merged["embed_tokens.weight"], load_model(lora0)[0].state_dict()["embed_tokens.weight"])
+    assert not torch.equal(merged["layers.0.self_attn.qkv_proj.weight"], base["layers.0.self_attn.qkv_proj.weight"])
+
+
 @pytest.mark.parametrize("name", list(RUNS))
 def test_zero_stage_on_two_ranks_trains_like_stage0_on_one(name, stage0, zero_runs):
     ref, got = losses(stage0), losses(zero_runs[name])
@@ -235,16 +259,17 @@ def train_command(nproc, *flags):
     return [launcher, "--num_gpus", str(nproc), "--master_port", str(29900 + len(flags)), os.path.join(ROOT, "train.py"), *flags]
 
 
-@pytest.mark.parametrize("nproc, zero, optimizer", [(1, "0", "muon"), (2, "3", "adamw")])
+@pytest.mark.parametrize("nproc, zero, optimizer", [(1, "0", "muon"), (2, "3", "adamw"), (1, "0", "lora")])
 def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_path, nproc, zero, optimizer):
     """Each optimizer's state is in the checkpoint: Muon's momentum, AdamW's moments (sharded
-    under ZeRO-3)."""
+    under ZeRO-3), LoRA's adapters and their moments beside the frozen model."""
     # 8 rows a step: the first epoch (~200 rows) ends near step 25, so the resumed position (a
     # checkpoint every 8 steps) lies in the second epoch, after the rows carried over
     batch = ["--batch-size", "4", "--grad-accum", "2"] if nproc == 1 else ["--batch-size", "2", "--grad-accum", "2"]
     flags = ["--data", str(tiny_data / "train.jsonl"), "--val-data", str(tiny_data / "val.jsonl"), "--eval-data", "",
              "--steps", "50", "--dtype", "fp32", "--zero-stage", zero, "--save-every", "8", "--log-every", "1",
-             "--tensorboard", *ZERO_TINY, *batch, "--optimizer", optimizer]
+             "--tensorboard", *ZERO_TINY, *batch,
+             *(["--lora-rank", "4", "--lora-lr", "1e-2"] if optimizer == "lora" else ["--optimizer", optimizer])]
     whole = tmp_path / "whole"
     r = run(train_command(nproc, *flags, "--out", str(whole)))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
