@@ -102,7 +102,9 @@ class ByteLevelBPE:
             raise ValueError(f"the vocabulary lacks byte characters {missing[:5]}: not a byte-level BPE")
         # the non-special added tokens, matched in the raw text or, "normalized", in the NFC text
         self.raw_added = added_pattern([t for t in self.added if not t.get("special") and not t.get("normalized")])
-        self.normalized_added = added_pattern([t for t in self.added if not t.get("special") and t.get("normalized")])
+        self.normalized_added = added_pattern([{**t, "content": unicodedata.normalize("NFC", t["content"]) if nfc
+                                                else t["content"]} for t in self.added
+                                               if not t.get("special") and t.get("normalized")])
         self.roles = dict(roles or {})  # {"bos": token, "eos": token, "pad": token}: what load_tokenizer_json found
         self.bos_id, self.eos_id, self.pad_id = (self.ids.get(self.roles.get(r), -1) for r in ("bos", "eos", "pad"))
         self.unk_id = -1  # every byte has a token: nothing is unknown
@@ -300,7 +302,10 @@ def pre_tokenizer(spec, where):
             raise ValueError(f"{where}: Split with behavior {spec.get('behavior')!r}"
                              f"{' inverted' if spec.get('invert') else ''} is not supported (only Isolated)")
         pattern = spec["pattern"]
-        compiled = regex.compile(pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"]))
+        try:
+            compiled = regex.compile(pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"]))
+        except regex.error as e:
+            raise ValueError(f"{where}: the Split pattern does not compile ({e})") from None
         return lambda pieces: split_isolated(pieces, compiled)
     raise ValueError(f"{where}: pre-tokenizer {kind!r} is not supported (ByteLevel, Split, Digits, Sequence)")
 
@@ -320,21 +325,24 @@ def post_processor_bos(spec, where):
     raise ValueError(f"{where}: post-processor {kind!r} is not supported (TemplateProcessing, ByteLevel, Sequence)")
 
 
-def token_name(value):
-    """A tokenizer_config.json special token: "<s>", or {"content": "<s>", ...}, or null."""
-    return value.get("content") if isinstance(value, dict) else value
-
-
-def roles_of(spec, config):
+def roles_of(spec, config, config_path="tokenizer_config.json"):
     """{"bos", "eos", "pad"} -> token, from tokenizer.json's post-processor and tokenizer_config.json
-    (`config`), else from the names such tokens usually have."""
+    (`config`), else from the names such tokens usually have; a ValueError naming config_path for a
+    special token it names that is not there."""
     names = {t["content"] for t in spec.get("added_tokens") or []}
+    known = names | set(spec["model"]["vocab"])
+    given = {}
+    for role in ("bos", "eos", "pad"):
+        value = config.get(f"{role}_token")
+        name = value.get("content") if isinstance(value, dict) else value
+        if name is not None and (not isinstance(name, str) or name not in known):
+            raise ValueError(f"{config_path}: {role}_token {value!r} is not a token of the tokenizer")
+        given[role] = name
     bos = post_processor_bos(spec.get("post_processor"), "post_processor")
     if bos is None and config.get("add_bos_token"):
-        bos = token_name(config.get("bos_token"))
-    eos = token_name(config.get("eos_token")) or next((n for n in ("<|end_of_text|>", "<|endoftext|>", "</s>")
-                                                       if n in names), None)
-    pad = token_name(config.get("pad_token")) or ("<pad>" if "<pad>" in names else None)
+        bos = given["bos"]
+    eos = given["eos"] or next((n for n in ("<|end_of_text|>", "<|endoftext|>", "</s>") if n in names), None)
+    pad = given["pad"] or ("<pad>" if "<pad>" in names else None)
     return {"bos": bos, "eos": eos, "pad": pad}
 
 
@@ -374,10 +382,10 @@ def from_spec(spec, where, roles=None):
         raise ValueError(f"{where}: {e}") from None
 
 
-def load_tokenizer_json(path, config=None):
+def load_tokenizer_json(path, config=None, config_path="tokenizer_config.json"):
     """A ByteLevelBPE from a tokenizer.json, with BOS/EOS/padding from tokenizer_config.json's
-    content (`config`) where given; a ValueError naming the file and the part for anything it cannot
-    read or does not implement."""
+    content (`config`, read from config_path) where given; a ValueError naming the file and the part
+    for anything it cannot read or does not implement."""
     try:
         with open(path, encoding="utf-8") as f:
             spec = json.load(f)
@@ -387,10 +395,10 @@ def load_tokenizer_json(path, config=None):
         raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: not a tokenizer.json as Hugging Face writes it (a JSON {type(spec).__name__})")
+    tok = from_spec(spec, str(path))  # (checks the file before its special tokens are looked up)
     try:
-        roles = roles_of(spec, config or {})
+        tok.roles = roles_of(spec, config or {}, config_path)
     except (KeyError, TypeError, AttributeError, IndexError) as e:
         raise ValueError(f"{path}: not a tokenizer.json as Hugging Face writes it (missing or malformed {e})") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return from_spec(spec, str(path), roles)
+    tok.bos_id, tok.eos_id, tok.pad_id = (tok.ids.get(tok.roles[r], -1) for r in ("bos", "eos", "pad"))
+    return tok

@@ -190,8 +190,9 @@ def load_data(args, run_dir, rank, world, tok=None):
         tok = tokenizer_for(args, files, run_dir)
     chat_format = None if args.chat_format == "auto" else args.chat_format  # auto: the tokenizer's own
     tok = with_markers(tok, chat_format)
-    template = ChatTemplate(tok, chat_format)
+    template = ChatTemplate(tok, chat_format, date=getattr(args, "chat_date", None))
     tok.chat_template = template.jinja  # saved with the run: chat.py renders prompts in the same format
+    args.chat_date = template.date  # (Llama 3.1+'s date, in args.json: a resumed run renders as it started)
     row_len = args.max_seq_len + 1  # +1: inputs and targets are the row shifted by one
     samples, val_samples, counts = training_samples(files, [w for _, w in sources], tok, template, row_len, args)
     mix = (" blended " + ", ".join(f"{f.path} x{n}" for f, n in zip(files, samples.counts))

@@ -77,7 +77,7 @@ def detect_format(jinja):
         return {"chat_format": "nanosft"}
     if "<|im_start|>" in jinja:
         # the default is the one system turn the template spells out whole, as a string literal
-        m = re.search(r"""<\|im_start\|>system\\n([^'"+{}]+?)<\|im_end\|>""", jinja)
+        m = re.search(r"""<\|im_start\|>system(?:\\n|\n)([^'"+{}]+?)<\|im_end\|>""", jinja)
         default = m.group(1).replace("\\n", "\n") if m else None
         return {"chat_format": "chatml", "default_system": default, "think": "<think>" in jinja}
     if "<|start_header_id|>" in jinja:
@@ -96,9 +96,10 @@ def with_markers(tok, chat_format=None):
 
 
 class ChatTemplate:
-    def __init__(self, tokenizer, chat_format=None):
+    def __init__(self, tokenizer, chat_format=None, date=None):
         """chat_format: one of FORMATS; default: the format of the tokenizer's own chat template
-        (tok.chat_template, read from the model directory), else nanosft's."""
+        (tok.chat_template, read from the model directory), else nanosft's. date: the date a Llama
+        3.1+ system turn gives (default today's, as transformers renders it; a run keeps its own)."""
         self.tok = tokenizer
         own = detect_format(tokenizer.chat_template)
         settings = own if own and chat_format in (None, own["chat_format"]) else {"chat_format": chat_format or "nanosft"}
@@ -106,14 +107,17 @@ class ChatTemplate:
         if self.format not in FORMATS:
             raise ValueError(f"chat format must be one of {', '.join(FORMATS)}, not {self.format!r}")
         self.default_system, self.think, self.date = (settings.get(k) for k in ("default_system", "think", "date"))
+        if self.date is not None and date is not None:
+            self.date = date
         # what an export writes as its chat template: the base model's own where it is the one rendered
         self.jinja = tokenizer.chat_template if settings is own else \
             {"nanosft": JINJA, "chatml": CHATML_JINJA, "llama3": LLAMA3_JINJA}[self.format]
-        self.signature = [self.format, self.default_system, self.think, self.date]  # what rendering depends on
         self.bos = tokenizer.bos_id
         # padding only fills packed rows (never attended to by real tokens, never in the loss), so
         # a tokenizer without <pad> (Llama's, Qwen's) pads with <unk> or the end of text
         self.pad = next((i for i in (tokenizer.pad_id, tokenizer.unk_id, tokenizer.eos_id) if i >= 0), 0)
+        # what rendering depends on besides the tokenizer's vocabulary (the sample cache's key)
+        self.signature = [self.format, self.default_system, self.think, self.date, self.bos, tokenizer.eos_id, self.pad]
         try:
             marker = {name: tokenizer.token_id(name) for name in MARKERS[self.format]}
         except KeyError as e:
@@ -134,15 +138,19 @@ class ChatTemplate:
 
     # ---- a conversation as parts: control token ids, and text with where its content starts
 
-    def turn(self, role, content, think=False):
+    def turn(self, role, content, think=None):
         """One message -> [part]: an int is a control token; (text, start) is text encoded as one
         piece, its content from character `start` on (None: no content in it). The last int is the
-        turn's end token."""
+        turn's end token. think, for Qwen3's replies, as its template writes the reasoning a reply
+        spells in <think>...</think>: "drop" it, "show" it (an empty block if none), or show it
+        "if_any"."""
         if self.format == "nanosft":
             return [self.header[role], (content, 0), self.end]
         if self.format == "chatml":
-            if think:  # Qwen3: the reply after the last user turn opens with its (here empty) thinking
-                content = "<think>\n\n</think>\n\n" + content.lstrip("\n")
+            if think:
+                answer, reasoning = split_reasoning(content)
+                show = think == "show" or think == "if_any" and reasoning
+                content = f"<think>\n{reasoning}\n</think>\n\n" + answer if show else answer
             return [self.start, (f"{role}\n{content}", len(role) + 1), self.end, ("\n", None)]
         return [self.start, (role, None), self.end_header, ("\n\n" + content.strip(), 2), self.end]
 
@@ -182,12 +190,17 @@ class ChatTemplate:
         if train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        # Qwen3's "last query": the last user turn that is no tool's response (none: the last message)
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user" and not (
+            m["content"].startswith("<tool_response>") and m["content"].endswith("</tool_response>"))),
+            default=len(messages) - 1)
         parts, rest = self.opening(messages)
         ids, mask = self.encode_parts(parts, False)
         skipped = len(messages) - len(rest)
         for i, m in enumerate(rest, skipped):
-            think = self.think and m["role"] == "assistant" and i == len(messages) - 1 and i > last_user
+            think = None
+            if self.think and m["role"] == "assistant":  # Qwen3: thinking shown after the last query only
+                think = "drop" if i <= last_user else "show" if i == len(messages) - 1 else "if_any"
             supervised = m["role"] == "assistant" and (train_on == "all-assistant" or i == last)
             more_ids, more_mask = self.encode_parts(self.turn(m["role"], m["content"], think), supervised)
             ids += more_ids
@@ -216,3 +229,12 @@ def common_prefix(a, b):
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+def split_reasoning(content):
+    """Qwen3's reading of a reply: "<think>\nreasoning\n</think>\n\nanswer" -> (answer, reasoning),
+    both without the newlines around them ("" reasoning for a reply without </think>)."""
+    if "</think>" not in content:
+        return content, ""
+    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+    return content.split("</think>")[-1].lstrip("\n"), reasoning.strip("\n")

@@ -36,7 +36,7 @@ def load_tokenizer(path):
     else:
         file = path
     if file.endswith(".json"):
-        tok = load_tokenizer_json(file, config)
+        tok = load_tokenizer_json(file, config, os.path.join(path, "tokenizer_config.json"))
     else:
         tok = Tokenizer.load(file)
     template = config.get("chat_template")

@@ -100,6 +100,9 @@ def with_top(**fields):
     (with_top(pre_tokenizer={"type": "Sequence", "pretokenizers": [{"type": "Punctuation"}]}),
      "pre_tokenizer.pretokenizers[0]: pre-tokenizer 'Punctuation' is not supported"),
     (with_top(normalizer={"type": "NFKC"}), "normalizer 'NFKC' is not supported"),
+    (with_top(pre_tokenizer={"type": "Split", "pattern": {"Regex": "(unclosed"}, "behavior": "Isolated", "invert": False}),
+     "pre_tokenizer: the Split pattern does not compile"),
+    (with_top(post_processor={"type": "RobertaProcessing"}), "post-processor 'RobertaProcessing' is not supported"),
     (with_model(merges=[["Ġ", "zzzq"]]), "model.merges[0] 'Ġ' 'zzzq' names a token that is not in the vocabulary"),
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "model"}), "missing or malformed 'model'"),
 ])
@@ -137,11 +140,11 @@ def test_added_tokens_are_matched_in_the_text_as_the_file_says_and_special_ones_
     from tokenizers import AddedToken
     ref = reference("qwen2", tmp_path / "base.json")
     ref.add_tokens([AddedToken("<tool_call>", normalized=False), AddedToken("[L]", lstrip=True, normalized=False),
-                    AddedToken("[R]", rstrip=True, normalized=False), AddedToken("caf\u00e9", normalized=True)])
+                    AddedToken("[R]", rstrip=True, normalized=False), AddedToken("caf\u00e9", normalized=True), AddedToken("nai\u0308f", normalized=True)])
     ref.save(str(tmp_path / "tokenizer.json"))
     ours = load_tokenizer_json(tmp_path / "tokenizer.json")
     rng = random.Random(3)
-    pieces = PIECES + ["<tool_call>", "[L]", "[R]", "  ", "cafe\u0301", "café", "<tool_call", "[L", "L]"]
+    pieces = PIECES + ["<tool_call>", "[L]", "[R]", "  ", "cafe\u0301", "café", "<tool_call", "[L", "L]", "naïf", "nai\u0308f"]
     for _ in range(2000):
         s = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 10)))
         assert ours.encode(s) == ref.encode(s, add_special_tokens=False).ids, s
@@ -203,3 +206,15 @@ def test_the_command_line_trains_encodes_decodes_and_inspects_tokenizer_json(tmp
     assert back.split("\n")[:-1] == lines
     shown = cli("inspect", "--model", str(tmp_path), "--chat", str(chat), "-n", "1", "--chat-format", "chatml")
     assert "[<|im_end|>]" in shown and "<|im_start|>" in shown and "[<|im_start|>]" not in shown
+
+
+def test_a_special_token_tokenizer_config_names_must_be_in_the_tokenizer(tmp_path):
+    from nanosft.tokenizer_dir import load_tokenizer
+    reference("qwen2", tmp_path / "tokenizer.json")
+    for value in ("<|im_end|>", ["<|endoftext|>"], 7):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": value}))
+        with pytest.raises(ValueError) as e:
+            load_tokenizer(str(tmp_path))
+        assert str(e.value) == f"{tmp_path / 'tokenizer_config.json'}: eos_token {value!r} is not a token of the tokenizer"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": SPECIAL}}))
+    assert load_tokenizer(str(tmp_path)).eos_id == Tokenizer.from_file(str(tmp_path / "tokenizer.json")).token_to_id(SPECIAL)

@@ -78,7 +78,7 @@ def test_generation_stops_at_every_control_token_that_opens_or_closes_a_turn(tem
 from chat_templates import TEMPLATES  # noqa: E402
 from conftest import byte_level_tokenizer  # noqa: E402
 
-from nanosft.template import detect_format, with_markers  # noqa: E402
+from nanosft.template import detect_format, split_reasoning, with_markers  # noqa: E402
 from nanosft.tokenizer_dir import load_tokenizer  # noqa: E402
 
 CONVERSATIONS = [
@@ -92,6 +92,12 @@ CONVERSATIONS = [
     [{"role": "system", "content": "first"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
      {"role": "system", "content": "a later system turn"}, {"role": "user", "content": "c"},
      {"role": "assistant", "content": "\t\td"}],
+    [{"role": "assistant", "content": "A reply with no question before it"}],  # (Qwen3: no "last query")
+    [{"role": "system", "content": "s"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    # reasoning spelled in replies: Qwen3's template drops it before the last question, shows it after
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\nhm\n</think>\n\nb"},
+     {"role": "user", "content": "<tool_response>42</tool_response>"},
+     {"role": "assistant", "content": "<think>first</think>one"}, {"role": "assistant", "content": "two</think>\nthree"}],
 ]
 SHIPPED = [(family, name) for family, templates in TEMPLATES.items() for name in templates]
 
@@ -138,10 +144,11 @@ def test_in_a_family_format_the_loss_covers_each_reply_and_its_end_token(shipped
         assert len(spans) == len(replies) and all(s[-1] == template.end for s in spans)
         for span, reply in zip(spans, replies):
             text = tok.decode(span[:-1])
-            reply = reply.strip() if template.format == "llama3" else reply
+            reply = reply.strip() if template.format == "llama3" else split_reasoning(reply)[0] if template.think else reply
             # the reply, after at most the header's newline a token straddling the two brought in
-            # (and Qwen3's empty thinking, which the model must write too)
-            assert text.endswith(reply.lstrip("\n")) and len(text) - len(reply) <= len("\n<think>\n\n</think>\n\n")
+            # (and Qwen3's thinking, which the model must write too)
+            assert text.endswith(reply.lstrip("\n")) and not text.startswith(("assistant", "\nassistant"))
+            assert len(text) - len(reply) <= (len("\n<think>\n\n</think>\n\n") + 10 if template.think else 2)
 
 
 def test_in_a_family_format_a_user_cannot_end_a_turn_by_typing_its_markers(shipped):
@@ -160,7 +167,9 @@ def test_formats_are_detected_from_the_template_text():
     from nanosft.template import JINJA
     assert detect_format(QWEN25) == {"chat_format": "chatml", "think": False,
                                      "default_system": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}
-    assert detect_format(SMOLLM2)["default_system"] == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    smollm = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert detect_format(SMOLLM2)["default_system"] == smollm
+    assert detect_format(SMOLLM2.replace("\\n", "\n"))["default_system"] == smollm  # (newlines as themselves)
     assert detect_format(QWEN3) == {"chat_format": "chatml", "default_system": None, "think": True}
     assert detect_format(LLAMA3) == {"chat_format": "llama3", "date": None}
     assert detect_format(LLAMA32)["date"] is not None
