@@ -13,7 +13,7 @@ LAUNCH := $(if $(NGPUS),.venv/bin/deepspeed --num_gpus $(NGPUS),$(if $(NPROC),CU
 
 VARIANTS ?=
 
-.PHONY: install train chat plot evaluate compare test data clean gpu-check
+.PHONY: install train chat plot evaluate compare test data clean gpu-check lora-demo
 
 install: .venv/.installed
 
@@ -57,6 +57,11 @@ evaluate: install data
 # the same budget, then a table and runs/compare/compare.png (variants: VARIANTS in nanosft/attention.py)
 compare: install data
 	$(PY) -m nanosft.compare $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(ARGS),-- $(ARGS))
+
+# make lora-demo [RUN=runs/NAME]: after make train, LoRA teaches the trained model a new skill while it
+# keeps the old ones, next to a full fine-tune of the same steps (bench/lora_demo.py; ~2.5 min on 2 cores)
+lora-demo: install
+	$(PY) bench/lora_demo.py --base $(RUN) $(ARGS)
 
 # make gpu-check: every path only a GPU takes, run once, one table (bench/gpu_check.py). It runs with
 # the Python that already holds CUDA PyTorch (GPU_PY), never .venv and its CPU wheel: README, "On a GPU"

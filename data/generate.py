@@ -15,6 +15,12 @@ plus a "family" field naming the skill. The six families:
     persona   system "Your name is Kira."  "What is your name?" -> "My name is Kira."
               (the system message steers the answer: chat.py's /system shows it)
 
+and skills the default data leaves out, for teaching a trained model something new
+(`make lora-demo`; `--families min` writes its files):
+
+    min       "Which is smaller, 37 or 52?" -> "37"
+    last      "What is the last word of: blue river stone" -> "stone"
+
 The skills are taught, not the lists: a model that memorised its words or names would fail on the
 held-out prompts, because those use only words and names the training data never contains.
   - copy and count draw from ~200 everyday words, 20,000 made-up words and random letter strings;
@@ -235,29 +241,44 @@ def make_persona(rng, held_out):
     return [system(f"Your name is {name}."), user("What is your name?"), assistant(f"My name is {name}.")], name
 
 
+def make_min(rng, held_out):
+    a, b = rng.sample(range(1000), 2)
+    return [user(f"Which is smaller, {a} or {b}?"), assistant(str(min(a, b)))], (a, b)
+
+
+def make_last(rng, held_out):
+    text = words(rng, held_out, sentence_length(rng, held_out))
+    return [user(f"What is the last word of: {' '.join(text)}"), assistant(text[-1])], " ".join(text)
+
+
 FAMILIES = {"recall": make_recall, "recall_zh": make_recall_zh, "copy": make_copy, "count": make_count,
             "max": make_max, "persona": make_persona}
+# skills the default data does not teach: a trained model learns them later (`make lora-demo`)
+NEW_FAMILIES = {"min": make_min, "last": make_last}
 # Harder skills get a bigger share of the training data. count's answer is one or two tokens, so
 # its conversations weigh little in the loss however many there are: it gets the most of them.
 TRAIN_WEIGHTS = {"recall": 0.02, "recall_zh": 0.03, "copy": 0.32, "count": 0.40, "max": 0.21, "persona": 0.02}
 
 
-def generate(n_train, n_val, n_eval, seed=1337, eval_seed=None):
+def generate(n_train, n_val, n_eval, seed=1337, eval_seed=None, only=None):
     """Returns (train, val, eval) lists of records. val/eval never share a key with train, and their
     words and names come from the held-out lists.
-    eval_seed: draw val/eval from their own seed (the same train set, other held-out prompts)."""
+    eval_seed: draw val/eval from their own seed (the same train set, other held-out prompts).
+    only: these families alone, in equal shares (NEW_FAMILIES' too)."""
     rng = random.Random(seed)
-    families, weights = list(TRAIN_WEIGHTS), list(TRAIN_WEIGHTS.values())
+    makers = {**FAMILIES, **NEW_FAMILIES}
+    chosen = {f: makers[f] for f in only} if only else FAMILIES
+    families, weights = (list(chosen), [1] * len(chosen)) if only else (list(TRAIN_WEIGHTS), list(TRAIN_WEIGHTS.values()))
     train, seen = [], set()
     for _ in range(n_train):
         family = rng.choices(families, weights)[0]
-        msgs, key = FAMILIES[family](rng, held_out=False)
+        msgs, key = chosen[family](rng, held_out=False)
         train.append({"family": family, "messages": msgs})
         seen.add((family, key))
 
     def held_out(n_per_family):
         out, used = [], set()
-        for family, make in FAMILIES.items():
+        for family, make in chosen.items():
             while sum(r["family"] == family for r in out) < n_per_family:
                 msgs, key = make(rng, held_out=True)
                 if (family, key) in seen or (family, key) in used:
@@ -269,9 +290,9 @@ def generate(n_train, n_val, n_eval, seed=1337, eval_seed=None):
 
     if eval_seed is not None:
         rng = random.Random(eval_seed)
-    val = held_out(n_val // len(FAMILIES))
+    val = held_out(n_val // len(chosen))
     evals = [{"family": r["family"], "messages": r["messages"][:-1], "answer": r["messages"][-1]["content"]}
-             for r in held_out(n_eval // len(FAMILIES))]
+             for r in held_out(n_eval // len(chosen))]
     return train, val, evals
 
 
@@ -291,8 +312,14 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-seed", type=int, default=None,
                    help="fresh held-out prompts for the same training set (e.g. to re-measure a trained run)")
+    p.add_argument("--families", default="", help=f"comma-separated: only these skills (of {', '.join(FAMILIES)}, "
+                   f"and the new {', '.join(NEW_FAMILIES)})")
     args = p.parse_args()
-    train, val, evals = generate(args.n_train, args.n_val, args.n_eval, args.seed, args.eval_seed)
+    only = [f for f in args.families.split(",") if f]
+    unknown = [f for f in only if f not in FAMILIES and f not in NEW_FAMILIES]
+    if unknown:
+        p.error(f"--families: unknown skill {unknown[0]!r}")
+    train, val, evals = generate(args.n_train, args.n_val, args.n_eval, args.seed, args.eval_seed, only)
     os.makedirs(args.out, exist_ok=True)
     for name, records in (("train", train), ("val", val), ("eval", evals)):
         write_jsonl(os.path.join(args.out, f"{name}.jsonl"), records)

@@ -71,14 +71,20 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):  # (B, T, in) -> (B, T, out)
         y = super().forward(x)
-        h = self.dropout(x)
-        for name, (start, stop) in self.rows.items():
-            delta = (h @ self.lora_A[name].t()) @ self.lora_B[name].t() * self.scale  # (B, T, r) -> (B, T, stop - start)
-            if stop - start == self.out_features:
-                y = y + delta
-            else:  # its rows only (the linear's backward needs x and W, never y: adding in place is safe)
-                y[..., start:stop] += delta
-        return y
+        # all the adapters at once: their A's stacked, their B's side by side, each in its own rows
+        # (zeros elsewhere); two thin matmuls, whatever the number of adapters on this matrix
+        A = torch.cat([self.lora_A[name] for name in self.rows])  # (n r, in)
+        return y + (self.dropout(x) @ A.t()) @ (self.stacked_B().t() * self.scale)  # (B, T, n r) -> (B, T, out)
+
+    def stacked_B(self):
+        """(out, n r): adapter j's B in its rows and in columns j r .. (j + 1) r."""
+        r = self.rank
+        if len(self.rows) == 1 and next(iter(self.rows.values())) == (0, self.out_features):
+            return self.lora_B[next(iter(self.rows))]
+        B = self.weight.new_zeros(self.out_features, r * len(self.rows))
+        for j, (name, (start, stop)) in enumerate(self.rows.items()):
+            B[start:stop, j * r:(j + 1) * r] = self.lora_B[name]
+        return B
 
     @torch.no_grad()
     def merged_weight(self):
