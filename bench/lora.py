@@ -2,7 +2,7 @@
 LoRA against full fine-tuning in nanosft, and against transformers + PEFT, on one base model.
 
     .venv/bin/python bench/lora.py [--dim 512] [--layers 8] [--rank 8] [--batch 8] [--seq 256]
-                                   [--dtype fp32|bf16] [--steps 6] [--json out.json]
+                                   [--dtype fp32|bf16] [--steps 10] [--rounds 3] [--json out.json]
 
 The base is a random LlamaForCausalLM (d=512, 8 layers by default) saved once; nanosft loads the same
 directory. Each job runs in a fresh process on all cores, as a training run does, and times forward +
@@ -13,7 +13,8 @@ not timed):
     nanosft full     AdamW on every weight
     PEFT LoRA        peft.get_peft_model with the same rank, alpha and target modules
 
-Reported per job: tokens/s, the model states (weights + gradients + optimizer state, counted tensor
+Each job runs --rounds times, the three taking turns, and its best round counts. Reported per job:
+tokens/s, the model states (weights + gradients + optimizer state, counted tensor
 by tensor after a step) and the peak resident memory the steps added. Then the ratios the README
 quotes, all from this one invocation: LoRA/full and nanosft/PEFT tokens/s, and LoRA's gradients +
 optimizer state as a share of full fine-tuning's. Separately, --memory-json runs train.py itself
@@ -131,7 +132,8 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="each job's best of this many runs")
     p.add_argument("--json", default="")
     p.add_argument("--job", default="", help=argparse.SUPPRESS)  # (a child process: one measurement)
     p.add_argument("--base", default="", help=argparse.SUPPRESS)
@@ -145,17 +147,20 @@ def main():
         from nanosft.tokenizer import Tokenizer  # the base needs a tokenizer for train.py
         Tokenizer.train([f"word {i} and {i * 7}" for i in range(3000)], args.vocab - 8).save(os.path.join(base, "tokenizer.model"))
         results = {}
-        for kind in ("lora", "full", "peft"):
-            r = subprocess.run([sys.executable, __file__, "--job", kind, "--base", base, "--rank", str(args.rank),
-                                "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
-                                "--steps", str(args.steps)], capture_output=True, text=True)
-            if r.returncode != 0:
-                sys.exit(f"{kind} failed:\n{r.stderr[-3000:]}")
-            results[kind] = json.loads(r.stdout.strip().splitlines()[-1])
+        for _ in range(args.rounds):  # the jobs take turns, so a slow spell of the machine hits all of them
+            for kind in ("lora", "full", "peft"):
+                r = subprocess.run([sys.executable, __file__, "--job", kind, "--base", base, "--rank", str(args.rank),
+                                    "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
+                                    "--steps", str(args.steps)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    sys.exit(f"{kind} failed:\n{r.stderr[-3000:]}")
+                got = json.loads(r.stdout.strip().splitlines()[-1])
+                if kind not in results or got["tokens_per_s"] > results[kind]["tokens_per_s"]:
+                    results[kind] = got  # each job's best round
         results["memory_json"] = memory_json(base, args.rank, os.path.join(d, "runs"), args.dtype)
     mib = 2 ** 20
     print(f"d={args.dim}, {args.layers} layers, rank {args.rank} on {', '.join(TARGETS)}; batch {args.batch} x "
-          f"{args.seq} tokens, {args.dtype}, {args.steps} timed steps")
+          f"{args.seq} tokens, {args.dtype}, {args.steps} timed steps, best of {args.rounds} rounds")
     print(f"{'job':<14}{'tokens/s':>10}{'trained':>12}{'weights MiB':>13}{'grads MiB':>11}{'Adam MiB':>10}{'peak+ MiB':>11}")
     for kind, label in (("lora", "nanosft LoRA"), ("full", "nanosft full"), ("peft", "PEFT LoRA")):
         r = results[kind]

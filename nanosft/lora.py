@@ -74,7 +74,8 @@ class LoRALinear(nn.Linear):
         # all the adapters at once: their A's stacked, their B's side by side, each in its own rows
         # (zeros elsewhere); two thin matmuls, whatever the number of adapters on this matrix
         A = torch.cat([self.lora_A[name] for name in self.rows])  # (n r, in)
-        return y + (self.dropout(x) @ A.t()) @ (self.stacked_B().t() * self.scale)  # (B, T, n r) -> (B, T, out)
+        h = self.dropout(x) if self.dropout.p else x
+        return y + (h @ A.t()) @ (self.stacked_B().t() * self.scale)  # (B, T, n r) -> (B, T, out)
 
     def stacked_B(self):
         """(out, n r): adapter j's B in its rows and in columns j r .. (j + 1) r."""

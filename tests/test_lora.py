@@ -136,3 +136,31 @@ def test_bad_settings_are_refused_naming_what_is_wrong(tmp_path):
             load_adapter(tmp_path / "a", tiny())
     with pytest.raises(FileNotFoundError, match="adapter_config.json not found"):
         load_adapter(tmp_path / "nothing", tiny())
+
+
+@pytest.mark.slow
+def test_a_lora_run_saves_the_merged_model_and_the_adapter_and_chat_talks_through_either(tiny_run, tmp_path):
+    from conftest import run_chat, run_train
+    data, base = tiny_run
+    out = tmp_path / "lora"
+    r = run_train("--init-from", str(base), "--data", str(data / "train.jsonl"), "--val-data", "", "--eval-data", "",
+                  "--out", str(out), "--steps", "4", "--lora-rank", "4", "--lora-targets", "attn,down_proj",
+                  "--lora-lr", "2e-2", "--batch-size", "2", "--max-seq-len", "128", "--dtype", "fp32", "--cache-dir", "")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    memory = json.loads((out / "memory.json").read_text())
+    n = memory["trained_params"]
+    assert f"({n:,} trained: LoRA rank 4)" in r.stdout and n < memory["params"] / 5
+    assert memory["per_rank"][0]["cpu"]["gradients"] == 4 * n  # fp32 gradients for the adapters alone
+    merged, _ = load_model(out)
+    unmerged, _ = load_model(base)
+    load_adapter(out, unmerged)
+    assert torch.equal(merged.state_dict()["embed_tokens.weight"], unmerged.state_dict()["embed_tokens.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDX % 300), unmerged.eval()(IDX % 300), rtol=1e-5, atol=1e-5)
+    prompt = ["--prompt", "Which is larger, 418 or 96?", "--max-new-tokens", "8"]
+    a, b = run_chat("--ckpt", str(out), *prompt), run_chat("--ckpt", str(base), "--adapter", str(out), *prompt)
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout, a.stderr + b.stderr
+    r = run_chat("--ckpt", str(base), "--adapter", str(tmp_path / "none"), *prompt)
+    assert r.returncode == 1 and "adapter_config.json not found" in r.stderr and "Traceback" not in r.stderr
+    r = run_train("--init-from", str(base), "--lora-rank", "4", "--lora-targets", "attn,query")
+    assert r.returncode == 2 and "--lora-targets: LoRA target 'query' matches no projection" in r.stderr
