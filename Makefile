@@ -59,7 +59,7 @@ compare: install data
 	$(PY) -m nanosft.compare $(if $(VARIANTS),--variants $(VARIANTS)) $(if $(ARGS),-- $(ARGS))
 
 # make lora-demo [RUN=runs/NAME]: after make train, LoRA teaches the trained model a new skill while it
-# keeps the old ones, next to a full fine-tune of the same steps (bench/lora_demo.py; ~2.5 min on 2 cores)
+# keeps the old ones, next to a full fine-tune of the same steps (bench/lora_demo.py; 2.5 min on 2 cores)
 lora-demo: install
 	$(PY) bench/lora_demo.py --base $(RUN) $(ARGS)
 

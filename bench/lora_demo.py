@@ -2,13 +2,13 @@
 Teach a trained model a new skill with LoRA, keeping the old ones; and the same with a full
 fine-tune of the same steps, side by side. `make lora-demo` after `make train`:
 
-    .venv/bin/python bench/lora_demo.py [--base runs/latest] [--steps 150] [--json out.json]
+    .venv/bin/python bench/lora_demo.py [--base runs/latest] [--steps 200] [--json out.json]
 
 The new skill is data/generate.py's "last" ("What is the last word of: blue river stone" ->
 "stone"), which the default data never teaches. Both runs start from --base and see the same
 rows: 15% the new skill, 85% the default data again (without that replay, both forget most of
 the old skills within a hundred steps: the README has the figures). LoRA: rank 8 on every
-projection, the adapters' learning rate 3e-3; full fine-tuning: AdamW at 1e-3, a usual rate for
+projection, the adapters' learning rate 5e-3; full fine-tuning: AdamW at 1e-3, a usual rate for
 a trained model. Held-out prompts of every skill are answered before and after (exact match), and
 the table shows old skills' change next to the new skill's score.
 """
@@ -54,7 +54,7 @@ def train(base, out, d, steps, flags):
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--base", default=os.path.join(ROOT, "runs", "latest"), help="a trained run (make train)")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "lora-demo"), help="where the two runs go")
     p.add_argument("--json", default="", help="also write the figures here")
     args = p.parse_args()
@@ -63,7 +63,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         write_data(d, 40000)
         runs = {"lora": train(args.base, os.path.join(args.out, "lora"), d, args.steps,
-                              ["--lora-rank", "8", "--lora-lr", "3e-3"]),
+                              ["--lora-rank", "8", "--lora-lr", "5e-3"]),
                 "full": train(args.base, os.path.join(args.out, "full"), d, args.steps, ["--lr", "1e-3"])}
     before = runs["lora"]["before"]
     skills = [k for k in before if k != "overall"]
