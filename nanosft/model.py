@@ -160,6 +160,19 @@ class Transformer(nn.Module):
         """-> logits (B, T, vocab_size); with targets (B, T): (sum of NLL over the supervised tokens,
         their count), as loss.masked_nll would compute it from the logits. loss_mask (B, T) says which
         targets are supervised (default: all)."""
+        h = self.hidden(idx, pos, doc, cache)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(h)  # (B, T, vocab_size)
+        if loss_mask is None:  # every target counts
+            loss_mask = torch.ones_like(targets)
+        fused = self.cfg.vocab_size >= FUSED_LOSS_VOCAB if self.fused_loss is None else self.fused_loss
+        if fused:  # the same numbers (tests/test_fused_loss.py)
+            return self.lm_head(h, targets, loss_mask)  # (sum NLL, count), no logits
+        return masked_nll(self.lm_head(h), targets, loss_mask)  # (sum NLL, count)
+
+    def hidden(self, idx, pos=None, doc=None, cache=None):
+        """The last block's output after the final norm, (B, T, C): what the LM head reads (and a
+        reward model's scalar head, reward.py)."""
         B, T = idx.shape
         start = cache.len if cache is not None else 0
         if pos is None:
@@ -182,12 +195,4 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask, cache, layer=i)  # (B, T, C)
         if cache is not None:
             cache.len += T
-        h = self.norm(x)  # (B, T, C)
-        if targets is None:
-            return self.lm_head(h)  # (B, T, vocab_size)
-        if loss_mask is None:  # every target counts
-            loss_mask = torch.ones_like(targets)
-        fused = self.cfg.vocab_size >= FUSED_LOSS_VOCAB if self.fused_loss is None else self.fused_loss
-        if fused:  # the same numbers (tests/test_fused_loss.py)
-            return self.lm_head(h, targets, loss_mask)  # (sum NLL, count), no logits
-        return masked_nll(self.lm_head(h), targets, loss_mask)  # (sum NLL, count)
+        return self.norm(x)  # (B, T, C)

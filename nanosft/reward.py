@@ -1,0 +1,49 @@
+"""
+The reward model of DeepSpeed-Chat's step 2: the decoder with a scalar head instead of the LM
+head's vocabulary, trained on preference pairs to score a chosen reply above a rejected one.
+
+    score(x, y) = w . h_last            h_last (C,): the final hidden state at the reply's end token
+    loss = -log sigmoid(score(x, y_w) - score(x, y_l))          (Bradley-Terry, pairwise)
+
+Reading the score at the end token means the whole prompt and reply have been seen (attention is
+causal). The layout is transformers' LlamaForSequenceClassification: the decoder's weights under
+their usual names and `score.weight` (1, C) with no bias, so a saved reward model loads there with
+num_labels 1 and gives the same scores (tests/test_reward.py). Step 3 (PPO) reads its rewards here.
+
+    RewardModel(sft_model)(idx, last) -> (B,) scores  last (B,): index of each row's end token
+    pairwise_loss(chosen, rejected) -> (B,)            and pair_metrics for the logs
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanosft.model import Transformer
+
+
+class RewardModel(nn.Module):
+    """`model`: the decoder (a Transformer, e.g. the SFT model, whose LM head it drops) -> a scorer."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        model.lm_head = None  # (its vocabulary is not needed to score; a tied head is the embedding anyway)
+        self.model = model
+        self.score = nn.Linear(model.cfg.dim, 1, bias=False)  # as LlamaForSequenceClassification's
+        nn.init.zeros_(self.score.weight)  # every reply scores 0 until trained
+
+    def forward(self, idx, last, pos=None, doc=None):
+        """idx (B, T), last (B,) -> scores (B,), in fp32."""
+        h = self.model.hidden(idx, pos, doc)  # (B, T, C)
+        at_end = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)
+        return self.score(at_end).squeeze(-1).float()  # (B,)
+
+
+def pairwise_loss(chosen, rejected):
+    """Scores (B,) of the chosen and the rejected reply of each pair -> the loss of each pair (B,)."""
+    return -F.logsigmoid(chosen - rejected)
+
+
+def pair_metrics(chosen, rejected):
+    """What a reward run logs: the share of pairs ranked right, the mean scores and their margin."""
+    return {"accuracy": (chosen > rejected).float().mean().item(), "chosen": chosen.mean().item(),
+            "rejected": rejected.mean().item(), "margin": (chosen - rejected).mean().item()}
