@@ -23,7 +23,7 @@ import random
 import numpy as np
 import torch
 
-from nanosft.formats import UNREADABLE, FormatError, read_records, read_text, to_messages
+from nanosft.formats import UNREADABLE, FormatError, read_records, read_text, to_messages, to_pair
 from nanosft.template import ROLES
 
 
@@ -105,6 +105,16 @@ def load_conversations(path, fmt="auto", skip_invalid=False):
         msgs, found = to_messages(rec, fmt)
         return {"messages": msgs, "format": found}
     return read_file(path, check_conversation, convert, skip_invalid)
+
+
+def load_pairs(path, fmt="auto", skip_invalid=False):
+    """Preference pairs (reward models, DPO) from a file in any of formats.PAIR_FORMATS -> (records,
+    errors), each {"messages": the prompt, "chosen": reply, "rejected": reply, "format": name}; the
+    prompt is checked as one (roles, contents, ending with the user's turn)."""
+    def convert(rec):
+        (prompt, chosen, rejected), found = to_pair(rec, fmt)
+        return {"messages": prompt, "chosen": chosen, "rejected": rejected, "format": found}
+    return read_file(path, check_prompt, convert, skip_invalid)
 
 
 def load_documents(path, skip_invalid=False):

@@ -12,6 +12,13 @@ every record keeps the line it starts on, so an error can name it.
 
 For --stage pretrain, a plain text file (.txt, .md) is one document, and JSONL records
 {"text": "..."} are one document each (read_text).
+
+Preference pairs (reward models, DPO: to_pair), each a prompt with a chosen and a rejected reply:
+
+    dschat_pair  {"prompt": " Human: ... Assistant:", "chosen": "...", "rejected": "..."}      (DeepSpeed-Chat)
+    trl          {"prompt": [messages], "chosen": [messages], "rejected": [messages]}, or the
+                 whole conversations in "chosen" and "rejected" without "prompt"               (TRL)
+    hh           {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}           (Anthropic HH)
 """
 
 import json
@@ -112,6 +119,75 @@ def to_messages(rec, fmt="auto"):
     if found == "messages":
         return rec["messages"], found
     return {"sharegpt": from_sharegpt, "alpaca": from_alpaca, "dschat": from_dschat}[found](rec), found
+
+
+# ---- preference pairs (a prompt, a chosen and a rejected reply): the data of reward models and DPO
+
+PAIR_FORMATS = ("dschat_pair", "trl", "hh")
+HH_MARKER = re.compile(r"\n\n(Human|Assistant): ?")  # Anthropic HH: "\n\nHuman: q\n\nAssistant: a"
+
+
+def detect_pair(rec):
+    """The preference format of one record, by its keys and their types; None when none matches."""
+    if "chosen" not in rec or "rejected" not in rec:
+        return None
+    if isinstance(rec.get("chosen"), list):
+        return "trl"  # messages, with the prompt apart or as the shared start of both
+    if "prompt" in rec:
+        return "dschat_pair"
+    return "hh"
+
+
+def _hh_turns(text, key):
+    parts = HH_MARKER.split("\n\n" + text.lstrip("\n"))  # (the first turn's "\n\n" may be missing)
+    if parts[0].strip() or len(parts) < 3:
+        raise FormatError(f'"{key}" is not "Human: ... Assistant: ..." turns (Anthropic HH)')
+    return [{"role": "user" if r == "Human" else "assistant", "content": t.strip()}
+            for r, t in zip(parts[1::2], parts[2::2])]
+
+
+def _split_shared(chosen, rejected, what):
+    """Two whole conversations that share everything but the last reply -> (prompt, chosen reply,
+    rejected reply)."""
+    if not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise FormatError(f"{what}: each conversation must end with the assistant's reply")
+    if chosen[:-1] != rejected[:-1]:
+        raise FormatError(f"{what}: chosen and rejected must share everything before their last reply")
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
+def to_pair(rec, fmt="auto"):
+    """One preference record of any format -> ((prompt messages, chosen reply, rejected reply), its
+    format). Raises FormatError naming what is wrong."""
+    if not isinstance(rec, dict):
+        raise FormatError(f"expected a JSON object, got {type(rec).__name__}")
+    found = detect_pair(rec) if fmt == "auto" else fmt
+    if found is None or detect_pair(rec) != found:
+        keys = ", ".join(sorted(rec)[:6]) or "none"
+        raise FormatError(f"not a preference pair (keys: {keys}); expected prompt/chosen/rejected or chosen/rejected")
+    if found == "dschat_pair":
+        prompt = from_dschat({"prompt": _text(rec, "prompt"), "chosen": ""})[:-1]
+        pair = prompt, _text(rec, "chosen").strip(), _text(rec, "rejected").strip()
+    elif found == "hh":
+        pair = _split_shared(_hh_turns(_text(rec, "chosen"), "chosen"), _hh_turns(_text(rec, "rejected"), "rejected"),
+                             "Anthropic HH pair")
+    else:
+        chosen, rejected = rec["chosen"], rec["rejected"]
+        if not isinstance(rejected, list) or not all(isinstance(m, dict) for m in chosen + rejected):
+            raise FormatError('"chosen" and "rejected" must both be lists of {"role", "content"} messages')
+        if "prompt" in rec:
+            if not isinstance(rec["prompt"], list):
+                raise FormatError('"prompt" must be a list of messages, as "chosen" and "rejected" are')
+            chosen, rejected = rec["prompt"] + chosen, rec["prompt"] + rejected
+        pair = _split_shared(chosen, rejected, "TRL pair")
+    prompt, good, bad = pair
+    if not good.strip() or not bad.strip():
+        raise FormatError(f"the {'chosen' if not good.strip() else 'rejected'} reply is empty")
+    if good == bad:
+        raise FormatError("chosen and rejected are the same reply: nothing to prefer")
+    if not any(m.get("role") == "user" for m in prompt):
+        raise FormatError("the prompt has no user turn")
+    return pair, found
 
 
 UNREADABLE = "nothing after it can be read"  # an error --skip-invalid cannot skip: records would be lost unseen

@@ -6,6 +6,7 @@ a turn; and every bad record is reported with file, line and reason, by `python 
 check` and by train.py alike, or, with --skip-invalid, counted exactly while the good ones train."""
 
 import json
+import re
 
 import pytest
 from conftest import TINY, run_train
@@ -314,3 +315,57 @@ def test_a_json_error_names_the_line_and_the_column_of_the_bad_character(tmp_pat
         load_conversations(p)
     assert f"{p}:{2 if layout == 'jsonl' else 3}: invalid JSON" in str(e.value)
     assert f"at column {column})" in str(e.value)
+
+
+# ---- preference pairs (formats.to_pair, data.load_pairs): the data of reward models and DPO
+
+USER_HI = [{"role": "user", "content": "hi"}]
+
+
+def test_preference_pairs_of_every_format_become_a_prompt_and_two_replies():
+    from nanosft.formats import to_pair
+    multi = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    cases = [
+        ({"prompt": " Human: a Assistant: b Human: c Assistant:", "chosen": " yes", "rejected": " no"}, "dschat_pair", multi),
+        ({"prompt": USER_HI, "chosen": [{"role": "assistant", "content": "yes"}],
+          "rejected": [{"role": "assistant", "content": "no"}]}, "trl", USER_HI),
+        ({"chosen": multi + [{"role": "assistant", "content": "yes"}],  # TRL, the prompt implicit
+          "rejected": multi + [{"role": "assistant", "content": "no"}]}, "trl", multi),
+        ({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: yes",
+          "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: no", "source": "hh"}, "hh", multi),
+    ]
+    for rec, fmt, prompt in cases:
+        assert to_pair(rec) == ((prompt, "yes", "no"), fmt)
+
+
+@pytest.mark.parametrize("rec, complaint", [
+    ({"prompt": " Human: a Assistant:", "chosen": "same", "rejected": "same"}, "chosen and rejected are the same reply"),
+    ({"prompt": " Human: a Assistant:", "chosen": "yes", "rejected": "  "}, "the rejected reply is empty"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: yes", "rejected": "\n\nHuman: b\n\nAssistant: no"},
+     "chosen and rejected must share everything before their last reply"),
+    ({"chosen": "just text", "rejected": "other text"}, '"chosen" is not "Human: ... Assistant: ..." turns'),
+    ({"prompt": USER_HI, "chosen": [{"role": "assistant", "content": "x"}], "rejected": "no"},
+     '"chosen" and "rejected" must both be lists'),
+    ({"answer": "x", "better": "y"}, "not a preference pair (keys: answer, better)"),
+])
+def test_a_bad_preference_pair_is_refused_naming_why(rec, complaint):
+    from nanosft.formats import FormatError, to_pair
+    with pytest.raises(FormatError, match=re.escape(complaint)):
+        to_pair(rec)
+
+
+def test_a_pairs_file_names_each_bad_line_or_skips_and_counts_them(tmp_path):
+    from nanosft.data import load_pairs
+    good = {"prompt": " Human: 2+2? Assistant:", "chosen": " 4", "rejected": " 5"}
+    lines = [good, {**good, "rejected": " 4"}, good, {"prompt": [{"role": "assistant", "content": "x"}],
+             "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + "{broken\n", encoding="utf-8")
+    with pytest.raises(ValueError) as e:
+        load_pairs(path)
+    assert f"{path}:2: chosen and rejected are the same reply" in str(e.value)
+    assert f"{path}:4: " in str(e.value) and f"{path}:5: invalid JSON" in str(e.value)
+    records, errors = load_pairs(path, skip_invalid=True)
+    assert len(records) == 2 and len(errors) == 3
+    assert records[0] == {"messages": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5",
+                          "format": "dschat_pair"}
