@@ -22,8 +22,8 @@ from collections import Counter
 
 import numpy as np
 
-from nanosft.data import error_list, load_conversations, load_jsonl, render_conversations
-from nanosft.formats import FORMATS
+from nanosft.data import error_list, load_conversations, load_jsonl, load_pairs, render_conversations
+from nanosft.formats import FORMATS, read_records
 from nanosft.bpe import ByteLevelBPE
 from nanosft.template import FORMATS as CHAT_FORMATS
 from nanosft.template import TRAIN_ON, ChatTemplate, with_markers
@@ -131,10 +131,14 @@ def tokenizer_main(argv=None):
 def check_files(paths, fmt="auto"):
     """Validate training files as train.py does -> (report, number of bad records). The report is
     one line when all is well, else the bad records of each file."""
-    lines, bad, formats = [], 0, Counter()
+    lines, bad, formats, pairs = [], 0, Counter(), 0
     for path in paths:
         try:
-            records, errors = load_conversations(path, fmt, skip_invalid=True)
+            if holds_pairs(path):  # preference pairs, for reward models and DPO
+                records, errors = load_pairs(path, skip_invalid=True)
+                pairs += len(records)
+            else:
+                records, errors = load_conversations(path, fmt, skip_invalid=True)
         except (ValueError, OSError) as e:  # a file that cannot be read to its end
             lines.append(str(e))
             bad += 1
@@ -147,9 +151,20 @@ def check_files(paths, fmt="auto"):
             lines.append(f"{path}: no conversations in the file")
             bad += 1
     kinds = by_format(formats) or "none"
-    summary = f"{sum(formats.values())} good conversation(s) in {len(paths)} file(s) ({kinds})"
+    count = sum(formats.values())
+    what = ([f"{count - pairs} good conversation(s)"] if count > pairs or not pairs else []) \
+        + ([f"{pairs} good preference pair(s)"] if pairs else [])
+    summary = f"{' and '.join(what)} in {len(paths)} file(s) ({kinds})"
     lines.append(f"{summary}, {bad} bad record(s)" if bad else f"ok: {summary}")
     return "\n".join(lines), bad
+
+
+def holds_pairs(path):
+    """Whether a data file holds preference pairs: its first readable record has a "rejected" reply."""
+    for _, rec, _ in read_records(path):
+        if isinstance(rec, dict):
+            return "rejected" in rec
+    return False
 
 
 def by_format(counts):

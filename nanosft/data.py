@@ -176,6 +176,26 @@ def render_conversations(records, template, row_len, train_on="all-assistant"):
     return samples, counts
 
 
+def render_pairs(records, template, row_len):
+    """Preference pairs (load_pairs') -> (samples, counts). A sample is ((ids, mask) of the prompt with
+    the chosen reply, the same with the rejected one), the mask 1 on the reply and its end token only.
+    Both sides lose the same oldest exchanges of the prompt until the longer fits in row_len tokens
+    ("truncated"); a pair whose last exchange alone is too long is left out ("dropped"): a reply is
+    never cut."""
+    samples, counts = [], {"truncated": 0, "dropped": 0}
+    for rec in records:
+        sides = [rec["messages"] + [{"role": "assistant", "content": rec[k]}] for k in ("chosen", "rejected")]
+        for (cut, chosen), (_, rejected) in zip(*[without_oldest_exchanges(side) for side in sides]):
+            rendered = [template.render(side, "last-assistant") for side in (chosen, rejected)]
+            if max(len(ids) for ids, _ in rendered) <= row_len:
+                counts["truncated"] += cut > 0
+                samples.append(tuple((np.array(ids, dtype=np.int32), np.array(m, dtype=np.int8)) for ids, m in rendered))
+                break
+        else:
+            counts["dropped"] += 1
+    return samples, counts
+
+
 def render_documents(records, template, row_len):
     """Documents for --stage pretrain -> samples, every token supervised; a document longer than
     row_len tokens is cut into pieces of row_len that overlap by one token (nothing is lost)."""

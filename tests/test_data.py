@@ -220,3 +220,24 @@ def test_prompt_files_must_end_with_a_user_turn(tmp_path):
     p = write(tmp_path, [json.dumps({"messages": [{"role": "user", "content": "hi"}]}), GOOD])
     msg = str(pytest.raises(ValueError, load_jsonl, p, check_prompt).value)
     assert f"{p}:2: the last message must be a user turn" in msg and f"{p}:1:" not in msg
+
+
+def test_a_preference_pair_renders_two_rows_supervised_on_their_replies_and_never_cuts_one():
+    from nanosft.data import render_pairs
+    from nanosft.template import ChatTemplate
+    from nanosft.tokenizer import Tokenizer
+    template = ChatTemplate(Tokenizer.train(["What is two plus two? It is four. It is five. tell me more"] * 20, 300))
+    prompt = [{"role": "user", "content": "tell me more " * 8}, {"role": "assistant", "content": "more " * 8},
+              {"role": "user", "content": "What is two plus two?"}]
+    rec = {"messages": prompt, "chosen": "It is four.", "rejected": "It is five, I think."}
+    (samples, counts) = render_pairs([rec], template, 1000)
+    (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = samples[0]
+    want = template.render(prompt + [{"role": "assistant", "content": "It is four."}], "last-assistant")
+    assert list(chosen_ids) == want[0] and list(chosen_mask) == want[1] and counts == {"truncated": 0, "dropped": 0}
+    tok = template.tok
+    assert tok.decode([i for i, m in zip(rejected_ids, rejected_mask) if m]) == "It is five, I think."
+    # a short row: the oldest exchange goes from both sides; shorter still, the pair is left out whole
+    short = len(template.render(prompt[2:] + [{"role": "assistant", "content": rec["rejected"]}])[0])
+    samples, counts = render_pairs([rec], template, short)
+    assert counts == {"truncated": 1, "dropped": 0} and len(samples[0][1][0]) == short
+    assert render_pairs([rec], template, short - 1) == ([], {"truncated": 0, "dropped": 1})

@@ -369,3 +369,13 @@ def test_a_pairs_file_names_each_bad_line_or_skips_and_counts_them(tmp_path):
     assert len(records) == 2 and len(errors) == 3
     assert records[0] == {"messages": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5",
                           "format": "dschat_pair"}
+
+
+def test_data_check_reads_a_pairs_file_as_pairs(tmp_path, capsys):
+    good = {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"}
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": good["chosen"]}) + "\n", encoding="utf-8")
+    assert data_main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:2: chosen and rejected are the same reply" in out
+    assert "1 good preference pair(s) in 1 file(s) (1 in hh format), 1 bad record(s)" in out
