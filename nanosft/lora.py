@@ -125,7 +125,7 @@ def lora_modules(model):
 @torch.no_grad()
 def merge_lora(model):
     """Fold every adapter into its matrix and put the plain nn.Linear back: the model computes the
-    same, at the cost of no extra matmuls (what chat and export use)."""
+    same without the adapters' extra matmuls (a run directory saves the same fold, split_merged)."""
     for name, m in lora_modules(model):
         owner = model.get_submodule(name.rsplit(".", 1)[0])
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
