@@ -105,12 +105,16 @@ class ByteLevelBPE:
         self.normalized_added = added_pattern([{**t, "content": unicodedata.normalize("NFC", t["content"]) if nfc
                                                 else t["content"]} for t in self.added
                                                if not t.get("special") and t.get("normalized")])
-        self.roles = dict(roles or {})  # {"bos": token, "eos": token, "pad": token}: what load_tokenizer_json found
-        self.bos_id, self.eos_id, self.pad_id = (self.ids.get(self.roles.get(r), -1) for r in ("bos", "eos", "pad"))
+        self.set_roles(roles or {})
         self.unk_id = -1  # every byte has a token: nothing is unknown
         self.base_size = self.vocab_size  # tokens before with_control_tokens added any
         self.chat_template = None  # the Jinja chat template that came with it (tokenizer_dir.py sets it)
         self.cache = {}  # pre-token -> ids: text repeats its words
+
+    def set_roles(self, roles):
+        """roles {"bos", "eos", "pad"} -> token (roles_of's): the ids bos_id, eos_id, pad_id (-1: none)."""
+        self.roles = dict(roles)
+        self.bos_id, self.eos_id, self.pad_id = (self.ids.get(self.roles.get(r), -1) for r in ("bos", "eos", "pad"))
 
     @property
     def vocab_size(self):
@@ -395,10 +399,6 @@ def load_tokenizer_json(path, config=None, config_path="tokenizer_config.json"):
         raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: not a tokenizer.json as Hugging Face writes it (a JSON {type(spec).__name__})")
-    tok = from_spec(spec, str(path))  # (checks the file before its special tokens are looked up)
-    try:
-        tok.roles = roles_of(spec, config or {}, config_path)
-    except (KeyError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"{path}: not a tokenizer.json as Hugging Face writes it (missing or malformed {e})") from None
-    tok.bos_id, tok.eos_id, tok.pad_id = (tok.ids.get(tok.roles[r], -1) for r in ("bos", "eos", "pad"))
+    tok = from_spec(spec, str(path))  # (checks the file, post-processor included, before the config is read)
+    tok.set_roles(roles_of(spec, config or {}, config_path))
     return tok

@@ -88,11 +88,12 @@ class LoRALinear(nn.Linear):
         return B
 
     @torch.no_grad()
-    def merged_weight(self):
-        """W + (alpha / r) B A for each adapter's rows: the plain matrix that computes the same."""
-        w = self.weight.detach().clone()
+    def fold(self, weight, A, B):
+        """weight + (alpha / r) B A in each adapter's rows (A, B: {projection: tensor}): the plain
+        matrix that computes what this layer does, from its own tensors or from a state dict's."""
+        w = weight.detach().clone()
         for name, (start, stop) in self.rows.items():
-            w[start:stop] += self.scale * (self.lora_B[name] @ self.lora_A[name]).to(w.dtype)
+            w[start:stop] += (self.scale * (B[name].float() @ A[name].float())).to(w.dtype)
         return w
 
 
@@ -130,7 +131,7 @@ def merge_lora(model):
         owner = model.get_submodule(name.rsplit(".", 1)[0])
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
                           dtype=m.weight.dtype)
-        plain.weight.copy_(m.merged_weight())
+        plain.weight.copy_(m.fold(m.weight, m.lora_A, m.lora_B))
         if m.bias is not None:
             plain.bias.copy_(m.bias)
         setattr(owner, name.rsplit(".", 1)[1], plain)
@@ -144,8 +145,6 @@ def split_merged(state, model):
     merged = {k: v for k, v in state.items() if ".lora_" not in k}
     adapters = {k: v for k, v in state.items() if ".lora_" in k}
     for name, m in lora_modules(model):
-        weight = merged[f"{name}.weight"] = merged[f"{name}.weight"].clone()
-        for proj, (start, stop) in m.rows.items():
-            b, a = adapters[f"{name}.lora_B.{proj}"], adapters[f"{name}.lora_A.{proj}"]
-            weight[start:stop] += (m.scale * (b.float() @ a.float())).to(weight.dtype)
+        A, B = ({p: adapters[f"{name}.lora_{kind}.{p}"] for p in m.rows} for kind in "AB")
+        merged[f"{name}.weight"] = m.fold(merged[f"{name}.weight"], A, B)
     return merged, adapters

@@ -140,8 +140,8 @@ class ChatTemplate:
 
     def turn(self, role, content, think=None):
         """One message -> [part]: an int is a control token; (text, start) is text encoded as one
-        piece, its content from character `start` on (None: no content in it). The last int is the
-        turn's end token. think, for Qwen3's replies, as its template writes the reasoning a reply
+        piece, its content from character `start` on (None: no content in it); self.end closes the
+        turn. think, for Qwen3's replies, as its template writes the reasoning a reply
         spells in <think>...</think>: "drop" it, "show" it (an empty block if none), or show it
         "if_any"."""
         if self.format == "nanosft":
