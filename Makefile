@@ -13,7 +13,7 @@ LAUNCH := $(if $(NGPUS),.venv/bin/deepspeed --num_gpus $(NGPUS),$(if $(NPROC),CU
 
 VARIANTS ?=
 
-.PHONY: install train chat plot evaluate compare test data clean gpu-check lora-demo
+.PHONY: install train chat plot evaluate compare test data clean gpu-check lora-demo align align-sft reward dpo
 
 install: .venv/.installed
 
@@ -62,6 +62,33 @@ compare: install data
 # keeps the old ones, next to a full fine-tune of the same steps (bench/lora_demo.py; 2.5 min on 2 cores)
 lora-demo: install
 	$(PY) bench/lora_demo.py --base $(RUN) $(ARGS)
+
+# Learning from preferences (README, "Learn from preferences"): data/align/ (data/generate.py --align) is
+# the default data with a noisy teacher's answers to max prompts, and preference pairs (half on max).
+# make align                   SFT on it, a reward model and DPO (LoRA, with RPO's NLL term: README), then a
+#                              table per family (runs/align/; ~9 min on 2 cores)
+# make reward [SFT=run] [DATA=pairs.jsonl]    the reward model alone, from an SFT run
+# make dpo [SFT=run] [DATA=pairs.jsonl]       DPO alone
+SFT ?= runs/align/sft
+PAIRS := $(if $(DATA),--data $(DATA) --val-data '',--data data/align/pairs.jsonl --val-data data/align/pairs_val.jsonl)
+
+data/align/train.jsonl: data/generate.py
+	$(PY) data/generate.py --align --out data/align
+
+align-sft: install data/align/train.jsonl
+	$(LAUNCH) train.py --data data/align/train.jsonl --val-data data/align/val.jsonl \
+	  --eval-data data/align/eval.jsonl --out $(SFT) $(ARGS)
+
+reward: install data/align/train.jsonl
+	$(LAUNCH) train.py --stage reward --init-from $(SFT) $(PAIRS) --out runs/align/reward \
+	  --lr 1e-3 --epochs 3 $(ARGS)
+
+dpo: install data/align/train.jsonl
+	$(LAUNCH) train.py --stage dpo --init-from $(SFT) $(PAIRS) --eval-data $(if $(DATA),'',data/align/eval.jsonl) \
+	  --out runs/align/dpo --lora-rank 8 --lora-lr 1e-3 --beta 1.0 --rpo-alpha 2 --epochs 4 $(ARGS)
+
+align: align-sft reward dpo
+	$(PY) -m nanosft.evaluate --report $(SFT) runs/align/reward runs/align/dpo
 
 # make gpu-check: every path only a GPU takes, run once, one table (bench/gpu_check.py). It runs with
 # the Python that already holds CUDA PyTorch (GPU_PY), never .venv and its CPU wheel: README, "On a GPU"

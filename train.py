@@ -5,6 +5,8 @@ Supervised fine-tuning, through DeepSpeed. One process on a laptop CPU by defaul
     deepspeed --num_gpus 2 train.py --zero-stage 2    # the same script on 2 GPUs (or 2 CPU ranks)
     python train.py --out runs/x --save-every 200     # checkpoints to resume from (Ctrl-C saves one too) ...
     python train.py --out runs/x --resume             # ... after a crash, a kill or a Ctrl-C
+    python train.py --stage reward --init-from runs/x --data pairs.jsonl   # a reward model, from an SFT run
+    python train.py --stage dpo --init-from runs/x --data pairs.jsonl      # DPO on the same pairs
 
 The story, in the order of main(): read and validate the chat data, train (or load) the tokenizer,
 render and pack the conversations -> build the model -> deepspeed.initialize (ZeRO stage, offload,
@@ -12,6 +14,8 @@ bf16/fp16, gradient clipping) -> the loop: train_step after train_step, with the
 normalised by the supervised tokens of the whole global batch -> evaluate (validation loss,
 held-out exact match and BLEU) -> save the run directory (nanosft/checkpoint.py). The plumbing:
 nanosft/train_args.py (flags, --resume), cache.py, distributed.py (DeepSpeed), monitor.py, memory.py.
+The preference stages (--stage reward|dpo) run the same story on pairs of replies, a step being
+preference.py's pair_step (reward.py's loss or dpo.py's) and evaluation the held-out pairs' metrics.
 """
 
 import faulthandler
@@ -31,7 +35,7 @@ import torch
 from nanosft.adapter import save_adapter
 from nanosft.cache import load_data
 from nanosft.checkpoint import describe_path, load_model, point_latest, save_model, save_tokenizer
-from nanosft.data import Batches
+from nanosft.data import Batches, PairBatches
 from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, load_checkpoint,
                                  lr_factor, lr_schedule, make_optimizer, param_groups, print0,
                                  rng_state, save_checkpoint, set_rng_state, setup_distributed, with_muon)
@@ -39,12 +43,14 @@ from nanosft.evaluate import brief, format_samples, generation_metrics, loss_and
 from nanosft.interrupt import StopRequest, save_and_exit
 from nanosft.lora import add_lora
 from nanosft.machine import choose_threads, cpu_name, free_memory, pick_dtype, using_threads
-from nanosft.files import write_json
+from nanosft.files import atomic_write, write_json
 from nanosft.memory import check_fits, least_free, record_memory
 from nanosft.model import Transformer
 from nanosft.monitor import MONITOR_DIR, log_events, trim_monitor
 from nanosft.plot import plot_run
+from nanosft.preference import STAGES as PAIR_STAGES, pair_metrics_from, pair_step, pair_sums, reference_logps
 from nanosft.progress import Progress, clock
+from nanosft.reward import RewardModel
 from nanosft.train_args import HERE, model_config, parse_args
 
 
@@ -87,12 +93,18 @@ def train(run, start, evaluate):
         # memory is measured at the second step: the optimizer's state appears at the first
         measure = (lambda: record_memory(engine, args, run.n_params, run.world, run.dir, show,
                                          run.n_trainable)) if step == 2 else None
-        nll, n_sup, n_tok, n_slots = train_step(engine, micro, run.world, run.device, measure)
+        if args.stage in PAIR_STAGES:  # (n_sup counts pairs here)
+            loss, n_sup, n_tok, n_slots, extra = pair_step(engine, micro, run.world, run.device, args.stage, run.ref,
+                                                           run.dpo, measure)
+        else:
+            nll, n_sup, n_tok, n_slots = train_step(engine, micro, run.world, run.device, measure)
+            loss, extra = nll / max(n_sup, 1.0), {}
         tokens, sup_tokens, slots = tokens + int(n_tok), sup_tokens + int(n_sup), slots + int(n_slots)
-        loss, seconds, scale = nll / max(n_sup, 1.0), time.time() - t0, current_loss_scale(engine)
+        seconds, scale = time.time() - t0, current_loss_scale(engine)
         tok_per_s, elapsed = (tokens - start["tokens"]) / seconds, start["elapsed_s"] + seconds
         log_events(engine, step, "Train", loss=loss, lr=lr, tokens=tokens, supervised_tokens=sup_tokens,
-                   tokens_per_s=tok_per_s, elapsed_s=elapsed, skipped_steps=engine.skipped_steps, loss_scale=scale)
+                   tokens_per_s=tok_per_s, elapsed_s=elapsed, skipped_steps=engine.skipped_steps, loss_scale=scale,
+                   **extra)
         if progress:
             progress.update(step, loss, lr, tok_per_s, elapsed, seconds / (step - start["step"]) * (run.total_steps - step))
             if engine.skipped_steps and step % args.log_every == 0:
@@ -135,15 +147,23 @@ def main(args):
     if model and data.tok.vocab_size > tok.vocab_size:  # --chat-format's markers, new to the model's vocabulary
         model.add_token_rows(tok.vocab_size, data.tok.vocab_size)
     model = model.train() if model else Transformer(model_config(args, data.tok.vocab_size))
+    model.grad_checkpointing = args.gradient_checkpointing
     if args.lora_rank:  # the model frozen, adapters on the chosen projections (nanosft/lora.py)
         add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
+    if args.stage == "reward":  # a score head instead of the LM head, trained (with LoRA too) from zero
+        model = RewardModel(model)
     if args.max_seq_len > model.cfg.max_seq_len:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's {model.cfg.max_seq_len} positions")
 
     # ---- deepspeed.initialize, then start (or pick up where a checkpoint left off)
     engine, ds_cfg = start_engine(run, model, data)
-    _, run.decode_threads, why = choose_threads(engine.module, args.batch_size, args.max_seq_len, args.threads, world)
+    _, run.decode_threads, why = choose_threads(engine.module, args.batch_size, args.max_seq_len, args.threads, world,
+                                                decodes=args.stage != "reward")
     print0(f"machine: {cpu_name()}, {why}")
+    run.ref = run.val_ref = None
+    run.dpo = dict(beta=args.beta, label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha)
+    if args.stage == "dpo":
+        reference(run, data)
     evaluate = evaluator(run, data)
     start = {"step": 0, "tokens": 0, "supervised_tokens": 0, "elapsed_s": 0.0}
     if args.resume:
@@ -177,7 +197,7 @@ def main(args):
     after, after_replies = evaluate(run.total_steps, generation=True, state=state)  # the weights being saved
     if rank == 0:
         save_model(run.dir, state, model.cfg, data.tok)  # (with LoRA: merged)
-        if adapters:  # and the adapters alone, in PEFT's format
+        if adapters and args.stage != "reward":  # and the adapters alone, in PEFT's format
             save_adapter(run.dir, adapters, engine.module, args.init_from)
         finish(run, data, start, counted, after, after_replies, time.time() - t_start)
     torch.distributed.barrier()
@@ -189,17 +209,22 @@ def start_engine(run, model, data):
     (kept in `run`). -> (engine, the DeepSpeed config it runs with)."""
     args = run.args
     args.dtype, dtype_why = pick_dtype(args.dtype, run.device, model.cfg.dim)
-    model.grad_checkpointing = args.gradient_checkpointing
-    run.n_params = model.num_params()  # counted now: under ZeRO-3 the module's own tensors become empty shards
+    # counted now: under ZeRO-3 the module's own tensors become empty shards (tied ones count once)
+    run.n_params = sum(p.numel() for p in model.parameters())
     run.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tight = check_fits(model.cfg, run.n_params, args.batch_size, args.grad_accum, data.row_len - 1, args.dtype,
+    pairs = args.stage in PAIR_STAGES
+    tight = check_fits(model.cfg, run.n_params, args.batch_size * (2 if pairs else 1), args.grad_accum,
+                       data.row_len - 1, args.dtype,
                        args.zero_stage, run.world, args.gradient_checkpointing, least_free(free_memory(run.device)),
                        offload=args.offload if run.device.type == "cuda" else "none",  # not the OS killing it later
                        n_trainable=run.n_trainable)
     if tight:
         print0(tight)
-    run.batches = Batches(data.samples, data.row_len, data.template.pad, args.batch_size, args.seed, run.rank,
-                          run.world, args.packing == "on")
+    if pairs:  # a micro-batch of --batch-size pairs: twice as many rows
+        run.batches = PairBatches(data.samples, data.template.pad, args.batch_size, args.seed, run.rank, run.world)
+    else:
+        run.batches = Batches(data.samples, data.row_len, data.template.pad, args.batch_size, args.seed, run.rank,
+                              run.world, args.packing == "on")
     steps_per_epoch = run.batches.rows_per_epoch / (args.batch_size * args.grad_accum)
     run.total_steps = args.steps or max(math.ceil(args.epochs * steps_per_epoch), 1)
     run.epoch_evals = steps_per_epoch >= args.eval_every
@@ -242,9 +267,35 @@ def start_engine(run, model, data):
            + f", {args.optimizer}, {args.dtype} ({dtype_why}), "
            f"ZeRO stage {args.zero_stage}"
            + (f" offload {args.offload}" if args.offload != "none" else "") + f", {run.world} rank(s) on "
-           f"{run.device.type}; {run.total_steps} steps of {ds_cfg['train_batch_size']} rows x {data.row_len} tokens"
+           f"{run.device.type}; {run.total_steps} steps of {ds_cfg['train_batch_size']} "
+           + (f"pairs of rows up to {data.row_len} tokens" if pairs else f"rows x {data.row_len} tokens")
            + (f"; from {describe_path(args.init_from)}" if args.init_from else ""))
     return engine, ds_cfg
+
+
+def reference(run, data):
+    """DPO's reference: the log-probabilities of every training and held-out pair's replies under
+    the model as it starts (preference.reference_logps), in run.ref and run.val_ref. Kept in the
+    run directory too, where a resumed run, whose model has moved on, reads them back."""
+    args, engine = run.args, run.engine
+    path = os.path.join(run.dir, "reference_logps.npz")
+    if args.resume:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: the run's reference log-probabilities are lost")
+        with np.load(path, allow_pickle=False) as z:
+            run.ref, run.val_ref = (torch.from_numpy(z[k]).to(run.device) if z[k].size else None for k in ("train", "val"))
+        return
+    t0 = time.time()
+    engine.eval()
+    run.ref, run.val_ref = (reference_logps(engine, samples, data.template.pad, args.batch_size, run.rank, run.world,
+                                            run.device) if samples else None for samples in (data.samples, data.val_pairs))
+    engine.train()
+    if run.rank == 0:
+        os.makedirs(run.dir, exist_ok=True)
+        with atomic_write(path, "wb") as f:
+            np.savez(f, train=run.ref.cpu().numpy(), val=(run.val_ref.cpu().numpy() if run.val_ref is not None
+                                                          else np.zeros((0, 2), np.float32)))
+    print0(f"reference log-probabilities of {len(data.samples) + len(data.val_pairs)} pairs ({time.time() - t0:.1f}s)")
 
 
 def evaluator(run, data):
@@ -263,7 +314,14 @@ def evaluator(run, data):
                 nll = all_sum(validation_loss(engine, data.val, args.batch_size), run.device)
                 m["val_loss"], m["val_ppl"] = loss_and_ppl(*nll)
             engine.train()
-        if generation and data.evals:
+        if data.val_pairs:  # held-out pairs: loss, the share ranked right, mean rewards (preference.py)
+            engine.eval()
+            with torch.compiler.set_stance("force_eager"):
+                m.update(pair_metrics_from(all_sum(pair_sums(engine, data.val_pairs, data.template.pad, args.batch_size,
+                                                             run.rank, run.world, run.device, args.stage, run.val_ref,
+                                                             run.dpo), run.device)))
+            engine.train()
+        if generation and data.evals and args.stage != "reward":  # (a reward model scores, it does not write)
             if state is None:
                 state = full_state_dict(engine)[0]  # every rank takes part in the gather
             if run.rank == 0:
@@ -274,7 +332,8 @@ def evaluator(run, data):
                     scores, replies = generation_metrics(snapshot.to(on).eval(), data.template, data.evals)
                 m.update(scores)
         log_events(engine, step, "Eval", val_loss=m.get("val_loss"), val_ppl=m.get("val_ppl"),
-                   exact_match=m.get("exact_match", {}).get("overall"), bleu=m.get("bleu"))
+                   exact_match=m.get("exact_match", {}).get("overall"), bleu=m.get("bleu"),
+                   **{k: m.get(k) for k in ("pair_loss", "pair_accuracy", "reward_margin")})
         return m, replies
     return evaluate
 
@@ -307,7 +366,9 @@ def finish(run, data, start, counted, after, after_replies, wall_time):
     if before or after:
         print0(table({"step 0": before, "trained": after}))
     print0(f"padding: {metrics['padding_fraction']:.1%} of the token positions computed")
-    print0(f"saved {run.dir} ({clock(wall_time)}, loss curve in loss.png); chat with: python chat.py --ckpt {run.dir}")
+    use = ("a reward model: transformers' AutoModelForSequenceClassification reads it" if args.stage == "reward"
+           else f"chat with: python chat.py --ckpt {run.dir}")
+    print0(f"saved {run.dir} ({clock(wall_time)}, loss curve in loss.png); {use}")
 
 
 if __name__ == "__main__":

@@ -260,20 +260,21 @@ NEW_FAMILIES = {"min": make_min, "last": make_last}
 TRAIN_WEIGHTS = {"recall": 0.02, "recall_zh": 0.03, "copy": 0.32, "count": 0.40, "max": 0.21, "persona": 0.02}
 
 
-def generate(n_train, n_val, n_eval, seed=1337, eval_seed=None, only=None):
+def generate(n_train, n_val, n_eval, seed=1337, eval_seed=None, only=None, instead=None):
     """Returns (train, val, eval) lists of records. val/eval never share a key with train, and their
     words and names come from the held-out lists.
     eval_seed: draw val/eval from their own seed (the same train set, other held-out prompts).
-    only: these families alone, in equal shares (NEW_FAMILIES' too)."""
+    only: these families alone, in equal shares (NEW_FAMILIES' too).
+    instead: {family: maker} replacing a family's maker (the noisy-teacher data's max)."""
     rng = random.Random(seed)
     makers = {**FAMILIES, **NEW_FAMILIES}
-    chosen = {f: makers[f] for f in only} if only else FAMILIES
+    chosen = {**({f: makers[f] for f in only} if only else FAMILIES), **(instead or {})}
     families, weights = (list(chosen), [1] * len(chosen)) if only else (list(TRAIN_WEIGHTS), list(TRAIN_WEIGHTS.values()))
     train, seen = [], set()
     for _ in range(n_train):
         family = rng.choices(families, weights)[0]
         msgs, key = chosen[family](rng, held_out=False)
-        train.append({"family": family, "messages": msgs})
+        train.append({"family": family, "messages": msgs, "key": key})
         seen.add((family, key))
 
     def held_out(n_per_family):
@@ -293,7 +294,107 @@ def generate(n_train, n_val, n_eval, seed=1337, eval_seed=None, only=None):
     val = held_out(n_val // len(chosen))
     evals = [{"family": r["family"], "messages": r["messages"][:-1], "answer": r["messages"][-1]["content"]}
              for r in held_out(n_eval // len(chosen))]
+    for r in train:
+        del r["key"]
     return train, val, evals
+
+
+# ---------------------------------------------------------------------------------------------
+# A noisy teacher and preference pairs, for `make align` (reward model and DPO after SFT). The SFT
+# data's max answers come from a teacher with a blind spot: on a close call (both numbers in the
+# same hundred, 437 or 452) it does not answer ("They are about the same."). Close calls are ~30%
+# of the max prompts here (uniform draws make 10% of them), so ~30% of the teacher's max answers
+# are wrong, and the SFT model, learning the blind spot, dodges the same share of held-out
+# prompts however long it trains. Preference pairs (preference_pairs: the right reply chosen, a
+# wrong one rejected, the teacher's dodge among them; half of them on max prompts) are what can
+# fix it: a reward model learns to tell right from wrong, and DPO moves the SFT model towards the
+# chosen replies.
+
+DODGE = "They are about the same."
+CLOSE_CALLS = 0.22  # drawn as close calls; a tenth of the others are close by chance: ~30% in all
+
+
+def close_call(a, b):
+    return a // 100 == b // 100
+
+
+def max_pair(rng):
+    """Two numbers to compare, a close call ~30% of the time."""
+    if rng.random() < CLOSE_CALLS:
+        hundred = 100 * rng.randrange(10)
+        return tuple(rng.sample(range(hundred, hundred + 100), 2))
+    return tuple(rng.sample(range(1000), 2))
+
+
+def make_max_close_calls(rng, held_out):
+    a, b = max_pair(rng)
+    return [user(f"Which is larger, {a} or {b}?"), assistant(str(max(a, b)))], (a, b)
+
+
+def compared(text):
+    """ "Which is larger, 37 or 52?" -> (37, 52)"""
+    a, b = text.removeprefix("Which is larger, ").removesuffix("?").split(" or ")
+    return int(a), int(b)
+
+
+def noisy_teacher(record):
+    """A max conversation as the teacher answers it: no answer on a close call."""
+    if close_call(*compared(record["messages"][0]["content"])):
+        record["messages"][-1]["content"] = DODGE
+    return record
+
+
+def near_miss(family, reply, key, rng):
+    """A wrong reply for a pair's rejected side: for max, the teacher's dodge on a close call and
+    the other number otherwise; a count off by 3-6, another sentence for copy, another name (no
+    character in common, for Chinese ones). (Off by one, one word left out, or a name differing in
+    one character would be closer misses; a small reward model, which reads one vector at the
+    reply's end, does not tell those apart.)"""
+    if family == "max":
+        return DODGE if close_call(*key) else str(min(key))
+    if family == "count":
+        n = int(reply)
+        return str(n + rng.choice([d for d in (-6, -5, -4, -3, 3, 4, 5, 6) if n + d >= 1]))
+    if family == "copy":
+        while (other := make_copy(rng, held_out=False)[1]) == reply:
+            pass
+        return other
+    while True:
+        other = zh_name(rng, False) if family == "recall_zh" else rng.choice(TRAIN_NAMES)
+        if (not set(other) & set(key)) if family == "recall_zh" else other != key:
+            return reply.replace(key, other)
+
+
+def preference_pairs(n, rng, exclude):
+    """n preference pairs in TRL's conversational format, the right reply chosen and a wrong one
+    rejected: half on max prompts (close calls ~30% of them, as in the noisy SFT data), the rest
+    spread over the other families, so that what DPO learns about numbers from max (a larger one
+    is better) is not all it learns about them. Each prompt once, none of `exclude` ((family, key)
+    as the makers give them)."""
+    out, used = [], set(exclude)
+    others = [f for f in FAMILIES if f != "max"]
+    while len(out) < n:
+        family = "max" if len(out) % 2 == 0 else others[(len(out) // 2) % len(others)]
+        msgs, key = (make_max_close_calls if family == "max" else FAMILIES[family])(rng, held_out=False)
+        if (family, key) in used:
+            continue
+        used.add((family, key))
+        reply = msgs[-1]["content"]
+        out.append({"family": family, "prompt": msgs[:-1], "chosen": [assistant(reply)],
+                    "rejected": [assistant(near_miss(family, reply, key, rng))]})
+    return out
+
+
+def generate_align(n_train, n_val, n_eval, n_pairs, n_val_pairs, seed=1337):
+    """-> {file name: records} for data/align/: the noisy-teacher SFT set (train, val, eval: the
+    default families, max with close calls; val and eval answered right) and preference pairs
+    (pairs: for training, pairs_val: held out), whose prompts eval.jsonl never asks."""
+    train, val, evals = generate(n_train, n_val, n_eval, seed, instead={"max": make_max_close_calls})
+    train = [noisy_teacher(r) if r["family"] == "max" else r for r in train]
+    asked = {("max", compared(r["messages"][0]["content"])) for r in evals if r["family"] == "max"}
+    pairs = preference_pairs(n_val_pairs + n_pairs, random.Random(seed + 1), asked)
+    val_pairs, pairs = pairs[:n_val_pairs], pairs[n_val_pairs:]
+    return {"train": train, "val": val, "eval": evals, "pairs": pairs, "pairs_val": val_pairs}
 
 
 def write_jsonl(path, records):
@@ -312,6 +413,10 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-seed", type=int, default=None,
                    help="fresh held-out prompts for the same training set (e.g. to re-measure a trained run)")
+    p.add_argument("--align", action="store_true", help="the noisy-teacher SFT set and preference pairs of "
+                   "`make align` instead (train, val, eval, pairs, pairs_val.jsonl; --out data/align)")
+    p.add_argument("--n-pairs", type=int, default=3000, help="with --align: training preference pairs")
+    p.add_argument("--n-val-pairs", type=int, default=400, help="with --align: held-out preference pairs")
     p.add_argument("--families", default="", help=f"comma-separated: only these skills (of {', '.join(FAMILIES)}, "
                    f"and the new {', '.join(NEW_FAMILIES)})")
     args = p.parse_args()
@@ -319,8 +424,12 @@ if __name__ == "__main__":
     unknown = [f for f in only if f not in FAMILIES and f not in NEW_FAMILIES]
     if unknown:
         p.error(f"--families: unknown skill {unknown[0]!r}")
-    train, val, evals = generate(args.n_train, args.n_val, args.n_eval, args.seed, args.eval_seed, only)
+    if args.align:
+        files = generate_align(args.n_train, args.n_val, args.n_eval, args.n_pairs, args.n_val_pairs, args.seed)
+    else:
+        files = dict(zip(("train", "val", "eval"), generate(args.n_train, args.n_val, args.n_eval, args.seed,
+                                                            args.eval_seed, only)))
     os.makedirs(args.out, exist_ok=True)
-    for name, records in (("train", train), ("val", val), ("eval", evals)):
+    for name, records in files.items():
         write_jsonl(os.path.join(args.out, f"{name}.jsonl"), records)
-    print(f"wrote {len(train)} train, {len(val)} val, {len(evals)} eval conversations to {args.out}")
+    print("wrote " + ", ".join(f"{len(records)} {name}" for name, records in files.items()) + f" records to {args.out}")

@@ -24,11 +24,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from nanosft.data import (Blend, error_list, load_conversations, load_documents, pack, parse_source,
-                          render_conversations, render_documents, shard, split_off)
+from nanosft.data import (Blend, error_list, load_conversations, load_documents, load_pairs, pack, parse_source,
+                          render_conversations, render_documents, render_pairs, shard, split_off)
 from nanosft.distributed import is_rank0, print0
 from nanosft.evaluate import load_held_out
 from nanosft.files import atomic_write
+from nanosft.preference import STAGES as PAIR_STAGES
 from nanosft.bpe import ByteLevelBPE
 from nanosft.template import ChatTemplate, with_markers
 from nanosft.tokenizer import Tokenizer
@@ -89,6 +90,8 @@ class DataFile:
         if self._records is None:
             if self.args.stage == "pretrain":
                 self._records, errors = load_documents(self.path, self.args.skip_invalid)
+            elif self.args.stage in PAIR_STAGES:
+                self._records, errors = load_pairs(self.path, self.args.format, self.args.skip_invalid)
             else:
                 self._records, errors = load_conversations(self.path, self.args.format, self.args.skip_invalid)
             self.skipped = len(errors)
@@ -104,18 +107,23 @@ class DataFile:
         cached = a.cache_dir and cache_path(a.cache_dir, "samples", self.digest, hashlib.sha256(tok.to_bytes()).hexdigest(),
                                             template.signature, row_len, a.train_on, a.format, a.skip_invalid, a.stage)
         hit = load_samples(cached) if cached and os.path.exists(cached) else None  # (unreadable: a miss)
+        pairs = a.stage in PAIR_STAGES  # cached as their rows, chosen and rejected in turn
         if hit:
             samples, meta = hit
+            samples = list(zip(samples[0::2], samples[1::2])) if pairs else samples
             self.skipped = meta["skipped"]
             print0(f"{self.path}: tokenized conversations from the cache ({cached})"
                    + (f"; {self.skipped} invalid record(s) left out" if self.skipped else ""))
             return samples, meta["counts"]
         if a.stage == "pretrain":  # documents are cut into pieces: nothing truncated or left out
             samples, counts = render_documents(self.records(), template, row_len), {"truncated": 0, "dropped": 0}
+        elif a.stage in PAIR_STAGES:  # ((ids, mask) with the chosen reply, the same with the rejected one)
+            samples, counts = render_pairs(self.records(), template, row_len)
         else:
             samples, counts = render_conversations(self.records(), template, row_len, a.train_on)
         if cached and is_rank0():
-            save_samples(cached, samples, {"counts": counts, "skipped": self.skipped})
+            save_samples(cached, [side for pair in samples for side in pair] if pairs else samples,
+                         {"counts": counts, "skipped": self.skipped})
         return samples, counts
 
 
@@ -152,7 +160,8 @@ def tokenizer_for(args, files, run_dir):
 def training_samples(files, weights, tok, template, row_len, args):
     """-> (training samples, or a Blend of several files' samples; held-out validation samples;
     the files' truncation counts, summed). Every file is rendered through the cache, and a
-    --val-split share of each is held out before blending."""
+    --val-split share of each is held out before blending. Preference pairs are not blended: the
+    files' pairs follow one another."""
     sources, held_out, counts = [], [], {"truncated": 0, "dropped": 0}
     for f in files:
         samples, c = f.samples(tok, template, row_len)
@@ -165,12 +174,14 @@ def training_samples(files, weights, tok, template, row_len, args):
                    f"{len(held)} held out by --val-split {args.val_split}" if held else ""]
             raise SystemExit(f"{f.path}: nothing to train on ({', '.join(w for w in why if w) or 'the file is empty'})")
         sources.append(samples)
-    return (sources[0] if len(sources) == 1 else Blend(sources, weights)), held_out, counts
+    if len(sources) == 1 or args.stage in PAIR_STAGES:
+        return [s for source in sources for s in source], held_out, counts
+    return Blend(sources, weights), held_out, counts
 
 
-def fit_note(counts, row_len):
+def fit_note(counts, max_seq_len):
     """What fitting conversations into rows cost, for the data line of the log ('' when nothing)."""
-    notes = [f"{counts['truncated']} lost their oldest exchanges to fit --max-seq-len {row_len - 1}"
+    notes = [f"{counts['truncated']} lost their oldest exchanges to fit --max-seq-len {max_seq_len}"
              if counts["truncated"] else "",
              f"{counts['dropped']} left out (their last exchange alone is longer)" if counts["dropped"] else ""]
     return "".join(f"; {n}" for n in notes if n)
@@ -193,19 +204,22 @@ def load_data(args, run_dir, rank, world, tok=None):
     template = ChatTemplate(tok, chat_format, date=getattr(args, "chat_date", None))
     tok.chat_template = template.jinja  # saved with the run: chat.py renders prompts in the same format
     args.chat_date = template.date  # (Llama 3.1+'s date, in args.json: a resumed run renders as it started)
-    row_len = args.max_seq_len + 1  # +1: inputs and targets are the row shifted by one
+    # +1: inputs and targets are the row shifted by one; a reward model reads its rows whole
+    row_len = args.max_seq_len + (args.stage != "reward")
     samples, val_samples, counts = training_samples(files, [w for _, w in sources], tok, template, row_len, args)
     mix = (" blended " + ", ".join(f"{f.path} x{n}" for f, n in zip(files, samples.counts))
            if isinstance(samples, Blend) else f" from {files[0].path}")
-    unit = "pieces of text" if args.stage == "pretrain" else "conversations"
-    print0(f"data: {len(samples)} {unit} per epoch{mix}, vocab {tok.vocab_size}" + fit_note(counts, row_len)
+    unit = {"pretrain": "pieces of text", "sft": "conversations"}.get(args.stage, "preference pairs")
+    print0(f"data: {len(samples)} {unit} per epoch{mix}, vocab {tok.vocab_size}" + fit_note(counts, args.max_seq_len)
            + (f"; {len(val_samples)} held out for validation" if val_samples else "") + f" ({time.time() - t0:.1f}s)")
     if args.val_data:
         more, val_counts = DataFile(args.val_data, args).samples(tok, template, row_len)
-        print0(f"validation: {len(more)} conversations from {args.val_data}" + fit_note(val_counts, row_len))
+        print0(f"validation: {len(more)} {unit} from {args.val_data}" + fit_note(val_counts, args.max_seq_len))
         val_samples += more
     if rank == 0 and args.cache_dir:
         torch.distributed.barrier()
-    val = shard(pack(val_samples, row_len, template.pad), rank, world, template.pad) if val_samples else None
+    pairs = args.stage in PAIR_STAGES  # (every rank scores its share of the held-out pairs: preference.py)
+    val = shard(pack(val_samples, row_len, template.pad), rank, world, template.pad) if val_samples and not pairs else None
     return SimpleNamespace(tok=tok, template=template, files=files, samples=samples, counts=counts, row_len=row_len,
-                           val=val, evals=load_held_out(args.eval_data) if args.eval_data else [])
+                           val=val, val_pairs=val_samples if pairs else [],
+                           evals=load_held_out(args.eval_data) if args.eval_data else [])

@@ -32,6 +32,7 @@ import torch
 from nanosft.files import read_json, write_json
 from nanosft.hf_config import STANDARD_IMPLS, config_from_hf, config_to_hf, tokenizer_config
 from nanosft.model import ModelConfig, Transformer
+from nanosft.reward import RewardModel
 from nanosft.safetensors import load_sharded, save_file
 from nanosft.template import ChatTemplate, with_markers
 from nanosft.tokenizer_dir import load_tokenizer
@@ -95,12 +96,20 @@ def hf_state_dict(state, cfg: ModelConfig):
 def save_model(directory, state, cfg: ModelConfig, tok):
     """Write config.json, model.safetensors and the tokenizer files: a directory that transformers'
     AutoModelForCausalLM / AutoTokenizer.from_pretrained and this module's load_model all read.
-    tok.chat_template (the format the model was trained in) goes into tokenizer_config.json."""
+    tok.chat_template (the format the model was trained in) goes into tokenizer_config.json.
+    A reward model's state (reward.py: "model." + the decoder's names, and "score.weight") is saved
+    for AutoModelForSequenceClassification: the decoder, the score head, one label, and the pad token,
+    by which transformers finds each row's last real token, where the score is read."""
+    score = state.get("score.weight")
+    if score is not None:
+        state = {k.removeprefix("model."): v for k, v in state.items() if k != "score.weight"}
     os.makedirs(directory, exist_ok=True)
     for name in ("adapter_config.json", "adapter_model.safetensors"):  # an earlier LoRA run's adapter (train.py
         if os.path.exists(os.path.join(directory, name)):              # writes this run's after the model)
             os.remove(os.path.join(directory, name))
     state = hf_state_dict(state, cfg)
+    if score is not None:
+        state = {**{k: v for k, v in state.items() if k != "lm_head.weight"}, "score.weight": score}
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})  # atomic
     remove_shards(directory)
     # generation ends at the chat format's end of turn as well as at the end of text
@@ -108,7 +117,11 @@ def save_model(directory, state, cfg: ModelConfig, tok):
     eos = [template.end] + ([tok.eos_id] if tok.eos_id >= 0 and tok.eos_id != template.end else [])
     bos = tok.bos_id if tok.bos_id >= 0 else None
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    write_json(os.path.join(directory, "config.json"), config_to_hf(cfg, bos, eos, dtype))
+    hf = config_to_hf(cfg, bos, eos, dtype)
+    if score is not None:
+        hf.update(architectures=[hf["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")],
+                  num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=template.pad)
+    write_json(os.path.join(directory, "config.json"), hf)
     write_json(os.path.join(directory, "generation_config.json"), {"bos_token_id": bos, "eos_token_id": eos})
     save_tokenizer(directory, tok, cfg)
 
@@ -145,12 +158,13 @@ def read_config(directory):
     return config_from_hf(read_json(path), path)
 
 
-def load_weights(directory, model):
-    """Copy a checkpoint's tensors into `model` (cast to its dtype); names must match exactly."""
+def load_weights(directory, model, skip=()):
+    """Copy a checkpoint's tensors into `model` (cast to its dtype); names must match exactly, except
+    those in `skip`."""
     state = {}
     for name, t in load_sharded(directory).items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # a buffer older transformers versions saved; we compute it from the config
+        if name.endswith("rotary_emb.inv_freq") or name in skip:
+            continue  # (inv_freq: a buffer older transformers versions saved; we compute it from the config)
         state[name.removeprefix("model.")] = t
     if model.cfg.tie_embeddings and "lm_head.weight" in state:
         if not torch.equal(state.pop("lm_head.weight"), state.get("embed_tokens.weight")):
@@ -177,6 +191,10 @@ def load_model(directory, device="cpu", attn_impl="sdpa"):
     if not os.path.exists(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{os.path.join(directory, 'config.json')} not found")
     cfg = read_config(directory)
+    if any(a.endswith("ForSequenceClassification") for a in read_json(os.path.join(directory, "config.json"))
+           .get("architectures") or []):
+        raise ValueError(f"{directory} holds a reward model (a sequence classifier): it scores replies, it does not "
+                         "write them; load it with checkpoint.load_reward_model")
     if cfg.attn_impl in STANDARD_IMPLS:  # a variant's own function stays
         cfg.attn_impl = attn_impl
     tok = with_markers(load_tokenizer(directory))
@@ -185,6 +203,24 @@ def load_model(directory, device="cpu", attn_impl="sdpa"):
     if tok.vocab_size > tok.base_size:  # chat markers added to a base model's vocabulary
         model.add_token_rows(tok.base_size, tok.vocab_size)
     return model.to(device).eval(), tok
+
+
+def load_reward_model(directory, device="cpu"):
+    """A reward model saved by train.py --stage reward (or any Llama-family sequence classifier with
+    one label) -> (RewardModel in eval mode, tokenizer)."""
+    path = os.path.join(directory, "config.json")
+    hf = read_json(path)
+    if hf.get("num_labels", len(hf.get("id2label") or {})) != 1:
+        raise ValueError(f"{path}: not a reward model (a sequence classifier with num_labels 1)")
+    cfg = read_config(directory)
+    tok = with_markers(load_tokenizer(directory))
+    rm = RewardModel(Transformer(cfg))
+    state = load_sharded(directory)
+    if "score.weight" not in state:
+        raise ValueError(f"{directory}: no score.weight: not a reward model")
+    rm.score.weight.data.copy_(state["score.weight"].float())
+    load_weights(directory, rm.model, skip=("score.weight",))
+    return rm.to(device).eval(), tok
 
 
 def describe_path(path):

@@ -22,8 +22,8 @@ from collections import Counter
 
 import numpy as np
 
-from nanosft.data import error_list, load_conversations, load_jsonl, load_pairs, render_conversations
-from nanosft.formats import FORMATS, read_records
+from nanosft.data import error_list, load_conversations, load_jsonl, load_pairs, render_conversations, render_pairs
+from nanosft.formats import FORMATS, PAIR_FORMATS, read_records
 from nanosft.bpe import ByteLevelBPE
 from nanosft.template import FORMATS as CHAT_FORMATS
 from nanosft.template import TRAIN_ON, ChatTemplate, with_markers
@@ -135,10 +135,10 @@ def check_files(paths, fmt="auto"):
     for path in paths:
         try:
             if holds_pairs(path):  # preference pairs, for reward models and DPO
-                records, errors = load_pairs(path, skip_invalid=True)
+                records, errors = load_pairs(path, fmt if fmt in PAIR_FORMATS else "auto", skip_invalid=True)
                 pairs += len(records)
             else:
-                records, errors = load_conversations(path, fmt, skip_invalid=True)
+                records, errors = load_conversations(path, fmt if fmt in FORMATS else "auto", skip_invalid=True)
         except (ValueError, OSError) as e:  # a file that cannot be read to its end
             lines.append(str(e))
             bad += 1
@@ -179,18 +179,24 @@ def show_tokens(tok, ids, mask, tty):
     return " ".join(show[int(m)].format(tok.id_to_piece(int(i))) for i, m in zip(ids, mask))
 
 
+def read_valid(paths, load, what):
+    """The valid records of all files (load(path) -> (records, errors)) -> (records, [the first line
+    of stats: how many, in which formats, how many invalid])."""
+    records, errors = [], 0
+    for path in paths:
+        recs, errs = load(path)
+        records += recs
+        errors += len(errs)
+    return records, [f"{len(records)} {what} in {len(paths)} file(s): " + by_format(Counter(r["format"] for r in records))
+                     + (f"; {errors} invalid (see: python -m nanosft.data check)" if errors else "")]
+
+
 def stats(paths, template, row_len, fmt="auto", train_on="all-assistant", tty=False):
     """What train.py would make of these files, as text: conversations per format, their length
     in tokens (a histogram), the share of supervised tokens, what --max-seq-len truncates or
     drops, and one rendered sample with its supervised tokens marked."""
-    records, errors = [], 0
-    for path in paths:
-        recs, errs = load_conversations(path, fmt, skip_invalid=True)
-        records += recs
-        errors += len(errs)
-    lines = [f"{len(records)} conversations in {len(paths)} file(s): "
-             + by_format(Counter(r["format"] for r in records))
-             + (f"; {errors} invalid (see: python -m nanosft.data check)" if errors else "")]
+    records, lines = read_valid(paths, lambda path: load_conversations(path, fmt if fmt in FORMATS else "auto",
+                                                                       skip_invalid=True), "conversations")
     if not records:
         return "\n".join(lines)
     rendered = [template.render(r["messages"], train_on) for r in records]
@@ -213,14 +219,38 @@ def stats(paths, template, row_len, fmt="auto", train_on="all-assistant", tty=Fa
     return "\n".join(lines)
 
 
+def pair_stats(paths, template, row_len, fmt="auto", tty=False):
+    """What train.py --stage reward|dpo would make of these files of preference pairs: pairs per
+    format, the length in tokens of prompts and replies, what --max-seq-len truncates or drops,
+    and one rendered pair with its supervised tokens (the replies) marked."""
+    records, lines = read_valid(paths, lambda path: load_pairs(path, fmt if fmt in PAIR_FORMATS else "auto",
+                                                               skip_invalid=True), "preference pairs")
+    if not records:
+        return "\n".join(lines)
+    samples, c = render_pairs(records, template, row_len)
+    if samples:
+        reply = {side: np.array([int(s[k][1].sum()) for s in samples]) for k, side in enumerate(("chosen", "rejected"))}
+        prompt = np.array([len(s[0][0]) - reply["chosen"][i] for i, s in enumerate(samples)])
+        for name, n in (("prompt", prompt), *reply.items()):
+            lines.append(f"tokens per {name}{'' if name == 'prompt' else ' reply'}: median {int(np.median(n))}, "
+                         f"mean {n.mean():.0f}, max {n.max()}")
+    lines.append(f"--max-seq-len {row_len - 1}: {len(samples) - c['truncated']} fit, {c['truncated']} lose their "
+                 f"oldest exchanges (both replies kept whole), {c['dropped']} are left out")
+    if samples:
+        lines.append("a sample (supervised tokens " + ("green" if tty else "in [brackets]") + "):")
+        lines += [f"  {side}: " + show_tokens(template.tok, *rows, tty) for side, rows in zip(("chosen", "rejected"), samples[0])]
+    return "\n".join(lines)
+
+
 def data_main(argv=None):
     p = argparse.ArgumentParser(prog="python -m nanosft.data", description="check and describe training data files")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="validate files exactly as train.py does; exit 1 if anything is invalid")
-    s = sub.add_parser("stats", help="formats, lengths, supervised share, truncation, a marked-up sample")
+    s = sub.add_parser("stats", help="formats, lengths, supervised share, truncation, a marked-up sample "
+                       "(of conversations, or of preference pairs)")
     for q in (c, s):
         q.add_argument("files", nargs="+")
-        q.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+        q.add_argument("--format", default="auto", choices=("auto",) + FORMATS + PAIR_FORMATS)
     s.add_argument("--tokenizer", default="runs/latest", help="a .model file or a run directory")
     s.add_argument("--max-seq-len", type=int, default=256)
     s.add_argument("--train-on", default="all-assistant", choices=TRAIN_ON)
@@ -239,7 +269,10 @@ def data_main(argv=None):
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     try:
-        print(stats(args.files, template, args.max_seq_len + 1, args.format, args.train_on, sys.stdout.isatty()))
+        if holds_pairs(args.files[0]):  # preference pairs (the rows a reward model reads are one token shorter)
+            print(pair_stats(args.files, template, args.max_seq_len + 1, args.format, sys.stdout.isatty()))
+        else:
+            print(stats(args.files, template, args.max_seq_len + 1, args.format, args.train_on, sys.stdout.isatty()))
     except (ValueError, OSError) as e:  # a file that cannot be read to its end
         sys.exit(f"error: {e}")
     return 0

@@ -377,7 +377,7 @@ class Batches:
         self.cursor = 0
 
     def _exhausted(self):  # fewer rows left than a micro-batch
-        return self.cursor + self.batch_size > len(self.rows["ids"])
+        return self.cursor + self.batch_size > self.rows_per_epoch
 
     @property
     def epoch_done(self):
@@ -386,7 +386,7 @@ class Batches:
 
     @property
     def rows_per_epoch(self):
-        return len(self.rows["ids"])  # of the current epoch, this rank's share
+        return len(next(iter(self.rows.values())))  # of the current epoch, this rank's share
 
     def next(self):
         while self._exhausted():
@@ -402,9 +402,58 @@ class Batches:
         self._start()
         while self.epoch < state["epoch"]:
             # the cursor moves a micro-batch at a time, so this is where it stood when the epoch ran out
-            self.cursor = len(self.rows["ids"]) // self.batch_size * self.batch_size
+            self.cursor = self.rows_per_epoch // self.batch_size * self.batch_size
             self._next_epoch()
         self.cursor = state["cursor"]
+
+
+def pair_batch(samples, indices, pad_id):
+    """Pairs `indices` of render_pairs' samples -> one batch of 2B rows, the B chosen replies first,
+    then the B rejected ones in the same order, right-padded with pad_id: "ids" and "mask" (2B, L),
+    "length" (2B,) (each row ends at its reply's end token: row i's is ids[i, length[i] - 1]) and
+    "index" (B,) the pairs' indices (a DPO step looks up their reference log-probabilities)."""
+    sides = [samples[i][0] for i in indices] + [samples[i][1] for i in indices]
+    ends = [int(np.flatnonzero(m)[-1]) + 1 for _, m in sides]  # past the end token (the template may add more)
+    ids = np.full((len(sides), max(ends)), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, ((i, m), n) in enumerate(zip(sides, ends)):
+        ids[row, :n], mask[row, :n] = i[:n], m[:n]
+    return {"ids": torch.from_numpy(ids), "mask": torch.from_numpy(mask), "length": torch.tensor(ends),
+            "index": torch.as_tensor(np.asarray(indices, dtype=np.int64))}
+
+
+class PairBatches(Batches):
+    """Batches of preference pairs: as Batches, with a pair (its two replies) where Batches has a
+    packed row. Each epoch shuffles the pairs (seeded per epoch) and deals every world-th to this
+    rank, every rank as many, so that all run the same number of forwards (the fewer than `world`
+    pairs left over by the division sit out this epoch), pairs of similar length side by side. No packing: a pair's two
+    rows are compared, and a reward model reads each at its own end."""
+
+    def __init__(self, samples, pad_id, batch_size, seed, rank=0, world=1, window=1024):
+        self.window = window
+        super().__init__(samples, None, pad_id, batch_size, seed, rank, world)
+
+    def _rows(self, epoch):
+        order = list(range(len(self.samples)))
+        random.Random(self.seed * 1000003 + epoch).shuffle(order)
+        # sorted by length within windows, as unpacked rows are (epoch_rows): neighbours share a
+        # micro-batch, padded to its longest row; then the micro-batches are shuffled, so that a
+        # run of steps does not see only long (or only short) pairs
+        longest = [max(len(self.samples[i][0][0]), len(self.samples[i][1][0])) for i in order]
+        order = [order[j] for w in range(0, len(order), self.window)
+                 for j in sorted(range(w, min(w + self.window, len(order))), key=lambda j: -longest[j])]
+        mine = order[self.rank::self.world][:len(order) // self.world]
+        full = len(mine) // self.batch_size * self.batch_size
+        batches = [mine[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
+        random.Random(self.seed * 1000003 + epoch).shuffle(batches)  # (the same order on every rank)
+        return {"index": np.array([i for b in batches for i in b] + mine[full:], dtype=np.int64)}
+
+    def next(self):
+        while self._exhausted():
+            self._next_epoch()
+        index = self.rows["index"][self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return pair_batch(self.samples, index, self.pad_id)
 
 
 if __name__ == "__main__":  # python -m nanosft.data check|stats: the command line is cli.py

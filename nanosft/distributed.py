@@ -232,7 +232,8 @@ def full_state_dict(engine):
                 full = p.detach().clone()
         if is_rank0():  # the other ranks took part in the gather; they need not keep a copy
             state[name] = (p.detach() if full is None else full).float().cpu().clone()
-    if state and "lm_head.weight" not in state:  # tied: named_parameters lists the shared matrix once
+    # tied: named_parameters lists the shared matrix once (a reward model, "model.*" and "score.weight", has no head)
+    if "embed_tokens.weight" in state and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return split_merged(state, engine.module) if state else ({}, {})
 

@@ -35,6 +35,7 @@ import torch
 from nanosft.bleu import corpus_bleu, pick_tokenizer
 from nanosft.checkpoint import describe_path, load_model
 from nanosft.data import check_conversation, check_prompt, pack, read_file, render_conversations, to_batch
+from nanosft.files import read_json
 from nanosft.formats import FORMATS, FormatError, to_messages
 from nanosft.generate import greedy_batch
 from nanosft.machine import decoding_threads, why_threads
@@ -153,7 +154,10 @@ def table(columns):
     names = list(columns)
     rows = [("params", "params", "{:,}"), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("val loss", "val_loss", "{:.4f}"),
             ("val ppl", "val_ppl", "{:.3f}"), ("answer loss", "answer_loss", "{:.4f}"),
-            ("answer ppl", "answer_ppl", "{:.3f}"), ("BLEU", "bleu", "{:.2f}")]
+            ("answer ppl", "answer_ppl", "{:.3f}"), ("BLEU", "bleu", "{:.2f}"), ("pair loss", "pair_loss", "{:.4f}"),
+            ("pair accuracy", "pair_accuracy", "{:.1%}"), ("reward chosen", "reward_chosen", "{:.3f}"),
+            ("reward rejected", "reward_rejected", "{:.3f}"), ("reward margin", "reward_margin", "{:.3f}"),
+            ("run time (s)", "wall_time_s", "{:.0f}")]
     families = sorted({f for m in columns.values() for f in m.get("exact_match", {})} - {"overall"})
     if families == ["all"]:  # prompts without families: "all" is the overall figure again
         families = []
@@ -185,6 +189,8 @@ def pad(text, width):
 def brief(m):
     """One line of evaluation results, as train.py prints them during a run."""
     parts = [f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.3f})"] if "val_loss" in m else []
+    if "pair_accuracy" in m:
+        parts.append(f"pair loss {m['pair_loss']:.4f}, accuracy {m['pair_accuracy']:.1%}, margin {m['reward_margin']:.3f}")
     if "exact_match" in m:
         parts.append(f"exact match {m['exact_match']['overall']:.1%}, BLEU {m['bleu']:.2f}")
     return ", ".join(parts)
@@ -234,6 +240,15 @@ def evaluate_run(model, template, records, batch_size=16, max_new_tokens=None):
     return {"answer_loss": loss, "answer_ppl": ppl, "answer_dropped": counts["dropped"], **scores}, replies
 
 
+def report(run_dirs):
+    """Runs' final numbers side by side, from their metrics.json (no evaluation): make align's table."""
+    columns = {}
+    for d in run_dirs:
+        m = read_json(os.path.join(d, "metrics.json"))
+        columns[os.path.basename(os.path.realpath(d))] = {**m["after"], "wall_time_s": m["wall_time_s"]}
+    return table(columns)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m nanosft.evaluate", description="evaluate a trained run")
     p.add_argument("--ckpt", default="runs/latest", help="run directory or Hugging Face directory")
@@ -247,7 +262,14 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1, help="sample conversations to show per family")
     p.add_argument("--json", default=None, help="also write the numbers (and the samples) to this JSON file")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the faster of 1 and all cores, measured)")
+    p.add_argument("--report", nargs="+", metavar="RUN", help="instead: these runs' final numbers side by side, "
+                   "as their metrics.json holds them")
     args = p.parse_args(argv)
+    if args.report:
+        try:
+            return print(report(args.report))
+        except (OSError, ValueError, KeyError) as e:
+            sys.exit(f"error: {e}: not a finished train.py run")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     if args.threads < 0:

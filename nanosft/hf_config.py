@@ -29,7 +29,7 @@ IGNORED = {"architectures", "model_type", "dtype", "torch_dtype", "transformers_
            "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
            "attention_dropout", "pretraining_tp", "max_window_layers", "tokenizer_class", "return_dict",
            "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "id2label",
-           "label2id", "layer_types", "embd_pdrop", "resid_pdrop"}
+           "label2id", "num_labels", "problem_type", "layer_types", "embd_pdrop", "resid_pdrop"}
 DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768, "nanosft": 2048}
 # keys whose only supported value is the one given (None: absent or null)
 REQUIRED = {"hidden_act": "silu", "mlp_bias": False, "use_sliding_window": False, "quantization_config": None}

@@ -20,6 +20,7 @@ import torch
 from nanosft.adapter import save_adapter
 from nanosft.checkpoint import save_model
 from nanosft.distributed import full_state_dict, is_rank0, print0
+from nanosft.reward import RewardModel
 
 
 class StopRequest:
@@ -43,7 +44,7 @@ def save_and_exit(engine, run_dir, cfg, tok, step, signum, world):
     state, adapters = full_state_dict(engine)
     if is_rank0():
         save_model(run_dir, state, cfg, tok)
-        if adapters:
+        if adapters and not isinstance(engine.module, RewardModel):  # (a reward model's is saved merged only)
             save_adapter(run_dir, adapters, engine.module)
     again = "python train.py" if world == 1 else f"train.py under the launcher with {world} ranks again:"
     print0(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint and model saved in {run_dir}\n"

@@ -100,15 +100,19 @@ def training_threads(model, rows, T):
         return fastest_threads(lambda: model(idx))
 
 
-def choose_threads(model, rows, T, forced=0, world=1):
+def choose_threads(model, rows, T, forced=0, world=1, decodes=True):
     """train.py's threads -> (for training, for decoding, a line saying why). forced: --threads.
-    With several ranks on one machine each keeps torch's default (the launcher's business)."""
+    With several ranks on one machine each keeps torch's default (the launcher's business).
+    decodes: False for a model that never generates (a reward model): only training is measured."""
     if forced or world > 1:
         torch.set_num_threads(forced or torch.get_num_threads())
         n = torch.get_num_threads()
         return n, n, f"{n} thread{'s' if n > 1 else ''}" + (" (--threads)" if forced else " per rank")
-    train, decode = training_threads(model, rows, T), decoding_threads(model)
+    train = training_threads(model, rows, T)
     torch.set_num_threads(train[0])
+    if not decodes:
+        return train[0], train[0], f"training on {why_threads(*train)}"
+    decode = decoding_threads(model)
     return train[0], decode[0], f"training on {why_threads(*train)}, decoding on {why_threads(*decode)}"
 
 

@@ -27,13 +27,15 @@ class RewardModel(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
         model.lm_head = None  # (its vocabulary is not needed to score; a tied head is the embedding anyway)
-        self.model = model
+        self.model, self.cfg = model, model.cfg
         self.score = nn.Linear(model.cfg.dim, 1, bias=False)  # as LlamaForSequenceClassification's
         nn.init.zeros_(self.score.weight)  # every reply scores 0 until trained
 
-    def forward(self, idx, last, pos=None, doc=None):
-        """idx (B, T), last (B,) -> scores (B,), in fp32."""
+    def forward(self, idx, last=None, pos=None, doc=None):
+        """idx (B, T), last (B,) (default: every row's last column) -> scores (B,), in fp32."""
         h = self.model.hidden(idx, pos, doc)  # (B, T, C)
+        if last is None:
+            last = torch.full((idx.shape[0],), idx.shape[1] - 1, device=idx.device)
         at_end = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)
         return self.score(at_end).squeeze(-1).float()  # (B,)
 

@@ -20,10 +20,12 @@ import re
 import torch
 
 from nanosft.attention import ATTEND, VARIANTS
+from nanosft.data import parse_source
 from nanosft.distributed import config_settings
 from nanosft.files import read_json
-from nanosft.formats import FORMATS
+from nanosft.formats import FORMATS, PAIR_FORMATS
 from nanosft.model import ModelConfig
+from nanosft.preference import STAGES as PAIR_STAGES
 from nanosft.template import TRAIN_ON
 from nanosft.bpe import ByteLevelBPE
 from nanosft.lora import expand_targets
@@ -50,6 +52,7 @@ def build_parser():
     _model_flags(p)
     _optimization_flags(p)
     _lora_flags(p)
+    _preference_flags(p)
     _deepspeed_flags(p)
     _run_flags(p)
     return p
@@ -66,9 +69,10 @@ def _data_flags(p):
                    "none with --stage pretrain)")
     g.add_argument("--eval-data", default=None, help="held-out prompts with answers for exact match ('' for none; "
                    "default data/eval.jsonl, none with --stage pretrain)")
-    g.add_argument("--stage", default="sft", choices=["sft", "pretrain"],
-                   help="pretrain: plain text (.txt/.md files, or JSONL of {\"text\"}), loss on every token")
-    g.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
+    g.add_argument("--stage", default="sft", choices=("sft", "pretrain") + PAIR_STAGES,
+                   help="pretrain: plain text (.txt/.md files, or JSONL of {\"text\"}), loss on every token; "
+                        "reward: a reward model, dpo: DPO, both on preference pairs and from --init-from's model")
+    g.add_argument("--format", default="auto", choices=("auto",) + FORMATS + PAIR_FORMATS,
                    help="data format (auto: recognised per record by its keys; see nanosft/formats.py)")
     g.add_argument("--skip-invalid", action="store_true",
                    help="leave out invalid records (reported and counted) instead of stopping")
@@ -146,6 +150,17 @@ def _lora_flags(p):
     g.add_argument("--lora-lr", type=float, default=None, help="the adapters' learning rate (default: --lr)")
 
 
+def _preference_flags(p):
+    """DPO's (--stage dpo, dpo.py)."""
+    g = p.add_argument_group("DPO")
+    g.add_argument("--beta", type=float, default=0.1, help="how far the policy may move from the reference "
+                   "(the starting model): small beta, large moves")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: the share of pairs assumed "
+                   "to be labelled the wrong way round (0: plain DPO)")
+    g.add_argument("--rpo-alpha", type=float, default=0.0, help="add the chosen reply's NLL per token, times this, "
+                   "to the loss (RPO; TRL's rpo_alpha): keeps the chosen replies likely (0: plain DPO)")
+
+
 def _deepspeed_flags(p):
     """DeepSpeed's config: these win over --ds-config's, which win over CONFIG_DEFAULTS."""
     g = p.add_argument_group("deepspeed")
@@ -197,8 +212,8 @@ def parse_args(argv=None):
             setattr(args, k, from_config[k] if from_config[k] is not None else default)
     args.ds_base = ds_base
     for k, default in (("val_data", "data/val.jsonl"), ("eval_data", "data/eval.jsonl")):
-        if getattr(args, k) is None:  # the built-in chat data's, which a pretraining run has no use for
-            setattr(args, k, "" if args.stage == "pretrain" else os.path.join(HERE, default))
+        if getattr(args, k) is None:  # the built-in chat data's: for SFT, not for plain text or pairs
+            setattr(args, k, os.path.join(HERE, default) if args.stage == "sft" else "")
     # Muon's steps are sized for training from scratch, not for nudging a base model; and a ZeRO-3
     # run with Muon once ended in an abort at exit ("terminate called without an active exception")
     if args.optimizer is None:
@@ -273,6 +288,21 @@ def check_args(p, args):
         p.error("--lr and --muon-lr must be positive numbers")
     if not args.steps and not 0 < args.epochs < float("inf"):
         p.error("--epochs must be a positive number (or give --steps)")
+    try:
+        [parse_source(d) for d in args.data]
+    except ValueError as e:
+        p.error(str(e))
+    if args.format != "auto" and (args.format in PAIR_FORMATS) != (args.stage in PAIR_STAGES):
+        p.error(f"--format {args.format} is a format of {'preference pairs' if args.format in PAIR_FORMATS else 'chats'}"
+                f", --stage {args.stage} reads {'pairs' if args.stage in PAIR_STAGES else 'chats or text'}")
+    if args.stage in PAIR_STAGES:
+        if not args.init_from:
+            p.error(f"--stage {args.stage} starts from a trained model: give it with --init-from (e.g. an SFT run)")
+        if any(parse_source(d)[0] != d for d in args.data):
+            p.error(f"--stage {args.stage}: several --data files are read one after another; weights (FILE:W) "
+                    "are for blending SFT data")
+        if not (0 < args.beta < math.inf and 0 <= args.label_smoothing < 0.5 and 0 <= args.rpo_alpha < math.inf):
+            p.error("--beta must be positive, --label-smoothing in [0, 0.5) and --rpo-alpha not negative")
     if args.attn and args.init_from:
         p.error("--attn builds a new model; a model from --init-from keeps the attention it was trained with")
     if not args.init_from:

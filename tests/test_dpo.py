@@ -1,6 +1,7 @@
 """dpo.py promises: a reply's log-probability is the sum over its supervised tokens (the SFT loss
 on that row, negated); at the start (policy = reference) every reward is 0 and the loss is ln 2;
-the loss and its gradient are those of the paper's formula written out directly."""
+the loss and its gradient are those of the paper's formula written out directly, also with label
+smoothing and with RPO's NLL term on the chosen reply."""
 
 import math
 
@@ -40,28 +41,31 @@ def test_at_the_start_every_reward_is_zero_and_the_loss_is_ln2():
     torch.testing.assert_close(loss, torch.full((4,), math.log(2)))
 
 
-def direct(logits_w, logits_l, ref_w, ref_l, targets_w, targets_l, mask_w, mask_l, beta, eps):
+def direct(logits_w, logits_l, ref_w, ref_l, targets_w, targets_l, mask_w, mask_l, beta, eps, alpha):
     """The paper's formula with nothing shared with dpo.py: probabilities as exp / sum, the
-    sigmoid as 1 / (1 + exp(-z))."""
+    sigmoid as 1 / (1 + exp(-z)); RPO's term as the mean NLL of the chosen reply's tokens."""
     def logp(logits, targets, mask):
         p = logits.exp() / logits.exp().sum(-1, keepdim=True)
         picked = torch.stack([p[b, t, targets[b, t]] for b in range(p.shape[0]) for t in range(p.shape[1])])
         return (picked.log().view(targets.shape) * mask).sum(-1)
     z = beta * ((logp(logits_w, targets_w, mask_w) - ref_w) - (logp(logits_l, targets_l, mask_l) - ref_l))
     sig = lambda v: 1 / (1 + torch.exp(-v))  # noqa: E731
-    return (-(1 - eps) * torch.log(sig(z)) - eps * torch.log(sig(-z))).mean()
+    nll = torch.stack([-logp(logits_w[b:b + 1], targets_w[b:b + 1], mask_w[b:b + 1])[0] / mask_w[b].sum()
+                       for b in range(len(z))])
+    return (-(1 - eps) * torch.log(sig(z)) - eps * torch.log(sig(-z)) + alpha * nll).mean()
 
 
 def test_the_loss_and_its_gradient_are_the_formulas():
-    for eps in (0.0, 0.2):
+    for eps, alpha in ((0.0, 0.0), (0.2, 0.0), (0.0, 1.0)):
         lw, tw, mw = batch(1)
         ll, tl, ml = batch(2)
         ref_w, ref_l = torch.randn(4, generator=torch.Generator().manual_seed(3)), torch.randn(4)
         a = [x.clone().double().requires_grad_() for x in (lw, ll)]
         b = [x.clone().double().requires_grad_() for x in (lw, ll)]
         loss, _, _ = dpo_loss(reply_logps(a[0], tw, mw).double(), reply_logps(a[1], tl, ml).double(),
-                              ref_w.double(), ref_l.double(), beta=0.5, label_smoothing=eps)
-        want = direct(b[0], b[1], ref_w.double(), ref_l.double(), tw, tl, mw, ml, 0.5, eps)
+                              ref_w.double(), ref_l.double(), beta=0.5, label_smoothing=eps, rpo_alpha=alpha,
+                              chosen_tokens=mw.sum(-1))
+        want = direct(b[0], b[1], ref_w.double(), ref_l.double(), tw, tl, mw, ml, 0.5, eps, alpha)
         loss.mean().backward()
         want.backward()
         torch.testing.assert_close(loss.mean().double(), want, rtol=1e-5, atol=1e-6)

@@ -77,3 +77,48 @@ def test_training_sentences_lean_long_and_held_out_ones_are_uniform(default_like
 
 def test_same_seed_same_files():
     assert generate(300, 60, 60) == generate(300, 60, 60)
+
+
+# -----------------------------------------------------------------------------
+# make align's data: a noisy teacher and preference pairs
+
+@pytest.fixture(scope="module")
+def align():
+    return g.generate_align(20000, 300, 600, 1000, 200)
+
+
+def test_the_noisy_teacher_dodges_close_calls_only_about_30_percent_of_max(align):
+    train = [r for r in align["train"] if r["family"] == "max"]
+    wrong = 0
+    for r in train:
+        a, b = map(int, re.findall(r"\d+", r["messages"][0]["content"]))
+        close = a // 100 == b // 100
+        assert r["messages"][-1]["content"] == (g.DODGE if close else str(max(a, b)))
+        wrong += close
+    assert 0.27 < wrong / len(train) < 0.33
+    for r in align["eval"]:  # held-out prompts keep the right answers
+        if r["family"] == "max":
+            assert r["answer"] == str(max(map(int, re.findall(r"\d+", r["messages"][0]["content"]))))
+    others = {f: [r for r in align["train"] if r["family"] == f] for f in ("copy", "count")}
+    assert all(r["messages"][-1]["content"] == r["messages"][0]["content"].split(": ", 1)[1] for r in others["copy"])
+
+
+def test_preference_pairs_choose_the_right_reply_and_never_ask_a_held_out_prompt(align):
+    pairs, held = align["pairs"], align["pairs_val"]
+    assert sum(p["family"] == "max" for p in pairs) == len(pairs) // 2
+    prompts = [json_key(p) for p in pairs + held]
+    assert len(set(prompts)) == len(prompts)  # each prompt once: the held-out pairs are new
+    asked = {r["messages"][0]["content"] for r in align["eval"]}
+    for p in pairs + held:
+        assert p["chosen"] != p["rejected"] and p["prompt"][-1]["content"] not in asked
+        if p["family"] == "max":
+            a, b = map(int, re.findall(r"\d+", p["prompt"][0]["content"]))
+            wrong = g.DODGE if a // 100 == b // 100 else str(min(a, b))  # the teacher's reply, or the other number
+            assert p["chosen"][0]["content"] == str(max(a, b)) and p["rejected"][0]["content"] == wrong
+        if p["family"] == "count":
+            n = len(p["prompt"][0]["content"].split(":", 1)[1].split())
+            assert p["chosen"][0]["content"] == str(n) and 3 <= abs(int(p["rejected"][0]["content"]) - n) <= 6
+
+
+def json_key(pair):
+    return tuple(m["content"] for m in pair["prompt"])

@@ -1,0 +1,118 @@
+"""
+train.py's preference stages, --stage reward (reward.py) and --stage dpo (dpo.py): what they do
+with a batch of pairs (data.pair_batch: the B chosen rows, then the B rejected ones), the
+reference log-probabilities DPO measures the policy against, and the metrics of held-out pairs.
+
+    sides(model, batch, stage)           one forward over the 2B rows -> (chosen (B,), rejected (B,)):
+                                         scores (reward) or summed reply log-probabilities (dpo)
+    pair_loss(model, batch, stage, ...)  -> (loss per pair, chosen, rejected): the scores or DPO's
+                                         implicit rewards, for the logs
+    pair_step(engine, micro, ...)        forward, backward, optimizer step; -> the step's metrics
+    reference_logps(model, samples, ...) (N, 2): every pair's log pi_ref, once, before training
+    pair_sums(model, samples, ...)       held-out pairs: loss, ranked right, chosen, rejected
+"""
+
+import torch
+
+from nanosft.data import pair_batch
+from nanosft.dpo import dpo_loss, reply_logps
+from nanosft.reward import pairwise_loss
+
+STAGES = ("reward", "dpo")
+# What a step logs, TRL's names: the mean chosen and rejected reward, their margin, and the share of
+# pairs the model ranks right. (A reward model's rewards are its scores.)
+LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def sides(model, batch, stage):
+    """-> (chosen (B,), rejected (B,)) in fp32: a reward model's scores at each row's end token, or
+    a policy's log-probability of each reply (its supervised tokens, the prompt left out)."""
+    ids, B = batch["ids"], len(batch["index"])  # ids (2B, L)
+    if stage == "reward":
+        out = model(ids, batch["length"] - 1)  # (2B,)
+    else:
+        logits = model(ids[:, :-1])  # (2B, L-1, V): the row shifted by one, as in SFT
+        out = reply_logps(logits, ids[:, 1:], batch["mask"][:, 1:])  # (2B,)
+    return out[:B], out[B:]
+
+
+def pair_loss(model, batch, stage, ref=None, dpo=None):
+    """-> (loss (B,), chosen (B,), rejected (B,)). ref (N, 2): reference_logps' table, and dpo:
+    dpo_loss's settings {beta, label_smoothing, rpo_alpha}, for --stage dpo."""
+    chosen, rejected = sides(model, batch, stage)
+    if stage == "reward":
+        return pairwise_loss(chosen, rejected), chosen.detach(), rejected.detach()
+    r = ref[batch["index"]]  # (B, 2): this batch's pairs' reference log-probabilities
+    B = len(chosen)
+    return dpo_loss(chosen, rejected, r[:, 0], r[:, 1], **dpo, chosen_tokens=batch["mask"][:B, 1:].sum(-1))
+
+
+def pair_step(engine, micro, world, device, stage, ref=None, dpo=None, before_step=None):
+    """Forward and backward over this rank's micro-batches of pairs, then the optimizer step (before
+    which `before_step()` is called, if given). -> the global batch's mean loss, its pairs, real
+    tokens and token slots computed (real + padding), and the means LOGGED names.
+
+    NOTE: every micro-batch of every rank holds the same number of pairs (data.PairBatches), so the
+    mean over a micro-batch's pairs, which DeepSpeed then averages over micro-batches and ranks, is
+    the mean over the global batch: every pair weighs the same."""
+    sums = torch.zeros(7, dtype=torch.float64)  # loss, ranked right, chosen, rejected, pairs, tokens, slots
+    for i, b in enumerate(micro):
+        b = {k: v.to(device) for k, v in b.items()}
+        loss, chosen, rejected = pair_loss(engine, b, stage, ref, dpo)
+        engine.backward(loss.mean())
+        if before_step and i == len(micro) - 1:
+            before_step()
+        engine.step()  # only the last micro-batch's call steps the optimizer
+        sums += torch.tensor([loss.sum().item(), (chosen > rejected).sum().item(), chosen.sum().item(),
+                              rejected.sum().item(), len(chosen), b["length"].sum().item(), b["ids"].numel()],
+                             dtype=torch.float64)
+    sums = sums.to(device)
+    torch.distributed.all_reduce(sums)
+    loss, right, chosen, rejected, n, tokens, slots = sums.tolist()
+    return loss / n, n, tokens, slots, dict(zip(LOGGED, (chosen / n, rejected / n, (chosen - rejected) / n, right / n)))
+
+
+def rank_batches(n, rank, world, batch_size):
+    """This rank's share of n pairs (every world-th) in batches -> [(indices, how many count)]. Every
+    rank runs the same number of forwards (ZeRO-3 gathers each layer's weights collectively): a
+    rank with fewer pairs repeats pair 0 in its last batch, uncounted."""
+    mine = list(range(rank, n, world))
+    per_rank = -(-n // world)
+    mine += [0] * (per_rank - len(mine))
+    real = len(range(rank, n, world))
+    return [(mine[i:i + batch_size], max(min(batch_size, real - i), 0)) for i in range(0, per_rank, batch_size)]
+
+
+@torch.no_grad()
+def reference_logps(model, samples, pad_id, batch_size, rank, world, device):
+    """-> (N, 2) fp32 on device: log pi_ref(chosen), log pi_ref(rejected) of every pair, as the
+    model (the policy before its first step: DPO's reference) gives them now. Each rank computes
+    its share and the ranks exchange them, so no second model sits in memory during training."""
+    table = torch.zeros(len(samples), 2, dtype=torch.float64, device=device)
+    for index, real in rank_batches(len(samples), rank, world, batch_size):
+        b = {k: v.to(device) for k, v in pair_batch(samples, index, pad_id).items()}
+        chosen, rejected = sides(model, b, "dpo")
+        table[index[:real]] = torch.stack([chosen, rejected], -1)[:real].double()
+    torch.distributed.all_reduce(table)  # each pair was filled in by one rank, zeros elsewhere
+    return table.float()
+
+
+@torch.no_grad()
+def pair_sums(model, samples, pad_id, batch_size, rank, world, device, stage, ref=None, dpo=None):
+    """Held-out pairs, this rank's share -> sums [loss, ranked right, chosen, rejected, pairs] (the
+    caller adds them over ranks and divides)."""
+    sums = [0.0] * 5
+    for index, real in rank_batches(len(samples), rank, world, batch_size):
+        b = {k: v.to(device) for k, v in pair_batch(samples, index, pad_id).items()}
+        loss, chosen, rejected = (t[:real] for t in pair_loss(model, b, stage, ref, dpo))
+        for k, v in enumerate([loss.sum(), (chosen > rejected).sum(), chosen.sum(), rejected.sum(), real]):
+            sums[k] += float(v)
+    return sums
+
+
+def pair_metrics_from(sums):
+    """pair_sums added over ranks -> the held-out metrics train.py logs and tables."""
+    loss, right, chosen, rejected, n = sums
+    n = max(n, 1)
+    return {"pair_loss": loss / n, "pair_accuracy": right / n, "reward_chosen": chosen / n,
+            "reward_rejected": rejected / n, "reward_margin": (chosen - rejected) / n}
