@@ -213,13 +213,14 @@ def start_engine(run, model, data):
     run.n_params = sum(p.numel() for p in model.parameters())
     run.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pairs = args.stage in PAIR_STAGES
-    tight = check_fits(model.cfg, run.n_params, args.batch_size * (2 if pairs else 1), args.grad_accum,
-                       data.row_len - 1, args.dtype,
+    tight = check_fits(model.cfg, run.n_params, args.batch_size, args.grad_accum, data.row_len - 1, args.dtype,
                        args.zero_stage, run.world, args.gradient_checkpointing, least_free(free_memory(run.device)),
                        offload=args.offload if run.device.type == "cuda" else "none",  # not the OS killing it later
-                       n_trainable=run.n_trainable)
+                       n_trainable=run.n_trainable, rows_per_item=2 if pairs else 1, logits=args.stage == "dpo")
     if tight:
         print0(tight)
+    if pairs and len(data.samples) < run.world:
+        raise ValueError(f"{len(data.samples)} preference pair(s) for {run.world} ranks: every rank needs one at least")
     if pairs:  # a micro-batch of --batch-size pairs: twice as many rows
         run.batches = PairBatches(data.samples, data.template.pad, args.batch_size, args.seed, run.rank, run.world)
     else:
@@ -283,12 +284,18 @@ def reference(run, data):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found: the run's reference log-probabilities are lost")
         with np.load(path, allow_pickle=False) as z:
+            if (len(z["train"]), len(z["val"])) != (len(data.samples), len(data.val_pairs)):
+                raise ValueError(f"{path}: the reference log-probabilities of {len(z['train'])} + {len(z['val'])} pairs, "
+                                 f"the data now {len(data.samples)} + {len(data.val_pairs)}: the pair files changed "
+                                 "since the run started")
             run.ref, run.val_ref = (torch.from_numpy(z[k]).to(run.device) if z[k].size else None for k in ("train", "val"))
         return
     t0 = time.time()
     engine.eval()
-    run.ref, run.val_ref = (reference_logps(engine, samples, data.template.pad, args.batch_size, run.rank, run.world,
-                                            run.device) if samples else None for samples in (data.samples, data.val_pairs))
+    with torch.compiler.set_stance("force_eager"):  # (no compilation for these shapes, as in evaluation)
+        run.ref, run.val_ref = (reference_logps(engine, samples, data.template.pad, args.batch_size, run.rank,
+                                                run.world, run.device) if samples else None
+                                for samples in (data.samples, data.val_pairs))
     engine.train()
     if run.rank == 0:
         os.makedirs(run.dir, exist_ok=True)

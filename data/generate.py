@@ -406,7 +406,7 @@ def write_jsonl(path, records):
 if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--out", default=here, help="directory for train/val/eval.jsonl")
+    p.add_argument("--out", default=None, help="directory for train/val/eval.jsonl (default data/, with --align data/align/)")
     p.add_argument("--n-train", type=int, default=76000)  # ~730 steps of 16 packed rows: ~3.5 min on 2 cores
     p.add_argument("--n-val", type=int, default=1200)
     p.add_argument("--n-eval", type=int, default=1200)
@@ -414,7 +414,7 @@ if __name__ == "__main__":
     p.add_argument("--eval-seed", type=int, default=None,
                    help="fresh held-out prompts for the same training set (e.g. to re-measure a trained run)")
     p.add_argument("--align", action="store_true", help="the noisy-teacher SFT set and preference pairs of "
-                   "`make align` instead (train, val, eval, pairs, pairs_val.jsonl; --out data/align)")
+                   "`make align` instead (train, val, eval, pairs, pairs_val.jsonl)")
     p.add_argument("--n-pairs", type=int, default=3000, help="with --align: training preference pairs")
     p.add_argument("--n-val-pairs", type=int, default=400, help="with --align: held-out preference pairs")
     p.add_argument("--families", default="", help=f"comma-separated: only these skills (of {', '.join(FAMILIES)}, "
@@ -424,6 +424,9 @@ if __name__ == "__main__":
     unknown = [f for f in only if f not in FAMILIES and f not in NEW_FAMILIES]
     if unknown:
         p.error(f"--families: unknown skill {unknown[0]!r}")
+    if args.align and (only or args.eval_seed is not None):
+        p.error("--align writes its own families and held-out prompts: no --families or --eval-seed with it")
+    args.out = args.out or (os.path.join(here, "align") if args.align else here)
     if args.align:
         files = generate_align(args.n_train, args.n_val, args.n_eval, args.n_pairs, args.n_val_pairs, args.seed)
     else:

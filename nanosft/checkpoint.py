@@ -99,7 +99,8 @@ def save_model(directory, state, cfg: ModelConfig, tok):
     tok.chat_template (the format the model was trained in) goes into tokenizer_config.json.
     A reward model's state (reward.py: "model." + the decoder's names, and "score.weight") is saved
     for AutoModelForSequenceClassification: the decoder, the score head, one label, and the pad token,
-    by which transformers finds each row's last real token, where the score is read."""
+    by which transformers finds each row's last real token, where the score is read (rows that end
+    at a reply's end token, right-padded, score as nanosft scores them)."""
     score = state.get("score.weight")
     if score is not None:
         state = {k.removeprefix("model."): v for k, v in state.items() if k != "score.weight"}
@@ -119,8 +120,11 @@ def save_model(directory, state, cfg: ModelConfig, tok):
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     hf = config_to_hf(cfg, bos, eos, dtype)
     if score is not None:
+        # transformers reads each row's score at its last token that is not padding: the pad token
+        # must not be the end token the score belongs to (Llama 3's and SmolLM2's pad would be)
+        pad = next(i for i in (template.pad, tok.eos_id, tok.bos_id, tok.unk_id, 0) if i >= 0 and i != template.end)
         hf.update(architectures=[hf["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")],
-                  num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=template.pad)
+                  num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=pad)
     write_json(os.path.join(directory, "config.json"), hf)
     write_json(os.path.join(directory, "generation_config.json"), {"bos_token_id": bos, "eos_token_id": eos})
     save_tokenizer(directory, tok, cfg)

@@ -429,24 +429,25 @@ class PairBatches(Batches):
     pairs left over by the division sit out this epoch), pairs of similar length side by side. No packing: a pair's two
     rows are compared, and a reward model reads each at its own end."""
 
-    def __init__(self, samples, pad_id, batch_size, seed, rank=0, world=1, window=1024):
-        self.window = window
+    def __init__(self, samples, pad_id, batch_size, seed, rank=0, world=1, window=1024, chunk=64):
+        self.window, self.chunk = window, chunk
         super().__init__(samples, None, pad_id, batch_size, seed, rank, world)
 
     def _rows(self, epoch):
         order = list(range(len(self.samples)))
         random.Random(self.seed * 1000003 + epoch).shuffle(order)
         # sorted by length within windows, as unpacked rows are (epoch_rows): neighbours share a
-        # micro-batch, padded to its longest row; then the micro-batches are shuffled, so that a
-        # run of steps does not see only long (or only short) pairs
+        # micro-batch, padded to its longest row; then runs of `chunk` neighbours are shuffled, so
+        # that a stretch of steps does not see only long (or only short) pairs. The order does not
+        # depend on the batch size or the ranks: a global batch holds the same pairs however it
+        # is split (tests/test_preference.py, ZeRO)
         longest = [max(len(self.samples[i][0][0]), len(self.samples[i][1][0])) for i in order]
         order = [order[j] for w in range(0, len(order), self.window)
                  for j in sorted(range(w, min(w + self.window, len(order))), key=lambda j: -longest[j])]
-        mine = order[self.rank::self.world][:len(order) // self.world]
-        full = len(mine) // self.batch_size * self.batch_size
-        batches = [mine[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
-        random.Random(self.seed * 1000003 + epoch).shuffle(batches)  # (the same order on every rank)
-        return {"index": np.array([i for b in batches for i in b] + mine[full:], dtype=np.int64)}
+        chunks = [order[i:i + self.chunk] for i in range(0, len(order), self.chunk)]
+        random.Random(self.seed * 1000003 + epoch).shuffle(chunks)
+        order = [i for c in chunks for i in c]
+        return {"index": np.array(order[self.rank::self.world][:len(order) // self.world], dtype=np.int64)}
 
     def next(self):
         while self._exhausted():

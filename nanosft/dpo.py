@@ -16,9 +16,10 @@ loss = -(1 - eps) log sigmoid(d) - eps log sigmoid(-d), d = r(y_w) - r(y_l).
 
 The loss only asks for a margin: it is as happy to lower both replies' likelihood, the chosen one
 less, as to raise the chosen one, and the probability taken from them goes to whatever else the
-model could write. With alpha > 0 (RPO, Pang et al., 2024; TRL's rpo_alpha) the chosen reply's
-negative log-likelihood per token is added, alpha * -log pi(y_w | x) / |y_w|: SFT on the chosen
-replies alongside, which keeps them the model's answers.
+model could write. With alpha > 0 (RPO, Pang et al., 2024) the chosen reply's negative
+log-likelihood per token is added, alpha * -log pi(y_w | x) / |y_w|: SFT on the chosen replies
+alongside, which keeps them the model's answers. (TRL's rpo_alpha averages the same NLL over all
+the batch's chosen tokens, so long replies weigh more there.)
 
     reply_logps(logits, targets, mask)            (B,) summed log-probabilities of each row's reply
     dpo_loss(pi_w, pi_l, ref_w, ref_l, beta, eps) -> (loss per pair, r(y_w), r(y_l))

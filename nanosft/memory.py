@@ -166,15 +166,20 @@ def activation_bytes(cfg, T, dtype, impl="sdpa", checkpointing=False):
 
 
 def check_fits(cfg, n_params, batch, grad_accum, T, dtype, stage, world, checkpointing, free, offload="none",
-               n_trainable=None):
+               n_trainable=None, rows_per_item=1, logits=False):
     """Before training: does a rank's estimated need (model states as the ZeRO paper counts them
     for Adam, plus a micro-batch's activations) fit in free = (bytes, what they are), from
     least_free? Measured peaks are 0.5-1.1x the estimate, so a run whose estimate is over twice what
     is free raises ValueError, saying what would fit; one merely over it gets a note back (else
     None). offload: what leaves that memory (a GPU's; on a CPU nothing leaves): "optimizer"
-    (master weights and optimizer state) or "all" (the weights too). n_trainable: LoRA's adapters."""
-    def need(rows, tokens):
-        return states + rows * tokens * activation_bytes(cfg, tokens, dtype, cfg.attn_impl, checkpointing)
+    (master weights and optimizer state) or "all" (the weights too). n_trainable: LoRA's adapters.
+    rows_per_item: rows one --batch-size item takes (2 for a preference pair); logits: the full
+    logits are kept even for a large vocabulary (DPO's reply log-probabilities)."""
+    def need(items, tokens):
+        per_token = activation_bytes(cfg, tokens, dtype, cfg.attn_impl, checkpointing)
+        if logits and cfg.vocab_size >= FUSED_LOSS_VOCAB:
+            per_token += 1.5 * 3 * cfg.vocab_size * 4  # fp32 logits, log-softmax, gradient
+        return states + items * rows_per_item * tokens * per_token
     parts = estimate_memory(n_params, stage, world, dtype, n_trainable=n_trainable)
     away = {"none": (), "optimizer": ("master_weights", "optimizer_state"),
             "all": ("master_weights", "optimizer_state", "parameters")}[offload]
@@ -185,7 +190,7 @@ def check_fits(cfg, n_params, batch, grad_accum, T, dtype, stage, world, checkpo
     available, what = free
     rows = next((r for r in range(batch - 1, 0, -1) if need(r, T) <= available), 0)
     tokens = next((t for t in (2 ** i for i in range(int(math.log2(T)), 5, -1)) if need(1, t) <= available), 0)
-    per_step = batch * grad_accum  # rows per optimizer step: kept by the suggestion
+    per_step = batch * grad_accum  # items (rows, or pairs) per optimizer step: kept by the suggestion
     if rows:
         fits = f"--batch-size {rows} --grad-accum {math.ceil(per_step / rows)}"
     elif tokens:
@@ -193,7 +198,7 @@ def check_fits(cfg, n_params, batch, grad_accum, T, dtype, stage, world, checkpo
     else:
         fits = "a smaller model, or ZeRO stage 3 over more ranks"
     gib = 2 ** 30
-    why = (f"{batch} rows x {T:,} tokens a micro-batch need about {total / gib:.1f} GiB (estimated), "
+    why = (f"{batch * rows_per_item} rows x {T:,} tokens a micro-batch need about {total / gib:.1f} GiB (estimated), "
            f"more than {what} ({available / gib:.1f} GiB): try {fits}"
            + ("" if checkpointing else ", or --gradient-checkpointing"))
     if total / 2 > available:

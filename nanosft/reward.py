@@ -11,7 +11,7 @@ their usual names and `score.weight` (1, C) with no bias, so a saved reward mode
 num_labels 1 and gives the same scores (tests/test_reward.py). Step 3 (PPO) reads its rewards here.
 
     RewardModel(sft_model)(idx, last) -> (B,) scores  last (B,): index of each row's end token
-    pairwise_loss(chosen, rejected) -> (B,)            and pair_metrics for the logs
+    pairwise_loss(chosen, rejected) -> (B,)
 """
 
 import torch
@@ -27,12 +27,13 @@ class RewardModel(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
         model.lm_head = None  # (its vocabulary is not needed to score; a tied head is the embedding anyway)
-        self.model, self.cfg = model, model.cfg
+        self.model, self.cfg = model, model.cfg  # (cfg: the shape, as a Transformer tells it)
         self.score = nn.Linear(model.cfg.dim, 1, bias=False)  # as LlamaForSequenceClassification's
         nn.init.zeros_(self.score.weight)  # every reply scores 0 until trained
 
     def forward(self, idx, last=None, pos=None, doc=None):
-        """idx (B, T), last (B,) (default: every row's last column) -> scores (B,), in fp32."""
+        """idx (B, T), last (B,) -> scores (B,), in fp32. Without `last`, every row is read at its last
+        column (rows that end at their end token, as a plain forward on one reply)."""
         h = self.model.hidden(idx, pos, doc)  # (B, T, C)
         if last is None:
             last = torch.full((idx.shape[0],), idx.shape[1] - 1, device=idx.device)
@@ -44,8 +45,3 @@ def pairwise_loss(chosen, rejected):
     """Scores (B,) of the chosen and the rejected reply of each pair -> the loss of each pair (B,)."""
     return -F.logsigmoid(chosen - rejected)
 
-
-def pair_metrics(chosen, rejected):
-    """What a reward run logs: the share of pairs ranked right, the mean scores and their margin."""
-    return {"accuracy": (chosen > rejected).float().mean().item(), "chosen": chosen.mean().item(),
-            "rejected": rejected.mean().item(), "margin": (chosen - rejected).mean().item()}

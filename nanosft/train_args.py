@@ -301,6 +301,9 @@ def check_args(p, args):
         if any(parse_source(d)[0] != d for d in args.data):
             p.error(f"--stage {args.stage}: several --data files are read one after another; weights (FILE:W) "
                     "are for blending SFT data")
+        if args.stage == "reward" and args.eval_data:
+            p.error("--eval-data: a reward model scores replies, it does not write them (its held-out pairs are "
+                    "--val-data's)")
         if not (0 < args.beta < math.inf and 0 <= args.label_smoothing < 0.5 and 0 <= args.rpo_alpha < math.inf):
             p.error("--beta must be positive, --label-smoothing in [0, 0.5) and --rpo-alpha not negative")
     if args.attn and args.init_from:

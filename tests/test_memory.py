@@ -74,6 +74,18 @@ def test_a_step_that_cannot_fit_is_refused_with_a_setting_that_fits():
     assert check_fits(cfg, batch=1, grad_accum=1, T=tokens, **fits) is None
     assert check_fits(cfg, batch=16, grad_accum=1, T=100_000, **dict(fits, free=None)) is None  # unknown: no refusal
 
+    # preference pairs: a --batch-size item is two rows, and the suggestion counts pairs
+    suggested = []
+    for per_item, batch in ((1, 16), (2, 8)):  # 16 rows of 20,000 tokens a micro-batch, as rows or as pairs
+        with pytest.raises(ValueError) as e:
+            check_fits(cfg, batch=batch, grad_accum=2, T=20_000, rows_per_item=per_item, **fits)
+        assert "16 rows x 20,000 tokens" in str(e.value)
+        suggested.append([int(str(e.value).split(flag + " ")[1].split()[0].rstrip(",")) for flag in ("--batch-size",
+                                                                                                      "--grad-accum")])
+    (rows, _), (pairs_, accum) = suggested
+    assert pairs_ == rows // 2 >= 1 and pairs_ * accum >= 16
+    assert check_fits(cfg, batch=pairs_, grad_accum=accum, T=20_000, rows_per_item=2, **fits) is None
+
 
 def test_train_stops_at_once_with_the_reason_when_the_rows_cannot_fit(tiny_data, tmp_path):
     flags = list(TINY)

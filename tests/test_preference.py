@@ -155,6 +155,40 @@ def test_a_reward_run_saves_a_sequence_classifier_transformers_scores_alike(pair
     assert ours.abs().max() > 1e-3  # (trained: not the fresh head's zeros)
 
 
+def test_a_pad_token_that_is_the_end_token_is_not_what_the_saved_reward_model_pads_with(pairs, tmp_path):
+    """Llama 3's and SmolLM2's pad token is their end of turn: transformers, which reads a row's
+    score at its last token that is not padding, would read before the end token."""
+    import transformers
+    from nanosft.checkpoint import save_model
+    from nanosft.reward import RewardModel
+    model, tok = load_model(pairs[0])
+    tok.pad_id = ChatTemplate(tok).end
+    assert ChatTemplate(tok).pad == ChatTemplate(tok).end
+    rm = RewardModel(model)
+    with torch.no_grad():
+        rm.score.weight.normal_()
+    state = {k: v.detach().clone() for k, v in rm.state_dict().items()}
+    save_model(tmp_path / "rm", state, model.cfg, tok)
+    pad = json.loads((tmp_path / "rm" / "config.json").read_text())["pad_token_id"]
+    assert pad != ChatTemplate(tok).end
+    samples, _ = rows(pairs)
+    b = pair_batch(samples, list(range(6)), pad)
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rm.eval()(b["ids"], b["length"] - 1), ref(b["ids"]).logits[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_resumed_dpo_run_refuses_pair_files_that_changed(pairs, tmp_path):
+    sft, train, val = pairs
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(train.read_text(encoding="utf-8"), encoding="utf-8")
+    out = pair_run("dpo", (sft, data, val), tmp_path / "run", "--save-every", "2", steps=4)
+    data.write_text("".join(data.read_text(encoding="utf-8").splitlines(keepends=True)[:-8]), encoding="utf-8")
+    r = run_train("--out", str(out), "--resume")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "reference_logps.npz" in r.stderr and "the pair files changed since the run started" in r.stderr
+
+
 # -----------------------------------------------------------------------------
 # bad input
 
@@ -212,6 +246,8 @@ def test_a_pair_stage_needs_a_model_to_start_from_and_pairs_to_read(pairs):
     assert r.returncode == 2 and "--init-from" in r.stderr
     r = run_train("--stage", "dpo", "--init-from", str(pairs[0]), "--data", str(pairs[1]), "--format", "sharegpt")
     assert r.returncode == 2 and "--format sharegpt is a format of chats, --stage dpo reads pairs" in r.stderr
+    r = run_train("--stage", "reward", "--init-from", str(pairs[0]), "--data", str(pairs[1]), "--eval-data", str(pairs[1]))
+    assert r.returncode == 2 and "--eval-data: a reward model scores replies" in r.stderr
 
 
 # -----------------------------------------------------------------------------
