@@ -424,10 +424,10 @@ def pair_batch(samples, indices, pad_id):
 
 class PairBatches(Batches):
     """Batches of preference pairs: as Batches, with a pair (its two replies) where Batches has a
-    packed row. Each epoch shuffles the pairs (seeded per epoch) and deals every world-th to this
-    rank, every rank as many, so that all run the same number of forwards (the fewer than `world`
-    pairs left over by the division sit out this epoch), pairs of similar length side by side. No packing: a pair's two
-    rows are compared, and a reward model reads each at its own end."""
+    packed row. Each epoch shuffles the pairs (seeded per epoch), puts pairs of similar length side
+    by side, and deals every world-th to this rank, every rank as many, so that all run the same
+    number of forwards (the fewer than `world` pairs left over by the division sit out this epoch).
+    No packing: a pair's two rows are compared, and a reward model reads each at its own end."""
 
     def __init__(self, samples, pad_id, batch_size, seed, rank=0, world=1, window=1024, chunk=64):
         self.window, self.chunk = window, chunk
