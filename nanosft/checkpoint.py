@@ -109,8 +109,8 @@ def save_model(directory, state, cfg: ModelConfig, tok):
         if os.path.exists(os.path.join(directory, name)):              # writes this run's after the model)
             os.remove(os.path.join(directory, name))
     state = hf_state_dict(state, cfg)
-    if score is not None:
-        state = {**{k: v for k, v in state.items() if k != "lm_head.weight"}, "score.weight": score}
+    if score is not None:  # (a reward model has no LM head: the score is its head)
+        state["score.weight"] = score
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})  # atomic
     remove_shards(directory)
     # generation ends at the chat format's end of turn as well as at the end of text
@@ -192,11 +192,12 @@ def load_weights(directory, model, skip=()):
 def load_model(directory, device="cpu", attn_impl="sdpa"):
     """A run directory or a Hugging Face directory -> (model in eval mode, tokenizer). A base
     model's tokenizer gains the chat markers, and their embedding rows start at the mean."""
-    if not os.path.exists(os.path.join(directory, "config.json")):
-        raise FileNotFoundError(f"{os.path.join(directory, 'config.json')} not found")
-    cfg = read_config(directory)
-    if any(a.endswith("ForSequenceClassification") for a in read_json(os.path.join(directory, "config.json"))
-           .get("architectures") or []):
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found")
+    hf = read_json(path)
+    cfg = config_from_hf(hf, path)
+    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
         raise ValueError(f"{directory} holds a reward model (a sequence classifier): it scores replies, it does not "
                          "write them; load it with checkpoint.load_reward_model")
     if cfg.attn_impl in STANDARD_IMPLS:  # a variant's own function stays
@@ -216,7 +217,7 @@ def load_reward_model(directory, device="cpu"):
     hf = read_json(path)
     if hf.get("num_labels", len(hf.get("id2label") or {})) != 1:
         raise ValueError(f"{path}: not a reward model (a sequence classifier with num_labels 1)")
-    cfg = read_config(directory)
+    cfg = config_from_hf(hf, path)
     tok = with_markers(load_tokenizer(directory))
     rm = RewardModel(Transformer(cfg))
     state = load_sharded(directory)

@@ -30,15 +30,15 @@ def smooth(values, weight=0.95):
 
 
 def curves(run_dir):
-    """-> {"train": [(tokens seen, loss), ...], "val": [...], "lr": [...]}: the run's curves against
-    the tokens seen at each logged step. (A reward or DPO run's validation loss is its held-out
-    pairs' loss.)"""
+    """-> {"train": [(tokens seen, loss), ...], "val": [...], "lr": [...], "pairs": bool}: the run's
+    curves against the tokens seen at each logged step. (A reward or DPO run, "pairs", has its
+    held-out pairs' loss for validation loss, and a loss per pair.)"""
     s = read_monitor(run_dir)
     tokens = {0: 0.0, **s.get("Train_tokens", {})}  # step -> tokens seen after it
-    picked = {"train": "Train_loss", "val": "Eval_pair_loss" if "Eval_pair_loss" in s else "Eval_val_loss",
-              "lr": "Train_lr"}
-    return {k: [(tokens[st], v) for st, v in sorted(s.get(name, {}).items()) if st in tokens]
-            for k, name in picked.items()}
+    pairs = "Train_rewards_margins" in s  # (a reward or DPO run)
+    picked = {"train": "Train_loss", "val": "Eval_pair_loss" if pairs else "Eval_val_loss", "lr": "Train_lr"}
+    return {"pairs": pairs, **{k: [(tokens[st], v) for st, v in sorted(s.get(name, {}).items()) if st in tokens]
+                               for k, name in picked.items()}}
 
 
 def run_name(run_dir):
@@ -59,8 +59,7 @@ def plot_run(run_dir, path=None):
     ax.plot(x, smooth(train), lw=1.2, color="tab:blue", label="train loss (smoothed)")
     ax.plot([t for t, _ in c["val"]], [v for _, v in c["val"]], "o-", color="tab:orange", label="validation loss")
     ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats per pair)" if "Train_rewards_margins" in read_monitor(run_dir)
-                  else "loss (nats per supervised token)")
+    ax.set_ylabel("loss (nats per pair)" if c["pairs"] else "loss (nats per supervised token)")
     ax.set_yscale("log")  # SFT losses fall by orders of magnitude; a linear axis hides the second half
     ax.grid(True, which="both", alpha=0.3)
     ax2 = ax.twinx()

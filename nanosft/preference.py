@@ -55,7 +55,7 @@ def pair_step(engine, micro, world, device, stage, ref=None, dpo=None, before_st
     NOTE: every micro-batch of every rank holds the same number of pairs (data.PairBatches), so the
     mean over a micro-batch's pairs, which DeepSpeed then averages over micro-batches and ranks, is
     the mean over the global batch: every pair weighs the same."""
-    sums = torch.zeros(7, dtype=torch.float64)  # loss, ranked right, chosen, rejected, pairs, tokens, slots
+    sums = torch.zeros(7, dtype=torch.float64)  # batch_sums' five, then tokens and slots
     for i, b in enumerate(micro):
         b = {k: v.to(device) for k, v in b.items()}
         loss, chosen, rejected = pair_loss(engine, b, stage, ref, dpo)
@@ -63,13 +63,20 @@ def pair_step(engine, micro, world, device, stage, ref=None, dpo=None, before_st
         if before_step and i == len(micro) - 1:
             before_step()
         engine.step()  # only the last micro-batch's call steps the optimizer
-        sums += torch.tensor([loss.sum().item(), (chosen > rejected).sum().item(), chosen.sum().item(),
-                              rejected.sum().item(), len(chosen), b["length"].sum().item(), b["ids"].numel()],
+        sums += torch.tensor(batch_sums(loss, chosen, rejected) + [b["length"].sum().item(), b["ids"].numel()],
                              dtype=torch.float64)
     sums = sums.to(device)
     torch.distributed.all_reduce(sums)
-    loss, right, chosen, rejected, n, tokens, slots = sums.tolist()
-    return loss / n, n, tokens, slots, dict(zip(LOGGED, (chosen / n, rejected / n, (chosen - rejected) / n, right / n)))
+    *pairs, tokens, slots = sums.tolist()
+    m = pair_metrics_from(pairs)
+    return m["pair_loss"], pairs[-1], tokens, slots, dict(zip(LOGGED, (m["reward_chosen"], m["reward_rejected"],
+                                                                      m["reward_margin"], m["pair_accuracy"])))
+
+
+def batch_sums(loss, chosen, rejected):
+    """A batch's (B,) losses and rewards -> [loss, ranked right, chosen, rejected, pairs], summed."""
+    return [loss.sum().item(), (chosen > rejected).sum().item(), chosen.sum().item(), rejected.sum().item(),
+            len(chosen)]
 
 
 def rank_batches(n, rank, world, batch_size):
@@ -104,14 +111,12 @@ def pair_sums(model, samples, pad_id, batch_size, rank, world, device, stage, re
     sums = [0.0] * 5
     for index, real in rank_batches(len(samples), rank, world, batch_size):
         b = {k: v.to(device) for k, v in pair_batch(samples, index, pad_id).items()}
-        loss, chosen, rejected = (t[:real] for t in pair_loss(model, b, stage, ref, dpo))
-        for k, v in enumerate([loss.sum(), (chosen > rejected).sum(), chosen.sum(), rejected.sum(), real]):
-            sums[k] += float(v)
+        sums = [a + v for a, v in zip(sums, batch_sums(*(t[:real] for t in pair_loss(model, b, stage, ref, dpo))))]
     return sums
 
 
 def pair_metrics_from(sums):
-    """pair_sums added over ranks -> the held-out metrics train.py logs and tables."""
+    """batch_sums added up (over batches and ranks) -> the means train.py logs and tables."""
     loss, right, chosen, rejected, n = sums
     n = max(n, 1)
     return {"pair_loss": loss / n, "pair_accuracy": right / n, "reward_chosen": chosen / n,

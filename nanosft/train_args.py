@@ -289,7 +289,7 @@ def check_args(p, args):
     if not args.steps and not 0 < args.epochs < float("inf"):
         p.error("--epochs must be a positive number (or give --steps)")
     try:
-        [parse_source(d) for d in args.data]
+        weighted = [d for d in args.data if parse_source(d)[0] != d]  # (FILE:W)
     except ValueError as e:
         p.error(str(e))
     if args.format != "auto" and (args.format in PAIR_FORMATS) != (args.stage in PAIR_STAGES):
@@ -298,7 +298,7 @@ def check_args(p, args):
     if args.stage in PAIR_STAGES:
         if not args.init_from:
             p.error(f"--stage {args.stage} starts from a trained model: give it with --init-from (e.g. an SFT run)")
-        if any(parse_source(d)[0] != d for d in args.data):
+        if weighted:
             p.error(f"--stage {args.stage}: several --data files are read one after another; weights (FILE:W) "
                     "are for blending SFT data")
         if args.stage == "reward" and args.eval_data:
