@@ -18,6 +18,7 @@ The preference stages (--stage reward|dpo) run the same story on pairs of replie
 preference.py's pair_step (reward.py's loss or dpo.py's) and evaluation the held-out pairs' metrics.
 """
 
+import copy
 import faulthandler
 import math
 import os
@@ -36,8 +37,8 @@ from nanosft.adapter import save_adapter
 from nanosft.cache import load_data
 from nanosft.checkpoint import describe_path, load_model, point_latest, save_model, save_tokenizer
 from nanosft.data import Batches, PairBatches
-from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, load_checkpoint,
-                                 lr_factor, lr_schedule, make_optimizer, param_groups, print0,
+from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, inference_config,
+                                 load_checkpoint, lr_factor, lr_schedule, make_optimizer, param_groups, print0,
                                  rng_state, save_checkpoint, set_rng_state, setup_distributed, with_muon)
 from nanosft.evaluate import brief, format_samples, generation_metrics, loss_and_ppl, pick_samples, table, validation_loss
 from nanosft.interrupt import StopRequest, save_and_exit
@@ -89,13 +90,14 @@ def train(run, start, evaluate):
     for step in range(start["step"] + 1, run.total_steps + 1):
         epochs_done = batches.epoch + batches.epoch_done  # an epoch may end in the middle of a step
         micro = [batches.next() for _ in range(args.grad_accum)]
+        sft = [run.sft_batches.next() for _ in range(args.grad_accum)] if run.sft_batches else None
         lr = args.lr * lr_factor(engine)  # the rate this step uses
         # memory is measured at the second step: the optimizer's state appears at the first
         measure = (lambda: record_memory(engine, args, run.n_params, run.world, run.dir, show,
                                          run.n_trainable)) if step == 2 else None
         if args.stage in PAIR_STAGES:  # (n_sup counts pairs here)
             loss, n_sup, n_tok, n_slots, extra = pair_step(engine, micro, run.world, run.device, args.stage, run.ref,
-                                                           run.dpo, measure)
+                                                           run.dpo, measure, sft, args.sft_coef)
         else:
             nll, n_sup, n_tok, n_slots = train_step(engine, micro, run.world, run.device, measure)
             loss, extra = nll / max(n_sup, 1.0), {}
@@ -121,7 +123,8 @@ def train(run, start, evaluate):
         if stop or (args.save_every and step % args.save_every == 0 and step < run.total_steps):
             save_checkpoint(engine, run.ckpt_dir, step, keep=args.keep_checkpoints, client_state=dict(
                 step=step, batches=batches.state_dict(), tokens=tokens, supervised_tokens=sup_tokens, elapsed_s=elapsed,
-                before=run.before, before_replies=run.before_replies, world_size=run.world, rng=rng_state()))
+                before=run.before, before_replies=run.before_replies, world_size=run.world, rng=rng_state(),
+                sft_batches=run.sft_batches.state_dict() if run.sft_batches else None))
         if stop:
             break
     if progress:
@@ -147,6 +150,8 @@ def main(args):
     if model and data.tok.vocab_size > tok.vocab_size:  # --chat-format's markers, new to the model's vocabulary
         model.add_token_rows(tok.vocab_size, data.tok.vocab_size)
     model = model.train() if model else Transformer(model_config(args, data.tok.vocab_size))
+    # DPO's reference as a model of its own (--reference live): the starting weights, before LoRA
+    run.frozen = copy.deepcopy(model).eval().requires_grad_(False) if args.reference == "live" else None
     model.grad_checkpointing = args.gradient_checkpointing
     if args.lora_rank:  # the model frozen, adapters on the chosen projections (nanosft/lora.py)
         add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
@@ -163,7 +168,7 @@ def main(args):
     run.ref = run.val_ref = None
     run.dpo = dict(beta=args.beta, label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha)
     if args.stage == "dpo":
-        reference(run, data)
+        reference(run, data, ds_cfg)
     evaluate = evaluator(run, data)
     start = {"step": 0, "tokens": 0, "supervised_tokens": 0, "elapsed_s": 0.0}
     if args.resume:
@@ -172,6 +177,8 @@ def main(args):
             raise ValueError(f"{run.ckpt_dir}: the run used {start['world_size']} rank(s), not {world}: "
                              "the data order depends on it; resume with the same launcher settings")
         run.batches.load_state_dict(start["batches"])
+        if run.sft_batches:
+            run.sft_batches.load_state_dict(start["sft_batches"])
         set_rng_state(start["rng"])
         run.before, run.before_replies = start.get("before", {}), start.get("before_replies")  # (older ones lack them)
         trim_monitor(engine, run.dir, start["step"], ds_cfg["train_batch_size"])
@@ -200,8 +207,7 @@ def main(args):
         if adapters and args.stage != "reward":  # and the adapters alone, in PEFT's format
             save_adapter(run.dir, adapters, engine.module, args.init_from)
         finish(run, data, start, counted, after, after_replies, time.time() - t_start)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # leave the process group before the interpreter exits
+    torch.distributed.barrier()  # (the process group is left in __main__'s finally)
 
 
 def start_engine(run, model, data):
@@ -216,7 +222,8 @@ def start_engine(run, model, data):
     tight = check_fits(model.cfg, run.n_params, args.batch_size, args.grad_accum, data.row_len - 1, args.dtype,
                        args.zero_stage, run.world, args.gradient_checkpointing, least_free(free_memory(run.device)),
                        offload=args.offload if run.device.type == "cuda" else "none",  # not the OS killing it later
-                       n_trainable=run.n_trainable, rows_per_item=2 if pairs else 1, logits=args.stage == "dpo")
+                       n_trainable=run.n_trainable, rows_per_item=(2 + bool(data.sft_samples)) if pairs else 1,
+                       logits=args.stage == "dpo")
     if tight:
         print0(tight)
     if pairs and len(data.samples) < run.world:
@@ -226,6 +233,9 @@ def start_engine(run, model, data):
     else:
         run.batches = Batches(data.samples, data.row_len, data.template.pad, args.batch_size, args.seed, run.rank,
                               run.world, args.packing == "on")
+    # --sft-data's conversations, unpacked (a micro-batch of them as long as its longest, like the pairs')
+    run.sft_batches = (Batches(data.sft_samples, args.max_seq_len + 1, data.template.pad, args.batch_size, args.seed,
+                               run.rank, run.world, packing=False) if data.sft_samples else None)
     steps_per_epoch = run.batches.rows_per_epoch / (args.batch_size * args.grad_accum)
     run.total_steps = args.steps or max(math.ceil(args.epochs * steps_per_epoch), 1)
     run.epoch_evals = steps_per_epoch >= args.eval_every
@@ -274,11 +284,18 @@ def start_engine(run, model, data):
     return engine, ds_cfg
 
 
-def reference(run, data):
+def reference(run, data, ds_cfg):
     """DPO's reference: the log-probabilities of every training and held-out pair's replies under
     the model as it starts (preference.reference_logps), in run.ref and run.val_ref. Kept in the
-    run directory too, where a resumed run, whose model has moved on, reads them back."""
+    run directory too, where a resumed run, whose model has moved on, reads them back. With
+    --reference live, run.ref and run.val_ref are instead the frozen starting model itself, under
+    DeepSpeed beside the policy (ds_cfg: the policy's config)."""
     args, engine = run.args, run.engine
+    if run.frozen is not None:  # --reference live: the frozen copy scores every batch itself
+        cfg = inference_config(ds_cfg)
+        run.ref = run.val_ref = deepspeed.initialize(model=run.frozen, config=cfg)[0]
+        print0(f"reference: a frozen copy of the starting model (ZeRO stage {cfg['zero_optimization']['stage']})")
+        return
     path = os.path.join(run.dir, "reference_logps.npz")
     if args.resume:
         if not os.path.exists(path):
@@ -390,3 +407,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # before training started (nothing to save), or Ctrl-C twice
         print("\ninterrupted: nothing saved since the last checkpoint", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT)
+    finally:  # an error too leaves the process group before the interpreter exits (gloo may abort otherwise)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -216,10 +216,19 @@ def load_data(args, run_dir, rank, world, tok=None):
         more, val_counts = DataFile(args.val_data, args).samples(tok, template, row_len)
         print0(f"validation: {len(more)} {unit} from {args.val_data}" + fit_note(val_counts, args.max_seq_len))
         val_samples += more
+    sft_samples = []
+    if getattr(args, "sft_data", ""):  # --stage dpo's SFT term: conversations, rendered as SFT renders them
+        as_sft = SimpleNamespace(**{**vars(args), "stage": "sft", "format": "auto"})
+        sft_samples, sft_counts = DataFile(args.sft_data, as_sft).samples(tok, template, args.max_seq_len + 1)
+        if not sft_samples:
+            raise ValueError(f"{args.sft_data}: no conversation to mix in (--sft-data; "
+                             f"{sft_counts['dropped']} longer than --max-seq-len {args.max_seq_len})")
+        print0(f"SFT data mixed in: {len(sft_samples)} conversations from {args.sft_data}"
+               + fit_note(sft_counts, args.max_seq_len))
     if rank == 0 and args.cache_dir:
         torch.distributed.barrier()
     pairs = args.stage in PAIR_STAGES  # (every rank scores its share of the held-out pairs: preference.py)
     val = shard(pack(val_samples, row_len, template.pad), rank, world, template.pad) if val_samples and not pairs else None
     return SimpleNamespace(tok=tok, template=template, files=files, samples=samples, counts=counts, row_len=row_len,
-                           val=val, val_pairs=val_samples if pairs else [],
+                           val=val, val_pairs=val_samples if pairs else [], sft_samples=sft_samples,
                            evals=load_held_out(args.eval_data) if args.eval_data else [])

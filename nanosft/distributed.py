@@ -124,6 +124,21 @@ def deepspeed_config(base, *, world, micro_batch, grad_accum, zero_stage, offloa
     return cfg
 
 
+def inference_config(train_cfg):
+    """The DeepSpeed config of a frozen model that runs beside a trained one (DPO's --reference
+    live): the same dtype and micro-batch, no optimizer; its weights sharded (ZeRO-3, gathered a
+    layer at a time for each forward) when the trained model's are, else whole on every rank, as
+    DeepSpeed-Chat runs its reference model."""
+    zero = train_cfg.get("zero_optimization", {})
+    sharded = zero.get("stage") == 3
+    cfg = {k: train_cfg[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")}
+    cfg["zero_optimization"] = {"stage": 3 if sharded else 0,
+                                **({"offload_param": zero["offload_param"]} if sharded and "offload_param" in zero else {})}
+    for dtype in ("bf16", "fp16"):
+        cfg[dtype] = {"enabled": train_cfg.get(dtype, {}).get("enabled", False)}
+    return cfg
+
+
 def config_settings(base):
     """The settings a DeepSpeed config already makes, in flag terms (None: it says nothing); flags
     given on the command line win over these, and these over the built-in defaults. A config

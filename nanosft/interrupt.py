@@ -50,5 +50,4 @@ def save_and_exit(engine, run_dir, cfg, tok, step, signum, world):
     print0(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint and model saved in {run_dir}\n"
            f"continue with: {again} --out {run_dir} --resume", file=sys.stderr)
     torch.distributed.barrier()  # every rank done before any exits (the launcher stops the rest when one does)
-    torch.distributed.destroy_process_group()
     raise SystemExit(128 + signum)

@@ -8,6 +8,7 @@ reference log-probabilities DPO measures the policy against, and the metrics of 
     pair_loss(model, batch, stage, ...)  -> (loss per pair, chosen, rejected): the scores or DPO's
                                          implicit rewards, for the logs
     pair_step(engine, micro, ...)        forward, backward, optimizer step; -> the step's metrics
+                                         (with `sft`: SFT micro-batches whose loss joins the pairs')
     reference_logps(model, samples, ...) (N, 2): every pair's log pi_ref, once, before training
     pair_sums(model, samples, ...)       held-out pairs: loss, ranked right, chosen, rejected
 """
@@ -15,6 +16,7 @@ reference log-probabilities DPO measures the policy against, and the metrics of 
 import torch
 
 from nanosft.data import pair_batch
+from nanosft.distributed import all_sum
 from nanosft.dpo import dpo_loss, reply_logps
 from nanosft.reward import pairwise_loss
 
@@ -37,40 +39,60 @@ def sides(model, batch, stage):
 
 
 def pair_loss(model, batch, stage, ref=None, dpo=None):
-    """-> (loss (B,), chosen (B,), rejected (B,)). ref (N, 2): reference_logps' table, and dpo:
-    dpo_loss's settings {beta, label_smoothing, rpo_alpha}, for --stage dpo."""
+    """-> (loss (B,), chosen (B,), rejected (B,)). For --stage dpo, ref: reference_logps' (N, 2)
+    table, or the frozen reference model itself (--reference live), and dpo: dpo_loss's settings
+    {beta, label_smoothing, rpo_alpha}."""
     chosen, rejected = sides(model, batch, stage)
     if stage == "reward":
         return pairwise_loss(chosen, rejected), chosen.detach(), rejected.detach()
-    r = ref[batch["index"]]  # (B, 2): this batch's pairs' reference log-probabilities
+    if isinstance(ref, torch.Tensor):
+        ref_chosen, ref_rejected = ref[batch["index"]].unbind(-1)  # this batch's pairs' rows of the table
+    else:
+        with torch.no_grad():
+            ref_chosen, ref_rejected = sides(ref, batch, "dpo")
     B = len(chosen)
-    return dpo_loss(chosen, rejected, r[:, 0], r[:, 1], **dpo, chosen_tokens=batch["mask"][:B, 1:].sum(-1))
+    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, **dpo, chosen_tokens=batch["mask"][:B, 1:].sum(-1))
 
 
-def pair_step(engine, micro, world, device, stage, ref=None, dpo=None, before_step=None):
+def pair_step(engine, micro, world, device, stage, ref=None, dpo=None, before_step=None, sft=None, sft_coef=1.0):
     """Forward and backward over this rank's micro-batches of pairs, then the optimizer step (before
     which `before_step()` is called, if given). -> the global batch's mean loss, its pairs, real
-    tokens and token slots computed (real + padding), and the means LOGGED names.
+    tokens and token slots computed (real + padding), and the means LOGGED names (with `sft`, and
+    "sft_loss").
+
+    sft: SFT micro-batches (data.Batches), one for each of `micro`: their loss, times sft_coef, is
+    added to the pairs' (InstructGPT's "PPO-ptx" term, DeepSpeed-Chat's unsupervised loss): what
+    SFT taught that the pairs do not ask for keeps being taught, instead of drifting.
 
     NOTE: every micro-batch of every rank holds the same number of pairs (data.PairBatches), so the
     mean over a micro-batch's pairs, which DeepSpeed then averages over micro-batches and ranks, is
-    the mean over the global batch: every pair weighs the same."""
-    sums = torch.zeros(7, dtype=torch.float64)  # batch_sums' five, then tokens and slots
+    the mean over the global batch: every pair weighs the same. The SFT term is normalised by the
+    global batch's supervised tokens, as train.py's train_step normalises SFT."""
+    sums = torch.zeros(8, dtype=torch.float64)  # batch_sums' five, then tokens, slots (SFT rows' too), SFT NLL
+    n_sup = all_sum([sum(b["loss_mask"].sum() for b in sft)], device)[0] if sft else 0.0
     for i, b in enumerate(micro):
         b = {k: v.to(device) for k, v in b.items()}
         loss, chosen, rejected = pair_loss(engine, b, stage, ref, dpo)
-        engine.backward(loss.mean())
+        total = loss.mean()
+        if sft:
+            s = {k: v.to(device) for k, v in sft[i].items()}
+            nll, _ = engine(s["idx"], pos=s["pos"], doc=s["doc"], targets=s["targets"], loss_mask=s["loss_mask"])
+            total = total + sft_coef * nll * (len(micro) * world) / max(n_sup, 1.0)
+            sums[5:] += torch.tensor([(s["doc"] >= 0).sum().item(), s["doc"].numel(), nll.item()], dtype=torch.float64)
+        engine.backward(total)
         if before_step and i == len(micro) - 1:
             before_step()
         engine.step()  # only the last micro-batch's call steps the optimizer
-        sums += torch.tensor(batch_sums(loss, chosen, rejected) + [b["length"].sum().item(), b["ids"].numel()],
-                             dtype=torch.float64)
+        sums[:7] += torch.tensor(batch_sums(loss, chosen, rejected) + [b["length"].sum().item(), b["ids"].numel()],
+                                 dtype=torch.float64)
     sums = sums.to(device)
     torch.distributed.all_reduce(sums)
-    *pairs, tokens, slots = sums.tolist()
+    *pairs, tokens, slots, sft_nll = sums.tolist()
     m = pair_metrics_from(pairs)
-    return m["pair_loss"], pairs[-1], tokens, slots, dict(zip(LOGGED, (m["reward_chosen"], m["reward_rejected"],
-                                                                      m["reward_margin"], m["pair_accuracy"])))
+    logged = dict(zip(LOGGED, (m["reward_chosen"], m["reward_rejected"], m["reward_margin"], m["pair_accuracy"])))
+    if sft:
+        logged["sft_loss"] = sft_nll / max(n_sup, 1.0)
+    return m["pair_loss"], pairs[-1], tokens, slots, logged
 
 
 def batch_sums(loss, chosen, rejected):

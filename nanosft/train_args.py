@@ -40,7 +40,7 @@ CONFIG_DEFAULTS = {"batch_size": 16, "grad_accum": 1, "zero_stage": 0, "offload"
 # Flags that may change when a run is resumed; any other must stay as the run started.
 RESUME_MAY_CHANGE = {"resume", "out", "local_rank", "log_every", "save_every", "keep_checkpoints", "cache_dir",
                      "quiet", "tensorboard", "eval_every", "compile", "threads"}
-PATH_FLAGS = {"val_data", "eval_data", "init_from", "tokenizer", "ds_config"}
+PATH_FLAGS = {"val_data", "eval_data", "init_from", "tokenizer", "ds_config", "sft_data"}
 # ModelConfig's fields as the flags that set them (check_args reports its errors in these terms)
 FIELD_FLAGS = {"vocab_size": "--vocab-size", "max_seq_len": "--max-seq-len", "n_layer": "--n-layer",
                "n_head": "--n-head", "n_kv_head": "--n-kv-head", "dim": "--dim", "attn_impl": "--attn-impl"}
@@ -159,6 +159,16 @@ def _preference_flags(p):
                    "to be labelled the wrong way round (0: plain DPO)")
     g.add_argument("--rpo-alpha", type=float, default=0.0, help="add the chosen reply's NLL per token, times this, "
                    "to the loss (RPO; TRL's rpo_alpha): keeps the chosen replies likely (0: plain DPO)")
+    g.add_argument("--reference", default="precomputed", choices=("precomputed", "live"),
+                   help="the reference's log-probabilities: computed once before training (no second model in "
+                   "memory), or by a frozen copy of the starting model at every step (TRL's default; under "
+                   "--zero-stage 3 sharded like the policy)")
+    g.add_argument("--sft-data", default="", help="chat data (an SFT file) whose loss, times --sft-coef, joins "
+                   "every step's: each micro-batch of pairs comes with --batch-size of its conversations, so that "
+                   "what SFT taught and the pairs do not cover is kept (InstructGPT's PPO-ptx, DeepSpeed-Chat's "
+                   "unsupervised term)")
+    g.add_argument("--sft-coef", type=float, default=1.0, help="the weight of --sft-data's loss (mean NLL per "
+                   "supervised token)")
 
 
 def _deepspeed_flags(p):
@@ -306,6 +316,12 @@ def check_args(p, args):
                     "--val-data's)")
         if not (0 < args.beta < math.inf and 0 <= args.label_smoothing < 0.5 and 0 <= args.rpo_alpha < math.inf):
             p.error("--beta must be positive, --label-smoothing in [0, 0.5) and --rpo-alpha not negative")
+    if args.reference == "live" and args.stage != "dpo":
+        p.error("--reference is DPO's (--stage dpo)")
+    if args.sft_data and args.stage != "dpo":
+        p.error("--sft-data mixes the SFT loss into --stage dpo's")
+    if not 0 <= args.sft_coef < math.inf:
+        p.error("--sft-coef must not be negative")
     if args.attn and args.init_from:
         p.error("--attn builds a new model; a model from --init-from keeps the attention it was trained with")
     if not args.init_from:

@@ -17,8 +17,11 @@ from nanosft.loss import masked_nll
 pytestmark = pytest.mark.slow
 
 MUON_LR, ADAM_LR = 0.02, 1e-2
-# DeepSpeed iterates in fp16 where the CPU has fast fp16 (and fp32 elsewhere): a looser match then
-NS_TOLERANCE = 3e-2 if ns_compute_dtype("gram") == torch.float32 else 1e-1
+# DeepSpeed iterates in fp16 where the CPU has fast fp16 (and fp32 elsewhere): a looser match then.
+# Held as a direction (cosine) and a length: fp16's rounding moves single entries of a 32x32 step
+# by up to 13% of the largest (Sapphire Rapids) while the direction stays within cosine 0.999.
+# (The raw gradient's direction is 0.27-0.68 away: the test tells the two apart.)
+NS_MIN_COSINE = 0.998 if ns_compute_dtype("gram") == torch.float32 else 0.995
 
 
 def first_step(tiny_data, tmp_path, optimizer):
@@ -76,8 +79,10 @@ def test_muon_steps_each_block_matrix_along_its_orthogonalized_gradient(muon_ste
         rows, cols = before[k].shape
         step = (before[k] - after[k]) / (MUON_LR * max(1.0, rows / cols) ** 0.5)
         # the first step's momentum is a multiple of the gradient, and the iteration ignores the scale
-        torch.testing.assert_close(step, newton_schulz(grads[k]), rtol=0, atol=NS_TOLERANCE * step.abs().max().item(),
-                                   msg=k)
+        want = newton_schulz(grads[k])
+        assert torch.cosine_similarity(step.flatten(), want.flatten(), 0) > NS_MIN_COSINE, k
+        assert torch.cosine_similarity(step.flatten(), grads[k].flatten(), 0) < 0.9, k  # not the plain gradient
+        assert abs(step.norm() / want.norm() - 1) < 0.01, k
         # what that means, by the SVD: the gradient's singular values spread over orders of
         # magnitude; the step's are brought near 1 (~0.7-1.2 after five iterations) for every
         # direction above 1% of the gradient's norm (the iteration multiplies a small one by ~3.4

@@ -26,8 +26,10 @@ import torch
 from conftest import DIST_VARS, ROOT, run, run_train
 
 from nanosft.checkpoint import load_model, load_reward_model
-from nanosft.data import PairBatches, load_pairs, pair_batch, render_pairs
+from nanosft.data import (Batches, PairBatches, load_conversations, load_pairs, pair_batch, render_conversations,
+                          render_pairs)
 from nanosft.dpo import reply_logps
+from nanosft.loss import masked_nll
 from nanosft.monitor import read_monitor
 from nanosft.template import ChatTemplate
 
@@ -129,6 +131,44 @@ def test_label_smoothing_and_beta_reach_the_loss(pairs, tmp_path):
                                      "--label-smoothing", "0.2", steps=2))
     assert math.isclose(smoothed["Train_loss"][1], math.log(2), abs_tol=1e-6)  # (d = 0: ln 2 whatever eps)
     assert smoothed["Train_rewards_margins"][2] != plain["Train_rewards_margins"][2]
+
+
+def test_a_live_reference_model_gives_the_losses_of_the_precomputed_table(pairs, tmp_path):
+    """--reference live: a frozen copy of the starting model scores each batch (under DeepSpeed
+    beside the policy) instead of reading reference_logps.npz: the same DPO, step by step."""
+    pre = read_monitor(pair_run("dpo", pairs, tmp_path / "pre", "--log-every", "1", "--eval-every", "2", steps=4))
+    live = read_monitor(pair_run("dpo", pairs, tmp_path / "live", "--log-every", "1", "--eval-every", "2",
+                                 "--reference", "live", steps=4))
+    assert not (tmp_path / "live" / "reference_logps.npz").exists()
+    for name in ("Train_loss", "Train_rewards_margins", "Eval_pair_loss", "Eval_reward_margin"):
+        assert pre[name].keys() == live[name].keys() and len(pre[name]) >= 3, name
+        for step in pre[name]:
+            assert abs(pre[name][step] - live[name][step]) < 1e-5, (name, step)
+    assert abs(pre["Train_loss"][4] - pre["Train_loss"][1]) > 1e-3  # (the policy moved: the two could differ)
+
+
+def test_sft_data_adds_its_mean_nll_times_sft_coef_to_the_pairs_loss(pairs, tmp_path):
+    """--sft-data: each micro-batch of pairs comes with --batch-size conversations, their loss (mean
+    NLL per supervised token, checked against the SFT model scoring them here) times --sft-coef
+    joins the pairs'. Weighted 0 it changes nothing; weighted 1 it changes the steps after the first."""
+    sft, train, _ = pairs
+    chats = train.parent / "train.jsonl"
+    runs = {name: read_monitor(pair_run("dpo", pairs, tmp_path / name, "--log-every", "1", *flags, steps=3))
+            for name, flags in (("plain", []), ("zero", ["--sft-data", str(chats), "--sft-coef", "0"]),
+                                ("mixed", ["--sft-data", str(chats), "--sft-coef", "1"]))}
+    assert runs["zero"]["Train_loss"] == runs["plain"]["Train_loss"] and "Train_sft_loss" not in runs["plain"]
+    assert runs["mixed"]["Train_loss"][1] == runs["plain"]["Train_loss"][1]  # (the same weights at step 1)
+    assert runs["mixed"]["Train_loss"][3] != runs["plain"]["Train_loss"][3]
+
+    # step 1's SFT loss: the first micro-batches of an unpacked Batches, scored by the SFT model
+    model, tok = load_model(sft)
+    records, _ = load_conversations(chats)
+    samples, _ = render_conversations(records, ChatTemplate(tok), 129)
+    batches = Batches(samples, 129, ChatTemplate(tok).pad, 4, seed=1337, packing=False)
+    with torch.no_grad():
+        b = batches.next()  # (--batch-size 4, one micro-batch a step)
+        total, count = masked_nll(model(b["idx"], pos=b["pos"], doc=b["doc"]), b["targets"], b["loss_mask"])
+    assert math.isclose(runs["mixed"]["Train_sft_loss"][1], (total / count).item(), rel_tol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -254,7 +294,13 @@ def test_a_pair_stage_needs_a_model_to_start_from_and_pairs_to_read(pairs):
 # ZeRO and resume (slow: real training processes, some under the launcher)
 
 def launch(nproc, out, stage, pairs, *flags, steps=8):
+    """stage: reward, dpo, dpo+sft (DPO with the tiny SFT data's loss mixed in) or dpo+live (DPO
+    with --reference live)."""
     sft, train, val = pairs
+    if stage == "dpo+sft":
+        stage, flags = "dpo", ["--sft-data", str(train.parent / "train.jsonl"), "--sft-coef", "0.5", *flags]
+    if stage == "dpo+live":
+        stage, flags = "dpo", ["--reference", "live", *flags]
     common = ["--stage", stage, "--init-from", str(sft), "--data", str(train), "--val-data", str(val), "--out",
               str(out), "--steps", str(steps), "--dtype", "fp32", "--warmup-steps", "0",
               # (a reward model's head starts at zero: its first steps are the head's alone, hence a larger rate)
@@ -271,7 +317,7 @@ def losses(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["reward", "dpo"])
+@pytest.mark.parametrize("stage", ["reward", "dpo", "dpo+sft", "dpo+live"])
 def test_zero_stages_on_two_ranks_give_stage0s_losses(pairs, tmp_path, stage):
     """8 pairs a step: 1 rank x 4 pairs x 2 micro-batches, or 2 ranks x 2 x 2 (or 2 x 1 x 4 for
     stage 3, with gradient checkpointing)."""
@@ -285,11 +331,13 @@ def test_zero_stages_on_two_ranks_give_stage0s_losses(pairs, tmp_path, stage):
                        *(["--gradient-checkpointing"] if zero == "3" else [])))
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         for step, (a, b) in enumerate(zip(ref, losses(tmp_path / f"s{zero}")), 1):
-            assert abs(a - b) <= 1e-4 * abs(a), f"{stage}, step {step}: stage 0 loss {a}, ZeRO-{zero} loss {b}"
+            # to 1e-4 (a pair loss is ~0.7): ranks add gradients in another order, and 8 Adam steps
+            # carry the rounding on (ZeRO-2's reward loss: 8e-5 apart at step 8 on Sapphire Rapids)
+            assert abs(a - b) <= 1e-4, f"{stage}, step {step}: stage 0 loss {a}, ZeRO-{zero} loss {b}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["reward", "dpo"])
+@pytest.mark.parametrize("stage", ["reward", "dpo", "dpo+sft"])
 def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(pairs, tmp_path, stage):
     # 96 pairs, 8 a step: the first epoch ends at step 12; killed after step 17, resumed from 16
     flags = ["--batch-size", "4", "--grad-accum", "2", "--save-every", "8"]
@@ -310,6 +358,7 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(pairs, tmp_path,
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"resumed {killed} at step 16 (epoch 1)" in r.stdout
     names = ["Train_loss", "Train_rewards_chosen", "Train_rewards_margins", "Train_rewards_accuracies", "Eval_pair_loss"]
+    names += ["Train_sft_loss"] if stage == "dpo+sft" else []  # (the SFT batches resume where they were too)
     for name in names:
         want, got = ((d / "monitor" / f"{name}.csv").read_text() for d in (whole, killed))
         assert got == want, name
