@@ -35,8 +35,8 @@ import torch
 
 from nanosft.adapter import save_adapter
 from nanosft.cache import load_data
-from nanosft.checkpoint import describe_path, load_model, point_latest, save_model, save_tokenizer
-from nanosft.data import Batches, PairBatches
+from nanosft.checkpoint import describe_path, load_model, load_reward_model, point_latest, save_model, save_tokenizer
+from nanosft.data import Batches, PairBatches, PromptBatches
 from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, inference_config,
                                  load_checkpoint, lr_factor, lr_schedule, make_optimizer, param_groups, print0,
                                  rng_state, save_checkpoint, set_rng_state, setup_distributed, with_muon)
@@ -51,7 +51,8 @@ from nanosft.monitor import MONITOR_DIR, log_events, trim_monitor
 from nanosft.plot import plot_run
 from nanosft.preference import STAGES as PAIR_STAGES, pair_metrics_from, pair_step, pair_sums, reference_logps
 from nanosft.progress import Progress, clock
-from nanosft.reward import RewardModel
+from nanosft.reward import RewardModel, ValueModel
+from nanosft.rlhf import STAGES as RL_STAGES, rl_step
 from nanosft.train_args import HERE, model_config, parse_args
 
 
@@ -95,7 +96,9 @@ def train(run, start, evaluate):
         # memory is measured at the second step: the optimizer's state appears at the first
         measure = (lambda: record_memory(engine, args, run.n_params, run.world, run.dir, show,
                                          run.n_trainable)) if step == 2 else None
-        if args.stage in PAIR_STAGES:  # (n_sup counts pairs here)
+        if args.stage in RL_STAGES:  # (n_sup counts replies here)
+            loss, n_sup, n_tok, n_slots, extra = rl_step(run, [run.prompts[i] for b in micro for i in b], step, measure)
+        elif args.stage in PAIR_STAGES:  # (n_sup counts pairs here)
             loss, n_sup, n_tok, n_slots, extra = pair_step(engine, micro, run.world, run.device, args.stage, run.ref,
                                                            run.dpo, measure, sft, args.sft_coef)
         else:
@@ -121,6 +124,9 @@ def train(run, start, evaluate):
             if m:
                 show(f"step {step}{' (end of epoch)' if epoch_end else ''}: {brief(m)}")
         if stop or (args.save_every and step % args.save_every == 0 and step < run.total_steps):
+            if run.critic:  # first: a run killed between the two resumes from the actor's step
+                save_checkpoint(run.critic, os.path.join(run.ckpt_dir, "critic"), step, client_state={},
+                                keep=args.keep_checkpoints)
             save_checkpoint(engine, run.ckpt_dir, step, keep=args.keep_checkpoints, client_state=dict(
                 step=step, batches=batches.state_dict(), tokens=tokens, supervised_tokens=sup_tokens, elapsed_s=elapsed,
                 before=run.before, before_replies=run.before_replies, world_size=run.world, rng=rng_state(),
@@ -150,8 +156,9 @@ def main(args):
     if model and data.tok.vocab_size > tok.vocab_size:  # --chat-format's markers, new to the model's vocabulary
         model.add_token_rows(tok.vocab_size, data.tok.vocab_size)
     model = model.train() if model else Transformer(model_config(args, data.tok.vocab_size))
-    # DPO's reference as a model of its own (--reference live): the starting weights, before LoRA
-    run.frozen = copy.deepcopy(model).eval().requires_grad_(False) if args.reference == "live" else None
+    # the reference as a model of its own (DPO's --reference live, PPO, GRPO): the starting weights, before LoRA
+    live = args.reference == "live" or args.stage in RL_STAGES
+    run.frozen = copy.deepcopy(model).eval().requires_grad_(False) if live else None
     model.grad_checkpointing = args.gradient_checkpointing
     if args.lora_rank:  # the model frozen, adapters on the chosen projections (nanosft/lora.py)
         add_lora(model, args.lora_targets.split(","), args.lora_rank, args.lora_alpha, args.lora_dropout)
@@ -169,6 +176,9 @@ def main(args):
     run.dpo = dict(beta=args.beta, label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha)
     if args.stage == "dpo":
         reference(run, data, ds_cfg)
+    run.critic = None
+    if args.stage in RL_STAGES:
+        rl_models(run, data, ds_cfg)
     evaluate = evaluator(run, data)
     start = {"step": 0, "tokens": 0, "supervised_tokens": 0, "elapsed_s": 0.0}
     if args.resume:
@@ -177,6 +187,8 @@ def main(args):
             raise ValueError(f"{run.ckpt_dir}: the run used {start['world_size']} rank(s), not {world}: "
                              "the data order depends on it; resume with the same launcher settings")
         run.batches.load_state_dict(start["batches"])
+        if run.critic:  # (the critic's checkpoint of the same step: one saved later may exist, from a killed save)
+            load_checkpoint(run.critic, os.path.join(run.ckpt_dir, "critic"), tag=f"step{start['step']:08d}")
         if run.sft_batches:
             run.sft_batches.load_state_dict(start["sft_batches"])
         set_rng_state(start["rng"])
@@ -219,16 +231,22 @@ def start_engine(run, model, data):
     run.n_params = sum(p.numel() for p in model.parameters())
     run.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pairs = args.stage in PAIR_STAGES
-    tight = check_fits(model.cfg, run.n_params, args.batch_size, args.grad_accum, data.row_len - 1, args.dtype,
+    rl = args.stage in RL_STAGES  # (rows: a prompt and the reply a rollout writes, up to --max-seq-len)
+    tight = check_fits(model.cfg, run.n_params, args.batch_size, args.grad_accum,
+                       args.max_seq_len if rl else data.row_len - 1, args.dtype,
                        args.zero_stage, run.world, args.gradient_checkpointing, least_free(free_memory(run.device)),
                        offload=args.offload if run.device.type == "cuda" else "none",  # not the OS killing it later
-                       n_trainable=run.n_trainable, rows_per_item=(2 + bool(data.sft_samples)) if pairs else 1,
-                       logits=args.stage == "dpo")
+                       n_trainable=run.n_trainable, rows_per_item=(2 + bool(data.sft_samples)) if pairs else
+                       args.group if args.stage == "grpo" else 1,
+                       logits=args.stage in ("dpo",) + RL_STAGES)
     if tight:
         print0(tight)
-    if pairs and len(data.samples) < run.world:
-        raise ValueError(f"{len(data.samples)} preference pair(s) for {run.world} ranks: every rank needs one at least")
-    if pairs:  # a micro-batch of --batch-size pairs: twice as many rows
+    if (pairs or rl) and len(data.samples) < run.world:
+        raise ValueError(f"{len(data.samples)} {'preference pair' if pairs else 'prompt'}(s) for {run.world} ranks: "
+                         "every rank needs one at least")
+    if args.stage in RL_STAGES:  # a micro-batch of --batch-size prompts (GRPO: --group replies each)
+        run.batches = PromptBatches(data.samples, args.batch_size, args.seed, run.rank, run.world)
+    elif pairs:  # a micro-batch of --batch-size pairs: twice as many rows
         run.batches = PairBatches(data.samples, data.template.pad, args.batch_size, args.seed, run.rank, run.world)
     else:
         run.batches = Batches(data.samples, data.row_len, data.template.pad, args.batch_size, args.seed, run.rank,
@@ -259,7 +277,9 @@ def start_engine(run, model, data):
         optimizer, scheduler = None, lambda opt: lr_schedule(opt, args.warmup_steps, run.total_steps)
     else:
         optimizer = make_optimizer(model, args.lr, args.weight_decay, args.offload, args.lora_lr)
-        scheduler = lr_schedule(optimizer, args.warmup_steps, run.total_steps)
+        # (PPO and GRPO step the optimizer --ppo-epochs times a training step)
+        scheduler = lr_schedule(optimizer, args.warmup_steps,
+                                run.total_steps * (args.ppo_epochs if args.stage in RL_STAGES else 1))
     if not args.compile:
         # nothing is compiled, DeepSpeed's own torch.compile calls included: the one around Muon's
         # Newton-Schulz step cost ~25 s of compiling at start-up and ran ~20% slower than eager
@@ -320,6 +340,32 @@ def reference(run, data, ds_cfg):
             np.savez(f, train=run.ref.cpu().numpy(), val=(run.val_ref.cpu().numpy() if run.val_ref is not None
                                                           else np.zeros((0, 2), np.float32)))
     print0(f"reference log-probabilities of {len(data.samples) + len(data.val_pairs)} pairs ({time.time() - t0:.1f}s)")
+
+
+def rl_models(run, data, ds_cfg):
+    """--stage ppo|grpo: the reference (the frozen starting model, as reference() sets it up), and
+    for PPO the reward model (frozen) and the critic, started from it and trained by a DeepSpeed
+    engine of its own (the policy's settings, --critic-lr)."""
+    args = run.args
+    run.template, run.prompts = data.template, data.samples
+    reference(run, data, ds_cfg)
+    if args.stage != "ppo":
+        return
+    rm, rm_tok = load_reward_model(args.reward_model)
+    policy_vocab = run.engine.module.cfg.vocab_size
+    if rm_tok.to_bytes() != data.tok.to_bytes() or rm.cfg.vocab_size != policy_vocab:
+        raise ValueError(f"{args.reward_model}: the reward model's tokenizer or vocabulary ({rm.cfg.vocab_size} rows) "
+                         f"is not the policy's ({policy_vocab} rows): train it from the same model "
+                         f"(--stage reward --init-from {args.init_from})")
+    critic = ValueModel.from_reward_model(copy.deepcopy(rm)).train().requires_grad_(True)
+    run.reward = deepspeed.initialize(model=rm.requires_grad_(False), config=inference_config(ds_cfg))[0]
+    optimizer = make_optimizer(critic, args.critic_lr or args.lr, args.weight_decay, args.offload)
+    quiet = {k: v for k, v in ds_cfg.items() if k not in ("csv_monitor", "tensorboard")}  # the actor logs the run
+    run.critic = deepspeed.initialize(model=critic, model_parameters=param_groups(critic, args.weight_decay),
+                                      optimizer=optimizer, config=quiet,
+                                      lr_scheduler=lr_schedule(optimizer, args.warmup_steps,
+                                                               run.total_steps * args.ppo_epochs))[0]
+    print0(f"reward model and critic: {describe_path(args.reward_model)}")
 
 
 def evaluator(run, data):

@@ -387,14 +387,17 @@ def preference_pairs(n, rng, exclude):
 
 def generate_align(n_train, n_val, n_eval, n_pairs, n_val_pairs, seed=1337):
     """-> {file name: records} for data/align/: the noisy-teacher SFT set (train, val, eval: the
-    default families, max with close calls; val and eval answered right) and preference pairs
-    (pairs: for training, pairs_val: held out), whose prompts eval.jsonl never asks."""
+    default families, max with close calls; val and eval answered right), preference pairs
+    (pairs: for training, pairs_val: held out), whose prompts eval.jsonl never asks, and the
+    training pairs' prompts with their right answers as chats (prompts: for PPO and GRPO)."""
     train, val, evals = generate(n_train, n_val, n_eval, seed, instead={"max": make_max_close_calls})
     train = [noisy_teacher(r) if r["family"] == "max" else r for r in train]
     asked = {("max", compared(r["messages"][0]["content"])) for r in evals if r["family"] == "max"}
     pairs = preference_pairs(n_val_pairs + n_pairs, random.Random(seed + 1), asked)
     val_pairs, pairs = pairs[:n_val_pairs], pairs[n_val_pairs:]
-    return {"train": train, "val": val, "eval": evals, "pairs": pairs, "pairs_val": val_pairs}
+    # the RL stages' prompts (PPO, GRPO): the training pairs' prompts, each with its right answer
+    prompts = [{"family": p["family"], "messages": p["prompt"] + p["chosen"]} for p in pairs]
+    return {"train": train, "val": val, "eval": evals, "pairs": pairs, "pairs_val": val_pairs, "prompts": prompts}
 
 
 def write_jsonl(path, records):

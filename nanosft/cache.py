@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from nanosft.data import (Blend, error_list, load_conversations, load_documents, load_pairs, pack, parse_source,
-                          render_conversations, render_documents, render_pairs, shard, split_off)
+                          render_conversations, render_documents, render_pairs, render_prompts, shard, split_off)
 from nanosft.distributed import is_rank0, print0
 from nanosft.evaluate import load_held_out
 from nanosft.files import atomic_write
 from nanosft.preference import STAGES as PAIR_STAGES
+from nanosft.rlhf import STAGES as RL_STAGES
 from nanosft.bpe import ByteLevelBPE
 from nanosft.template import ChatTemplate, with_markers
 from nanosft.tokenizer import Tokenizer
@@ -104,7 +105,7 @@ class DataFile:
         """-> (samples, counts) as data.render_conversations gives them, from the cache when this
         file was rendered before with the same tokenizer and settings."""
         a = self.args
-        cached = a.cache_dir and cache_path(a.cache_dir, "samples", self.digest, hashlib.sha256(tok.to_bytes()).hexdigest(),
+        cached = a.cache_dir and a.stage not in RL_STAGES and cache_path(a.cache_dir, "samples", self.digest, hashlib.sha256(tok.to_bytes()).hexdigest(),
                                             template.signature, row_len, a.train_on, a.format, a.skip_invalid, a.stage)
         hit = load_samples(cached) if cached and os.path.exists(cached) else None  # (unreadable: a miss)
         pairs = a.stage in PAIR_STAGES  # cached as their rows, chosen and rejected in turn
@@ -119,6 +120,8 @@ class DataFile:
             samples, counts = render_documents(self.records(), template, row_len), {"truncated": 0, "dropped": 0}
         elif a.stage in PAIR_STAGES:  # ((ids, mask) with the chosen reply, the same with the rejected one)
             samples, counts = render_pairs(self.records(), template, row_len)
+        elif a.stage in RL_STAGES:  # (prompt ids, the known answer): rlhf.py's rollouts write the replies
+            samples, counts = render_prompts(self.records(), template, row_len)
         else:
             samples, counts = render_conversations(self.records(), template, row_len, a.train_on)
         if cached and is_rank0():
@@ -174,7 +177,7 @@ def training_samples(files, weights, tok, template, row_len, args):
                    f"{len(held)} held out by --val-split {args.val_split}" if held else ""]
             raise SystemExit(f"{f.path}: nothing to train on ({', '.join(w for w in why if w) or 'the file is empty'})")
         sources.append(samples)
-    if len(sources) == 1 or args.stage in PAIR_STAGES:
+    if len(sources) == 1 or args.stage in PAIR_STAGES + RL_STAGES:
         return [s for source in sources for s in source], held_out, counts
     return Blend(sources, weights), held_out, counts
 
@@ -204,12 +207,14 @@ def load_data(args, run_dir, rank, world, tok=None):
     template = ChatTemplate(tok, chat_format, date=getattr(args, "chat_date", None))
     tok.chat_template = template.jinja  # saved with the run: chat.py renders prompts in the same format
     args.chat_date = template.date  # (Llama 3.1+'s date, in args.json: a resumed run renders as it started)
-    # +1: inputs and targets are the row shifted by one; a reward model reads its rows whole
-    row_len = args.max_seq_len + (args.stage != "reward")
+    # +1: inputs and targets are the row shifted by one; a reward model reads its rows whole; the RL
+    # stages' prompts leave room for the replies their rollouts write
+    row_len = args.max_seq_len - args.max_new_tokens if args.stage in RL_STAGES else args.max_seq_len + (args.stage != "reward")
     samples, val_samples, counts = training_samples(files, [w for _, w in sources], tok, template, row_len, args)
     mix = (" blended " + ", ".join(f"{f.path} x{n}" for f, n in zip(files, samples.counts))
            if isinstance(samples, Blend) else f" from {files[0].path}")
-    unit = {"pretrain": "pieces of text", "sft": "conversations"}.get(args.stage, "preference pairs")
+    unit = {"pretrain": "pieces of text", "sft": "conversations", "ppo": "prompts", "grpo": "prompts"}.get(
+        args.stage, "preference pairs")
     print0(f"data: {len(samples)} {unit} per epoch{mix}, vocab {tok.vocab_size}" + fit_note(counts, args.max_seq_len)
            + (f"; {len(val_samples)} held out for validation" if val_samples else "") + f" ({time.time() - t0:.1f}s)")
     if args.val_data:

@@ -196,6 +196,25 @@ def render_pairs(records, template, row_len):
     return samples, counts
 
 
+def render_prompts(records, template, prompt_len):
+    """Conversations (load_conversations') -> (samples, counts) for the RL stages (ppo.py): a sample
+    is (the prompt's ids, which ask for the last assistant turn, and that turn's text: the known
+    answer a programmatic reward compares with). A prompt longer than prompt_len tokens loses its
+    oldest exchanges ("truncated"), or is left out when its last question alone is ("dropped")."""
+    samples, counts = [], {"truncated": 0, "dropped": 0}
+    for rec in records:
+        *asked, answer = rec["messages"]
+        for cut, shorter in without_oldest_exchanges(asked + [answer]):
+            ids = template.render_prompt(shorter[:-1])
+            if len(ids) <= prompt_len:
+                counts["truncated"] += cut > 0
+                samples.append((ids, answer["content"]))
+                break
+        else:
+            counts["dropped"] += 1
+    return samples, counts
+
+
 def render_documents(records, template, row_len):
     """Documents for --stage pretrain -> samples, every token supervised; a document longer than
     row_len tokens is cut into pieces of row_len that overlap by one token (nothing is lost)."""
@@ -455,6 +474,27 @@ class PairBatches(Batches):
         index = self.rows["index"][self.cursor:self.cursor + self.batch_size]
         self.cursor += self.batch_size
         return pair_batch(self.samples, index, self.pad_id)
+
+
+class PromptBatches(Batches):
+    """Batches of prompts for the RL stages: as PairBatches, a seeded shuffle per epoch dealt to
+    the ranks in equal shares; a batch is a list of indices into the samples (the rollout renders
+    the rows itself, once it has the replies)."""
+
+    def __init__(self, samples, batch_size, seed, rank=0, world=1):
+        super().__init__(samples, None, None, batch_size, seed, rank, world)
+
+    def _rows(self, epoch):
+        order = list(range(len(self.samples)))
+        random.Random(self.seed * 1000003 + epoch).shuffle(order)
+        return {"index": np.array(order[self.rank::self.world][:len(order) // self.world], dtype=np.int64)}
+
+    def next(self):
+        while self._exhausted():
+            self._next_epoch()
+        index = self.rows["index"][self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return index.tolist()
 
 
 if __name__ == "__main__":  # python -m nanosft.data check|stats: the command line is cli.py

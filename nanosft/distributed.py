@@ -292,13 +292,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def load_checkpoint(engine, ckpt_dir):
-    """Restore the checkpoint `latest` names; returns its client_state."""
+def load_checkpoint(engine, ckpt_dir, tag=None):
+    """Restore the checkpoint `latest` names (or `tag`'s); returns its client_state."""
     latest = os.path.join(ckpt_dir, "latest")
-    if not os.path.exists(latest):
+    if tag is None and not os.path.exists(latest):
         raise FileNotFoundError(f"{latest} not found: nothing to resume (checkpoints are written every --save-every steps)")
-    with open(latest, encoding="utf-8") as f:
-        tag = f.read().strip()
+    if tag is None:
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise ValueError(f"{os.path.join(ckpt_dir, tag)}: DeepSpeed could not load this checkpoint")

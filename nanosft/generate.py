@@ -11,7 +11,8 @@ probability reaches top_p.
 
 greedy_batch answers many prompts of one length together, one forward per new token for all of
 them: what evaluation uses, since a small model's decoding costs the same per forward for 1 row
-or 64 (hundreds of tiny operations, not arithmetic).
+or 64 (hundreds of tiny operations, not arithmetic). sample_batch does the same with sampling:
+PPO's rollouts.
 """
 
 import torch
@@ -60,28 +61,47 @@ def greedy_batch(model, prompts, limits, stop_ids=(), vocab_size=None):
     """Greedy replies to prompts of one length, decoded side by side (no padding, so each row sees
     exactly what it would see alone). limits: the most new tokens for each prompt. -> a list of
     token ids per prompt, without the stop token: generate()'s tokens at temperature 0."""
+    return decode_batch(model, prompts, limits, stop_ids, vocab_size, lambda logits: logits.argmax(-1))[0]
+
+
+@torch.inference_mode()
+def sample_batch(model, prompts, limits, stop_ids=(), vocab_size=None, temperature=1.0, generator=None):
+    """As greedy_batch, but each row draws its next token from softmax(logits / temperature), with
+    `generator` (a torch.Generator on the model's device: the same seed, the same replies). What
+    PPO's rollouts use. -> (replies, stopped): per prompt its token ids, and whether a stop token
+    ended it (then the reply ends with that token), or the limit did."""
+    def draw(logits):  # (B, V) -> (B,)
+        return torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator)[:, 0]
+    return decode_batch(model, prompts, limits, stop_ids, vocab_size, draw, keep_stop=True)
+
+
+def decode_batch(model, prompts, limits, stop_ids, vocab_size, pick, keep_stop=False):
+    """The loop of greedy_batch and sample_batch: pick (B, V) logits -> (B,) next ids. -> (token
+    ids per prompt, whether each stopped at a stop token, kept at the end with keep_stop)."""
     T, context = len(prompts[0]), model.cfg.max_seq_len
     if any(len(p) != T for p in prompts):
-        raise ValueError("greedy_batch needs prompts of one length")
+        raise ValueError("a batch of prompts decodes together: they need one length")
     if T >= context:
         raise ValueError(f"prompt of {T} tokens leaves no room in the context of {context}")
     limits = [min(n, context - T) for n in limits]
     cache = model.new_cache(batch=len(prompts), max_len=T + max(limits))
     x = torch.tensor(prompts, dtype=torch.long, device=model.embed_tokens.weight.device)  # (B, T), then (B, 1)
-    out, done = [[] for _ in prompts], [n <= 0 for n in limits]
+    out, done, stopped = [[] for _ in prompts], [n <= 0 for n in limits], [False] * len(prompts)
     for _ in range(max(limits)):
         if all(done):
             break
-        next_ids = model(x, cache=cache)[:, -1, :vocab_size].argmax(-1)  # (B,)
+        next_ids = pick(model(x, cache=cache)[:, -1, :vocab_size])  # (B,)
         for i, t in enumerate(next_ids.tolist()):
             if not done[i]:  # finished rows ride along: cheaper than reshaping the cache
                 if t in stop_ids:
-                    done[i] = True
+                    done[i] = stopped[i] = True
+                    if keep_stop:
+                        out[i].append(t)
                 else:
                     out[i].append(t)
                     done[i] = len(out[i]) >= limits[i]
         x = next_ids[:, None]
-    return out
+    return out, stopped
 
 
 def reply(model, template, messages, max_new_tokens=64, **sampling):

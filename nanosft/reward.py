@@ -12,6 +12,7 @@ num_labels 1 and gives the same scores (tests/test_reward.py). Step 3 (PPO) read
 
     RewardModel(sft_model)(idx, last) -> (B,) scores  last (B,): index of each row's end token
     pairwise_loss(chosen, rejected) -> (B,)
+    ValueModel.from_reward_model(rm)(idx) -> (B, T) values: step 3's critic
 """
 
 import torch
@@ -39,6 +40,22 @@ class RewardModel(nn.Module):
             last = torch.full((idx.shape[0],), idx.shape[1] - 1, device=idx.device)
         at_end = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)
         return self.score(at_end).squeeze(-1).float()  # (B,)
+
+
+class ValueModel(RewardModel):
+    """The critic of step 3 (ppo.py): a reward model read at every position, V_t, the return
+    expected from there on. Started from the trained reward model, as DeepSpeed-Chat starts it:
+    its first values are the reward model's opinion of each prefix."""
+
+    @classmethod
+    def from_reward_model(cls, rm):
+        critic = cls(rm.model)
+        critic.score.weight.data.copy_(rm.score.weight.data)
+        return critic
+
+    def forward(self, idx, pos=None, doc=None):
+        """idx (B, T) -> values (B, T), in fp32."""
+        return self.score(self.model.hidden(idx, pos, doc)).squeeze(-1).float()
 
 
 def pairwise_loss(chosen, rejected):

@@ -26,6 +26,7 @@ from nanosft.files import read_json
 from nanosft.formats import FORMATS, PAIR_FORMATS
 from nanosft.model import ModelConfig
 from nanosft.preference import STAGES as PAIR_STAGES
+from nanosft.rlhf import STAGES as RL_STAGES
 from nanosft.template import TRAIN_ON
 from nanosft.bpe import ByteLevelBPE
 from nanosft.lora import expand_targets
@@ -40,7 +41,7 @@ CONFIG_DEFAULTS = {"batch_size": 16, "grad_accum": 1, "zero_stage": 0, "offload"
 # Flags that may change when a run is resumed; any other must stay as the run started.
 RESUME_MAY_CHANGE = {"resume", "out", "local_rank", "log_every", "save_every", "keep_checkpoints", "cache_dir",
                      "quiet", "tensorboard", "eval_every", "compile", "threads"}
-PATH_FLAGS = {"val_data", "eval_data", "init_from", "tokenizer", "ds_config", "sft_data"}
+PATH_FLAGS = {"val_data", "eval_data", "init_from", "tokenizer", "ds_config", "sft_data", "reward_model"}
 # ModelConfig's fields as the flags that set them (check_args reports its errors in these terms)
 FIELD_FLAGS = {"vocab_size": "--vocab-size", "max_seq_len": "--max-seq-len", "n_layer": "--n-layer",
                "n_head": "--n-head", "n_kv_head": "--n-kv-head", "dim": "--dim", "attn_impl": "--attn-impl"}
@@ -53,6 +54,7 @@ def build_parser():
     _optimization_flags(p)
     _lora_flags(p)
     _preference_flags(p)
+    _rl_flags(p)
     _deepspeed_flags(p)
     _run_flags(p)
     return p
@@ -69,9 +71,10 @@ def _data_flags(p):
                    "none with --stage pretrain)")
     g.add_argument("--eval-data", default=None, help="held-out prompts with answers for exact match ('' for none; "
                    "default data/eval.jsonl, none with --stage pretrain)")
-    g.add_argument("--stage", default="sft", choices=("sft", "pretrain") + PAIR_STAGES,
+    g.add_argument("--stage", default="sft", choices=("sft", "pretrain") + PAIR_STAGES + RL_STAGES,
                    help="pretrain: plain text (.txt/.md files, or JSONL of {\"text\"}), loss on every token; "
-                        "reward: a reward model, dpo: DPO, both on preference pairs and from --init-from's model")
+                        "reward: a reward model, dpo: DPO, both on preference pairs and from --init-from's model; "
+                        "ppo, grpo: reinforcement learning on chat data's prompts (nanosft/rlhf.py)")
     g.add_argument("--format", default="auto", choices=("auto",) + FORMATS + PAIR_FORMATS,
                    help="data format (auto: recognised per record by its keys; see nanosft/formats.py)")
     g.add_argument("--skip-invalid", action="store_true",
@@ -169,6 +172,25 @@ def _preference_flags(p):
                    "unsupervised term)")
     g.add_argument("--sft-coef", type=float, default=1.0, help="the weight of --sft-data's loss (mean NLL per "
                    "supervised token)")
+
+
+def _rl_flags(p):
+    """PPO's and GRPO's (--stage ppo|grpo, ppo.py, rlhf.py)."""
+    g = p.add_argument_group("PPO and GRPO")
+    g.add_argument("--reward-model", default="", help="--stage ppo: the reward model (a --stage reward run); the "
+                   "critic starts from it too")
+    g.add_argument("--group", type=int, default=8, help="--stage grpo: replies per prompt")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="the longest reply a rollout samples")
+    g.add_argument("--temperature", type=float, default=1.0, help="the rollouts' sampling temperature")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout (each an optimizer step)")
+    g.add_argument("--clip", type=float, default=0.2, help="the policy ratio's clip range, 1 +- this")
+    g.add_argument("--clip-value", type=float, default=0.2, help="the critic's clip range around its old values")
+    g.add_argument("--kl-coef", type=float, default=0.1, help="the price of a nat of drift from the reference: "
+                   "per token in PPO's reward, GRPO's k3 estimate in its loss")
+    g.add_argument("--reward-clip", type=float, default=5.0, help="the reward model's scores are clipped to +-this")
+    g.add_argument("--gamma", type=float, default=1.0, help="GAE's discount")
+    g.add_argument("--lam", type=float, default=0.95, help="GAE's lambda")
+    g.add_argument("--critic-lr", type=float, default=None, help="the critic's learning rate (default: --lr)")
 
 
 def _deepspeed_flags(p):
@@ -316,6 +338,15 @@ def check_args(p, args):
                     "--val-data's)")
         if not (0 < args.beta < math.inf and 0 <= args.label_smoothing < 0.5 and 0 <= args.rpo_alpha < math.inf):
             p.error("--beta must be positive, --label-smoothing in [0, 0.5) and --rpo-alpha not negative")
+    if args.stage in RL_STAGES:
+        if not args.init_from:
+            p.error(f"--stage {args.stage} starts from a trained model: give it with --init-from (e.g. an SFT run)")
+        if args.stage == "ppo" and not args.reward_model:
+            p.error("--stage ppo needs --reward-model (a --stage reward run)")
+        if args.val_data or args.val_split:
+            p.error(f"--stage {args.stage} has no validation loss: --eval-data's held-out prompts measure it")
+        if min(args.group, args.max_new_tokens, args.ppo_epochs) < 1 or args.temperature <= 0:
+            p.error("--group, --max-new-tokens and --ppo-epochs must be positive, and --temperature above 0")
     if args.reference == "live" and args.stage != "dpo":
         p.error("--reference is DPO's (--stage dpo)")
     if args.sft_data and args.stage != "dpo":

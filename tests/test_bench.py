@@ -11,8 +11,6 @@ import sys
 import pytest
 from conftest import ROOT, run
 
-pytestmark = pytest.mark.slow
-
 
 def bench(tmp_path, script, *args):
     out = tmp_path / f"{script}.json"

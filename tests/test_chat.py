@@ -23,8 +23,6 @@ from nanosft.model import ModelConfig, Transformer
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.slow
-
 
 def test_batch_answers_every_line_in_order_and_matches_evaluation(tiny_run):
     data_dir, out = tiny_run

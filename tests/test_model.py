@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanosft.generate import generate, greedy_batch, sample_next
+from nanosft.generate import generate, greedy_batch, sample_batch, sample_next
 from nanosft.model import ModelConfig, Transformer
 
 
@@ -133,3 +133,25 @@ def test_forward_with_targets_returns_the_masked_loss_of_its_logits_and_the_same
         torch.testing.assert_close(total, ref)
         for a, b in zip(torch.autograd.grad(total, list(model.parameters())), ref_grads):
             torch.testing.assert_close(a, b)
+
+
+def test_sampled_batches_repeat_with_the_seed_keep_the_stop_token_and_draw_from_the_softmax():
+    model = tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    prompts = [[5, 6, 7]] * 4000  # one prompt, many draws: the first token's frequencies
+    draw = lambda seed, limits, stop=(): sample_batch(model, prompts, limits, stop, temperature=0.7,  # noqa: E731
+                                                     generator=torch.Generator().manual_seed(seed))
+    (a, _), (b, _), (c, _) = draw(1, [1] * 4000), draw(1, [1] * 4000), draw(2, [1] * 4000)
+    assert a == b and a != c  # the generator alone decides
+    with torch.no_grad():
+        want = torch.softmax(model(torch.tensor([[5, 6, 7]]))[0, -1].float() / 0.7, -1)  # (V,)
+    seen = torch.bincount(torch.tensor([r[0] for r in a]), minlength=97).float() / 4000
+    assert (seen - want).abs().max() < 0.03  # 4,000 draws: a few standard errors at most
+    # a stop token drawn ends the reply and is kept; a reply cut by its limit is not "stopped"
+    stop = max(set(r[0] for r in a), key=lambda t: sum(r[0] == t for r in a))
+    replies, stopped = draw(1, [5] * 4000, {stop})
+    for r, s in zip(replies, stopped):
+        assert s == (r[-1] == stop) and stop not in r[:-1] and (s or len(r) == 5)
+    assert any(stopped) and not all(stopped)

@@ -14,8 +14,6 @@ from nanosft.checkpoint import load_model
 from nanosft.data import to_batch
 from nanosft.loss import masked_nll
 
-pytestmark = pytest.mark.slow
-
 MUON_LR, ADAM_LR = 0.02, 1e-2
 # DeepSpeed iterates in fp16 where the CPU has fast fp16 (and fp32 elsewhere): a looser match then.
 # Held as a direction (cosine) and a length: fp16's rounding moves single entries of a 32x32 step

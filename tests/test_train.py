@@ -25,8 +25,6 @@ from nanosft.monitor import read_monitor
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.slow
-
 
 def reference_weights(data_dir, steps=5, seed=7, batch=2, accum=2, lr=1e-2, warmup=2, world=1):
     """The same training written as a plain PyTorch loop, no DeepSpeed: each step takes the rows
@@ -100,6 +98,7 @@ def test_deepspeed_monitor_csv_has_one_row_per_step_and_the_evaluations(tiny_run
     assert ds["train_batch_size"] == 4 and ds["gradient_accumulation_steps"] == 2
 
 
+@pytest.mark.slow  # (two processes under the launcher)
 def test_two_rank_zero2_run_under_the_launcher_equals_plain_pytorch_loop(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ops"))  # where DeepSpeed would build ops
     out = tmp_path / "run2"
@@ -120,6 +119,7 @@ def test_two_rank_zero2_run_under_the_launcher_equals_plain_pytorch_loop(tiny_da
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow  # (compiling the step: tens of seconds)
 def test_compiled_run_equals_the_eager_run(tiny_run, tmp_path):
     data_dir, eager = tiny_run
     out = tmp_path / "compiled"
