@@ -92,12 +92,13 @@ def train(run, start, evaluate):
         epochs_done = batches.epoch + batches.epoch_done  # an epoch may end in the middle of a step
         micro = [batches.next() for _ in range(args.grad_accum)]
         sft = [run.sft_batches.next() for _ in range(args.grad_accum)] if run.sft_batches else None
-        lr = args.lr * lr_factor(engine)  # the rate this step uses
+        lr = (args.lora_rank and args.lora_lr or args.lr) * lr_factor(engine)  # the rate this step uses (the adapters')
         # memory is measured at the second step: the optimizer's state appears at the first
         measure = (lambda: record_memory(engine, args, run.n_params, run.world, run.dir, show,
                                          run.n_trainable)) if step == 2 else None
         if args.stage in RL_STAGES:  # (n_sup counts replies here)
-            loss, n_sup, n_tok, n_slots, extra = rl_step(run, [run.prompts[i] for b in micro for i in b], step, measure)
+            loss, n_sup, n_tok, n_slots, extra = rl_step(run, [run.prompts[i] for b in micro for i in b], step, measure,
+                                                         sft)
         elif args.stage in PAIR_STAGES:  # (n_sup counts pairs here)
             loss, n_sup, n_tok, n_slots, extra = pair_step(engine, micro, run.world, run.device, args.stage, run.ref,
                                                            run.dpo, measure, sft, args.sft_coef)

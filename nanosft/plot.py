@@ -1,6 +1,6 @@
 """
 Pictures of a run: runs/<name>/loss.png, training and validation loss against tokens seen, with
-the learning rate on a second axis.
+the learning rate on a second axis (a PPO or GRPO run: its mean reward, and its KL to the reference).
 
     python -m nanosft.plot runs/latest        # or: make plot RUN=runs/latest
 
@@ -36,9 +36,11 @@ def curves(run_dir):
     s = read_monitor(run_dir)
     tokens = {0: 0.0, **s.get("Train_tokens", {})}  # step -> tokens seen after it
     pairs = "Train_rewards_margins" in s  # (a reward or DPO run)
-    picked = {"train": "Train_loss", "val": "Eval_pair_loss" if pairs else "Eval_val_loss", "lr": "Train_lr"}
-    return {"pairs": pairs, **{k: [(tokens[st], v) for st, v in sorted(s.get(name, {}).items()) if st in tokens]
-                               for k, name in picked.items()}}
+    rl = "Train_reward_mean" in s  # (a PPO or GRPO run: its reward, and the KL to the reference)
+    picked = {"train": "Train_loss", "val": "Eval_pair_loss" if pairs else "Eval_val_loss", "lr": "Train_lr",
+              "reward": "Train_reward_mean", "kl": "Train_kl"}
+    return {"pairs": pairs, "rl": rl, **{k: [(tokens[st], v) for st, v in sorted(s.get(name, {}).items()) if st in tokens]
+                                         for k, name in picked.items()}}
 
 
 def run_name(run_dir):
@@ -54,6 +56,38 @@ def plot_run(run_dir, path=None):
 
     c = curves(run_dir)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    if c["rl"]:
+        draw_reward_and_kl(ax, c)
+    else:
+        draw_loss_and_lr(ax, c)
+    ax.set_title(run_name(run_dir))
+    fig.tight_layout()
+    path = path or os.path.join(run_dir, "loss.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def draw_reward_and_kl(ax, c):
+    """PPO and GRPO: the mean reward of each step's replies, and their KL to the reference (the
+    price of the reward: a reward that rises while the KL runs away is the reward model fooled)."""
+    x, reward = [t for t, _ in c["reward"]], [v for _, v in c["reward"]]
+    ax.plot(x, reward, lw=0.6, color="tab:green", alpha=0.35, label="reward")
+    ax.plot(x, smooth(reward), lw=1.2, color="tab:green", label="reward (smoothed)")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("mean reward per reply")
+    ax.grid(True, alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot([t for t, _ in c["kl"]], smooth([v for _, v in c["kl"]]), color="tab:red", lw=1.0,
+             label="KL to the reference (smoothed)")
+    ax2.set_ylabel("KL (nats per reply)")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+
+
+def draw_loss_and_lr(ax, c):
+    """SFT, reward model, DPO: the training loss, raw and smoothed, validation loss, and the
+    learning rate on a second axis."""
     x, train = [t for t, _ in c["train"]], [v for _, v in c["train"]]
     ax.plot(x, train, lw=0.6, color="tab:blue", alpha=0.35, label="train loss")
     ax.plot(x, smooth(train), lw=1.2, color="tab:blue", label="train loss (smoothed)")
@@ -68,12 +102,6 @@ def plot_run(run_dir, path=None):
     ax2.set_ylabel("learning rate")
     lines = ax.get_lines() + ax2.get_lines()
     ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
-    ax.set_title(run_name(run_dir))
-    fig.tight_layout()
-    path = path or os.path.join(run_dir, "loss.png")
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

@@ -69,16 +69,15 @@ def pair_step(engine, micro, world, device, stage, ref=None, dpo=None, before_st
     the mean over the global batch: every pair weighs the same. The SFT term is normalised by the
     global batch's supervised tokens, as train.py's train_step normalises SFT."""
     sums = torch.zeros(8, dtype=torch.float64)  # batch_sums' five, then tokens, slots (SFT rows' too), SFT NLL
-    n_sup = all_sum([sum(b["loss_mask"].sum() for b in sft)], device)[0] if sft else 0.0
+    n_sup = sft_tokens(sft, device) if sft else 0.0
     for i, b in enumerate(micro):
         b = {k: v.to(device) for k, v in b.items()}
         loss, chosen, rejected = pair_loss(engine, b, stage, ref, dpo)
         total = loss.mean()
         if sft:
-            s = {k: v.to(device) for k, v in sft[i].items()}
-            nll, _ = engine(s["idx"], pos=s["pos"], doc=s["doc"], targets=s["targets"], loss_mask=s["loss_mask"])
+            nll, tokens, slots = sft_nll(engine, sft[i], device)
             total = total + sft_coef * nll * (len(micro) * world) / max(n_sup, 1.0)
-            sums[5:] += torch.tensor([(s["doc"] >= 0).sum().item(), s["doc"].numel(), nll.item()], dtype=torch.float64)
+            sums[5:] += torch.tensor([tokens, slots, nll.item()], dtype=torch.float64)
         engine.backward(total)
         if before_step and i == len(micro) - 1:
             before_step()
@@ -93,6 +92,20 @@ def pair_step(engine, micro, world, device, stage, ref=None, dpo=None, before_st
     if sft:
         logged["sft_loss"] = sft_nll / max(n_sup, 1.0)
     return m["pair_loss"], pairs[-1], tokens, slots, logged
+
+
+def sft_tokens(sft, device):
+    """The supervised tokens of a step's SFT micro-batches, all ranks': the SFT term's denominator."""
+    return all_sum([sum(b["loss_mask"].sum() for b in sft)], device)[0]
+
+
+def sft_nll(engine, batch, device):
+    """One SFT micro-batch (data.Batches') -> (summed NLL of its supervised tokens, real tokens, token
+    slots): the term --sft-data adds, here and in rlhf.py. Scaled by len(micro) * world / the
+    step's supervised tokens, it is the mean NLL per supervised token once DeepSpeed has averaged."""
+    b = {k: v.to(device) for k, v in batch.items()}
+    nll, _ = engine(b["idx"], pos=b["pos"], doc=b["doc"], targets=b["targets"], loss_mask=b["loss_mask"])
+    return nll, (b["doc"] >= 0).sum().item(), b["doc"].numel()
 
 
 def batch_sums(loss, chosen, rejected):

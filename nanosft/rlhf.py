@@ -29,6 +29,7 @@ import torch
 
 from nanosft.distributed import all_sum
 from nanosft.generate import sample_batch
+from nanosft.preference import sft_nll, sft_tokens
 from nanosft.ppo import (entropy, gae, group_advantages, kl_k3, masked_mean, policy_loss, token_logps,
                          token_rewards, value_loss)
 
@@ -117,11 +118,13 @@ def advantages(run, x):
         x["adv"] = group_advantages(x["score"], args.group)[:, None] * x["mask"]
 
 
-def rl_step(run, prompts, step, before_step=None):
+def rl_step(run, prompts, step, before_step=None, sft=None):
     """One rollout of this rank's prompts, then --ppo-epochs passes of updates, each pass an
     optimizer step over --grad-accum micro-batches. -> (mean policy loss, replies, tokens, token
     slots, the means LOGGED names, over all ranks). Non-finite rewards stop the run (every rank,
-    before any update: the last checkpoint stays what it was)."""
+    before any update: the last checkpoint stays what it was). sft: --sft-data's micro-batches, one
+    for each of the rollout's: their loss times --sft-coef joins the actor's (DeepSpeed-Chat's
+    unsupervised term, InstructGPT's PPO-ptx), logged as sft_loss."""
     args, engine = run.args, run.engine
     x = rollout(run, prompts, step)
     n = len(x["ids"])
@@ -135,6 +138,7 @@ def rl_step(run, prompts, step, before_step=None):
     total_n = all_sum([n], run.device)[0]
     skip = empty == total_n  # every reply empty: nothing to learn from, and no NaN from an empty mean
     micro = [slice(i, i + math.ceil(n / args.grad_accum)) for i in range(0, n, math.ceil(n / args.grad_accum))]
+    n_sup = sft_tokens(sft, run.device) if sft else 0.0
     for epoch in range(0 if skip else args.ppo_epochs):
         for j, sl in enumerate(micro):
             mask = x["mask"][sl]
@@ -142,7 +146,12 @@ def rl_step(run, prompts, step, before_step=None):
             loss, clipped = policy_loss(logp, x["old"][sl], x["adv"][sl], mask, args.clip)
             if args.stage == "grpo":
                 loss = loss + args.kl_coef * masked_mean(kl_k3(logp, x["ref"][sl]), mask)
-            engine.backward(loss)
+            total = loss
+            if sft:
+                nll = sft_nll(engine, sft[j], run.device)[0]
+                total = loss + args.sft_coef * nll * (len(micro) * run.world) / max(n_sup, 1.0)
+                sums["sft_nll"] += nll.item() / args.ppo_epochs
+            engine.backward(total)
             if before_step and epoch == 0 and j == len(micro) - 1:
                 before_step()
             engine.step()
@@ -161,11 +170,13 @@ def rl_step(run, prompts, step, before_step=None):
     world = run.world
     g = all_sum([sums["loss"], sums["clip_fraction"], sums["entropy"], sums["value_loss"], score.sum().item(),
                  (score ** 2).sum().item(), kl.sum().item(), x["length"].sum().item(),
-                 (x["ids"] != run.template.pad).sum().item(), x["ids"].numel()], run.device)
+                 (x["ids"] != run.template.pad).sum().item(), x["ids"].numel(), sums["sft_nll"]], run.device)
     mean = g[4] / total_n
     logged = {"reward_mean": mean, "reward_std": max(g[5] / total_n - mean ** 2, 0.0) ** 0.5, "kl": g[6] / total_n,
               "reply_length": g[7] / total_n, "entropy": g[2] / world, "clip_fraction": g[1] / world,
               "value_loss": g[3] / world, "empty_replies": empty}
     if args.stage != "ppo":
         logged.pop("value_loss")
+    if sft:
+        logged["sft_loss"] = g[10] / max(n_sup, 1.0)
     return g[0] / world, total_n, g[8], g[9], logged

@@ -167,7 +167,7 @@ def _preference_flags(p):
                    "memory), or by a frozen copy of the starting model at every step (TRL's default; under "
                    "--zero-stage 3 sharded like the policy)")
     g.add_argument("--sft-data", default="", help="chat data (an SFT file) whose loss, times --sft-coef, joins "
-                   "every step's: each micro-batch of pairs comes with --batch-size of its conversations, so that "
+                   "every step's (DPO, PPO, GRPO): each micro-batch comes with --batch-size of its conversations, so that "
                    "what SFT taught and the pairs do not cover is kept (InstructGPT's PPO-ptx, DeepSpeed-Chat's "
                    "unsupervised term)")
     g.add_argument("--sft-coef", type=float, default=1.0, help="the weight of --sft-data's loss (mean NLL per "
@@ -349,8 +349,8 @@ def check_args(p, args):
             p.error("--group, --max-new-tokens and --ppo-epochs must be positive, and --temperature above 0")
     if args.reference == "live" and args.stage != "dpo":
         p.error("--reference is DPO's (--stage dpo)")
-    if args.sft_data and args.stage != "dpo":
-        p.error("--sft-data mixes the SFT loss into --stage dpo's")
+    if args.sft_data and args.stage not in ("dpo",) + RL_STAGES:
+        p.error("--sft-data mixes the SFT loss into --stage dpo's, ppo's or grpo's")
     if not 0 <= args.sft_coef < math.inf:
         p.error("--sft-coef must not be negative")
     if args.attn and args.init_from:

@@ -82,6 +82,16 @@ def test_a_run_logs_rewards_kl_length_entropy_and_clipping_with_no_drift_at_step
     assert any(not torch.equal(moved[k], start[k]) for k in start) or stage == "grpo"  # (GRPO: only if a group differed)
 
 
+def test_sft_data_joins_the_actors_loss_and_weighted_zero_changes_nothing(setup, tmp_path):
+    _, chats, _ = setup
+    plain = rl_run("ppo", setup, tmp_path / "plain")
+    zero = rl_run("ppo", setup, tmp_path / "zero", "--sft-data", str(chats), "--sft-coef", "0")
+    mixed = rl_run("ppo", setup, tmp_path / "mixed", "--sft-data", str(chats), "--sft-coef", "1")
+    assert zero["Train_loss"] == plain["Train_loss"] and zero["Train_kl"] == plain["Train_kl"]
+    assert mixed["Train_kl"][1] == plain["Train_kl"][1] == 0.0 and mixed["Train_kl"][3] != plain["Train_kl"][3]
+    assert sorted(mixed["Train_sft_loss"]) == [1, 2, 3] and all(0 < v < 20 for v in mixed["Train_sft_loss"].values())
+
+
 def test_a_missing_or_mismatched_reward_model_and_an_empty_prompt_set_are_named(setup, tmp_path):
     sft, prompts, rm = setup
     r = run_train(*[a for a in rl_args("ppo", setup, tmp_path / "a") if a not in ("--reward-model", str(rm))])
@@ -145,10 +155,12 @@ def launch(nproc, out, stage, setup, *flags, steps=5):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
-def test_zero2_on_two_ranks_gives_stage0s_first_five_steps(setup, tmp_path, stage):
-    """Two ranks each way (each rank draws its own rollouts, seeded by seed, step and rank)."""
+def test_zero2_and_zero3_on_two_ranks_give_stage0s_first_five_steps(setup, tmp_path, stage):
+    """Two ranks each way (each rank draws its own rollouts, seeded by seed, step and rank); under
+    ZeRO-3 the rollouts gather the actor's sharded weights, and reference, reward model and critic
+    are sharded too."""
     got = {}
-    for zero in ("0", "2"):
+    for zero in ("0", "2", "3"):
         r = run(launch(2, tmp_path / f"z{zero}", stage, setup, "--zero-stage", zero, "--ppo-epochs", "2"))
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         got[zero] = read_monitor(tmp_path / f"z{zero}")
@@ -157,7 +169,8 @@ def test_zero2_on_two_ranks_gives_stage0s_first_five_steps(setup, tmp_path, stag
     for name in ("Train_loss", "Train_reward_mean", "Train_kl") + (("Train_value_loss",) if stage == "ppo" else ()):
         assert len(got["0"][name]) == 5
         for step in got["0"][name]:
-            assert abs(got["0"][name][step] - got["2"][name][step]) <= 1e-4, (name, step)
+            for zero in ("2", "3"):
+                assert abs(got["0"][name][step] - got[zero][name][step]) <= 1e-4, (name, step, zero)
 
 
 @pytest.mark.slow
