@@ -86,11 +86,11 @@ def pair_step(engine, micro, world, device, stage, ref=None, dpo=None, before_st
                                  dtype=torch.float64)
     sums = sums.to(device)
     torch.distributed.all_reduce(sums)
-    *pairs, tokens, slots, sft_nll = sums.tolist()
+    *pairs, tokens, slots, sft_sum = sums.tolist()
     m = pair_metrics_from(pairs)
     logged = dict(zip(LOGGED, (m["reward_chosen"], m["reward_rejected"], m["reward_margin"], m["pair_accuracy"])))
     if sft:
-        logged["sft_loss"] = sft_nll / max(n_sup, 1.0)
+        logged["sft_loss"] = sft_sum / max(n_sup, 1.0)
     return m["pair_loss"], pairs[-1], tokens, slots, logged
 
 

@@ -31,12 +31,13 @@ LOGGED = ("loss", "reward_mean", "reward_std", "kl", "reply_length", "entropy", 
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_run):
+def setup(tiny_run, tmp_path_factory):
     """(SFT run, its training data (prompts with answers), a reward model trained from the SFT run)."""
     data, sft = tiny_run
-    write_jsonl(data / "rl_pairs.jsonl", preference_pairs(64, random.Random(5), set()))
-    rm = data / "runs" / "rl_reward"
-    r = run_train("--stage", "reward", "--init-from", str(sft), "--data", str(data / "rl_pairs.jsonl"), "--val-data",
+    here = tmp_path_factory.mktemp("rl")  # (not next to the SFT run: runs/latest there is test_train.py's)
+    write_jsonl(here / "pairs.jsonl", preference_pairs(64, random.Random(5), set()))
+    rm = here / "reward"
+    r = run_train("--stage", "reward", "--init-from", str(sft), "--data", str(here / "pairs.jsonl"), "--val-data",
                   "", "--out", str(rm), "--steps", "4", "--dtype", "fp32", "--batch-size", "4", "--lr", "3e-2",
                   "--cache-dir", "", "--quiet", *SEQ)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
