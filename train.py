@@ -7,6 +7,8 @@ Supervised fine-tuning, through DeepSpeed. One process on a laptop CPU by defaul
     python train.py --out runs/x --resume             # ... after a crash, a kill or a Ctrl-C
     python train.py --stage reward --init-from runs/x --data pairs.jsonl   # a reward model, from an SFT run
     python train.py --stage dpo --init-from runs/x --data pairs.jsonl      # DPO on the same pairs
+    python train.py --stage ppo --init-from runs/x --reward-model runs/rm --data prompts.jsonl  # PPO
+    python train.py --stage grpo --init-from runs/x --data prompts.jsonl   # GRPO, exact match as reward
 
 The story, in the order of main(): read and validate the chat data, train (or load) the tokenizer,
 render and pack the conversations -> build the model -> deepspeed.initialize (ZeRO stage, offload,
@@ -16,6 +18,8 @@ held-out exact match and BLEU) -> save the run directory (nanosft/checkpoint.py)
 nanosft/train_args.py (flags, --resume), cache.py, distributed.py (DeepSpeed), monitor.py, memory.py.
 The preference stages (--stage reward|dpo) run the same story on pairs of replies, a step being
 preference.py's pair_step (reward.py's loss or dpo.py's) and evaluation the held-out pairs' metrics.
+The RL stages (--stage ppo|grpo) run it on prompts, a step being rlhf.py's rl_step: a rollout of
+the policy's own replies, then ppo.py's clipped updates.
 """
 
 import copy
@@ -36,7 +40,7 @@ import torch
 from nanosft.adapter import save_adapter
 from nanosft.cache import load_data
 from nanosft.checkpoint import describe_path, load_model, load_reward_model, point_latest, save_model, save_tokenizer
-from nanosft.data import Batches, PairBatches, PromptBatches
+from nanosft.data import Batches, IndexBatches, PairBatches
 from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, inference_config,
                                  load_checkpoint, lr_factor, lr_schedule, make_optimizer, param_groups, print0,
                                  rng_state, save_checkpoint, set_rng_state, setup_distributed, with_muon)
@@ -246,7 +250,7 @@ def start_engine(run, model, data):
         raise ValueError(f"{len(data.samples)} {'preference pair' if pairs else 'prompt'}(s) for {run.world} ranks: "
                          "every rank needs one at least")
     if args.stage in RL_STAGES:  # a micro-batch of --batch-size prompts (GRPO: --group replies each)
-        run.batches = PromptBatches(data.samples, args.batch_size, args.seed, run.rank, run.world)
+        run.batches = IndexBatches(data.samples, args.batch_size, args.seed, run.rank, run.world)
     elif pairs:  # a micro-batch of --batch-size pairs: twice as many rows
         run.batches = PairBatches(data.samples, data.template.pad, args.batch_size, args.seed, run.rank, run.world)
     else:

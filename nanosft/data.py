@@ -441,20 +441,44 @@ def pair_batch(samples, indices, pad_id):
             "index": torch.as_tensor(np.asarray(indices, dtype=np.int64))}
 
 
-class PairBatches(Batches):
-    """Batches of preference pairs: as Batches, with a pair (its two replies) where Batches has a
-    packed row. Each epoch shuffles the pairs (seeded per epoch), puts pairs of similar length side
-    by side, and deals every world-th to this rank, every rank as many, so that all run the same
-    number of forwards (the fewer than `world` pairs left over by the division sit out this epoch).
-    No packing: a pair's two rows are compared, and a reward model reads each at its own end."""
+class IndexBatches(Batches):
+    """Batches of whole samples by index, for the stages that do not pack: each epoch shuffles the
+    samples (seeded per epoch) and deals every world-th to this rank, every rank as many, so that
+    all run the same number of forwards (the fewer than `world` samples left over by the division
+    sit out this epoch). A batch is a list of indices: the RL stages' prompts (rlhf.py renders the
+    rows once it has the replies); PairBatches builds its rows from them."""
+
+    def __init__(self, samples, batch_size, seed, rank=0, world=1, pad_id=None):
+        super().__init__(samples, None, pad_id, batch_size, seed, rank, world)
+
+    def _order(self, epoch):
+        order = list(range(len(self.samples)))
+        random.Random(self.seed * 1000003 + epoch).shuffle(order)
+        return order
+
+    def _rows(self, epoch):
+        order = self._order(epoch)
+        return {"index": np.array(order[self.rank::self.world][:len(order) // self.world], dtype=np.int64)}
+
+    def next(self):
+        while self._exhausted():
+            self._next_epoch()
+        index = self.rows["index"][self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return index.tolist()
+
+
+class PairBatches(IndexBatches):
+    """Batches of preference pairs: as IndexBatches, with pairs of similar length side by side, and
+    a batch is pair_batch's rows. No packing: a pair's two rows are compared, and a reward model
+    reads each at its own end."""
 
     def __init__(self, samples, pad_id, batch_size, seed, rank=0, world=1, window=1024, chunk=64):
         self.window, self.chunk = window, chunk
-        super().__init__(samples, None, pad_id, batch_size, seed, rank, world)
+        super().__init__(samples, batch_size, seed, rank, world, pad_id)
 
-    def _rows(self, epoch):
-        order = list(range(len(self.samples)))
-        random.Random(self.seed * 1000003 + epoch).shuffle(order)
+    def _order(self, epoch):
+        order = super()._order(epoch)
         # sorted by length within windows, as unpacked rows are (epoch_rows): neighbours share a
         # micro-batch, padded to its longest row; then runs of `chunk` neighbours are shuffled, so
         # that a stretch of steps does not see only long (or only short) pairs. The order does not
@@ -465,36 +489,10 @@ class PairBatches(Batches):
                  for j in sorted(range(w, min(w + self.window, len(order))), key=lambda j: -longest[j])]
         chunks = [order[i:i + self.chunk] for i in range(0, len(order), self.chunk)]
         random.Random(self.seed * 1000003 + epoch).shuffle(chunks)
-        order = [i for c in chunks for i in c]
-        return {"index": np.array(order[self.rank::self.world][:len(order) // self.world], dtype=np.int64)}
+        return [i for c in chunks for i in c]
 
     def next(self):
-        while self._exhausted():
-            self._next_epoch()
-        index = self.rows["index"][self.cursor:self.cursor + self.batch_size]
-        self.cursor += self.batch_size
-        return pair_batch(self.samples, index, self.pad_id)
-
-
-class PromptBatches(Batches):
-    """Batches of prompts for the RL stages: as PairBatches, a seeded shuffle per epoch dealt to
-    the ranks in equal shares; a batch is a list of indices into the samples (the rollout renders
-    the rows itself, once it has the replies)."""
-
-    def __init__(self, samples, batch_size, seed, rank=0, world=1):
-        super().__init__(samples, None, None, batch_size, seed, rank, world)
-
-    def _rows(self, epoch):
-        order = list(range(len(self.samples)))
-        random.Random(self.seed * 1000003 + epoch).shuffle(order)
-        return {"index": np.array(order[self.rank::self.world][:len(order) // self.world], dtype=np.int64)}
-
-    def next(self):
-        while self._exhausted():
-            self._next_epoch()
-        index = self.rows["index"][self.cursor:self.cursor + self.batch_size]
-        self.cursor += self.batch_size
-        return index.tolist()
+        return pair_batch(self.samples, super().next(), self.pad_id)
 
 
 if __name__ == "__main__":  # python -m nanosft.data check|stats: the command line is cli.py

@@ -327,9 +327,9 @@ def check_args(p, args):
     if args.format != "auto" and (args.format in PAIR_FORMATS) != (args.stage in PAIR_STAGES):
         p.error(f"--format {args.format} is a format of {'preference pairs' if args.format in PAIR_FORMATS else 'chats'}"
                 f", --stage {args.stage} reads {'pairs' if args.stage in PAIR_STAGES else 'chats or text'}")
+    if args.stage in PAIR_STAGES + RL_STAGES and not args.init_from:
+        p.error(f"--stage {args.stage} starts from a trained model: give it with --init-from (e.g. an SFT run)")
     if args.stage in PAIR_STAGES:
-        if not args.init_from:
-            p.error(f"--stage {args.stage} starts from a trained model: give it with --init-from (e.g. an SFT run)")
         if weighted:
             p.error(f"--stage {args.stage}: several --data files are read one after another; weights (FILE:W) "
                     "are for blending SFT data")
@@ -339,8 +339,6 @@ def check_args(p, args):
         if not (0 < args.beta < math.inf and 0 <= args.label_smoothing < 0.5 and 0 <= args.rpo_alpha < math.inf):
             p.error("--beta must be positive, --label-smoothing in [0, 0.5) and --rpo-alpha not negative")
     if args.stage in RL_STAGES:
-        if not args.init_from:
-            p.error(f"--stage {args.stage} starts from a trained model: give it with --init-from (e.g. an SFT run)")
         if args.stage == "ppo" and not args.reward_model:
             p.error("--stage ppo needs --reward-model (a --stage reward run)")
         if args.val_data or args.val_split:

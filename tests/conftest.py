@@ -3,6 +3,7 @@ per test session (test_train.py checks it, test_chat.py talks to it)."""
 
 import copy
 import os
+import signal
 import subprocess
 import sys
 
@@ -30,6 +31,19 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 def run(cmd, **kw):
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+
+
+def kill_at(cmd, step):
+    """Start a training command and SIGKILL it, the launcher and every rank alike, without warning,
+    as soon as it prints `step <step>/`. -> its return code (-SIGKILL unless it ended first)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         start_new_session=True)
+    for line in p.stdout:
+        if line.startswith(f"step {step}/"):
+            os.killpg(p.pid, signal.SIGKILL)
+            break
+    return p.wait()
 
 
 def run_train(*args):

@@ -17,13 +17,12 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import DIST_VARS, ROOT, run, run_train
+from conftest import ROOT, kill_at, run, run_train
 
 from nanosft.checkpoint import load_model, load_reward_model
 from nanosft.data import (Batches, PairBatches, load_conversations, load_pairs, pair_batch, render_conversations,
@@ -53,7 +52,8 @@ def pair_run(stage, pairs, out, *flags, steps=6):
     sft, train, val = pairs
     r = run_train("--stage", stage, "--init-from", str(sft), "--data", str(train), "--val-data", str(val),
                   "--out", str(out), "--steps", str(steps), "--dtype", "fp32", "--batch-size", "4", "--warmup-steps",
-                  "0", "--lr", "3e-3", "--cache-dir", "", "--quiet", *SEQ, *flags)
+                  "0", "--lr", "3e-3", "--cache-dir", "", "--quiet", *SEQ,
+                  "--threads", "1", *flags)  # (not measured at start-up: runs compared exactly round alike)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -345,15 +345,8 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(pairs, tmp_path,
     r = run(launch(1, whole, stage, pairs, *flags, steps=22))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     killed = tmp_path / "killed"
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    p = subprocess.Popen(launch(1, killed, stage, pairs, *flags, steps=22), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    for line in p.stdout:
-        if line.startswith("step 17/"):
-            os.killpg(p.pid, signal.SIGKILL)
-            break
-    p.wait()
-    assert p.returncode == -signal.SIGKILL and not (killed / "metrics.json").exists()
+    assert kill_at(launch(1, killed, stage, pairs, *flags, steps=22), 17) == -signal.SIGKILL
+    assert not (killed / "metrics.json").exists()
     r = run([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(killed), "--resume"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"resumed {killed} at step 16 (epoch 1)" in r.stdout

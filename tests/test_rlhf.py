@@ -9,12 +9,11 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import DIST_VARS, ROOT, run, run_train
+from conftest import ROOT, kill_at, run, run_train
 
 from nanosft.checkpoint import load_model, load_reward_model, save_model
 from nanosft.data import load_jsonl
@@ -49,6 +48,7 @@ def rl_args(stage, setup, out, *flags, steps=3):
     return ["--stage", stage, "--init-from", str(sft), "--data", str(prompts), "--eval-data", "", "--out", str(out),
             "--steps", str(steps), "--dtype", "fp32", "--batch-size", "4", "--max-new-tokens", "12", "--lr", "3e-3",
             "--warmup-steps", "0", "--log-every", "1", "--cache-dir", "", *SEQ,
+            "--threads", "1",  # (not measured at start-up: runs compared exactly round alike)
             *(["--reward-model", str(rm)] if stage == "ppo" else ["--group", "4"]), *flags]
 
 
@@ -182,15 +182,8 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_rollouts_and_losses(set
     r = run(launch(1, whole, stage, setup, *flags, steps=6))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     killed = tmp_path / "killed"
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    p = subprocess.Popen(launch(1, killed, stage, setup, *flags, steps=6), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    for line in p.stdout:
-        if line.startswith("step 4/"):
-            os.killpg(p.pid, signal.SIGKILL)
-            break
-    p.wait()
-    assert p.returncode == -signal.SIGKILL and not (killed / "metrics.json").exists()
+    assert kill_at(launch(1, killed, stage, setup, *flags, steps=6), 4) == -signal.SIGKILL
+    assert not (killed / "metrics.json").exists()
     r = run([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(killed), "--resume"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"resumed {killed} at step 3" in r.stdout

@@ -23,7 +23,7 @@ import deepspeed
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DIST_VARS, ROOT, TINY, run, run_chat, run_train
+from conftest import DIST_VARS, ROOT, TINY, kill_at, run, run_chat, run_train
 
 from nanosft.checkpoint import load_model
 from nanosft.data import epoch_rows, load_jsonl, render_conversations, to_batch
@@ -275,15 +275,8 @@ def test_run_killed_with_sigkill_resumes_with_the_same_losses(tiny_data, tmp_pat
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    p = subprocess.Popen(train_command(nproc, *flags, "--out", str(killed)), cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    for line in p.stdout:
-        if line.startswith("step 35/"):
-            os.killpg(p.pid, signal.SIGKILL)  # the launcher and its ranks, without warning
-            break
-    p.wait()
-    assert p.returncode == -signal.SIGKILL and not (killed / "metrics.json").exists()
+    assert kill_at(train_command(nproc, *flags, "--out", str(killed)), 35) == -signal.SIGKILL
+    assert not (killed / "metrics.json").exists()
     tag = (killed / "checkpoints" / "latest").read_text()
     assert tag >= "step00000032"
 
