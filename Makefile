@@ -13,7 +13,7 @@ LAUNCH := $(if $(NGPUS),.venv/bin/deepspeed --num_gpus $(NGPUS),$(if $(NPROC),CU
 
 VARIANTS ?=
 
-.PHONY: install train chat plot evaluate compare test test-all data clean gpu-check lora-demo align align-sft reward dpo
+.PHONY: install train chat plot evaluate compare test test-all data clean gpu-check lora-demo align align-sft reward dpo ppo grpo rl
 
 install: .venv/.installed
 
@@ -90,6 +90,23 @@ dpo: install data/align/train.jsonl
 
 align: align-sft reward dpo
 	$(PY) -m nanosft.evaluate --report $(SFT) runs/align/reward runs/align/dpo
+
+# Reinforcement learning (README, "Reinforcement learning"), after make align, from its SFT run:
+# make ppo [SFT=run]   PPO with make reward's model on the pairs' prompts (runs/align/ppo; ~4 min on 2 cores)
+# make grpo [SFT=run]  GRPO, exact match the reward, on max prompts half close calls (runs/align/grpo; ~5.5 min)
+# make rl              both, then a table beside the SFT run
+ppo: install data/align/train.jsonl
+	$(LAUNCH) train.py --stage ppo --init-from $(SFT) --reward-model runs/align/reward --data data/align/prompts.jsonl \
+	  --eval-data data/align/eval.jsonl --out runs/align/ppo --lora-rank 8 --lora-lr 2e-3 --critic-lr 1e-4 \
+	  --batch-size 16 --temperature 1.5 --kl-coef 0.2 --ppo-epochs 2 --ema 0.95 --sft-data data/align/train.jsonl $(ARGS)
+
+grpo: install data/align/train.jsonl
+	$(LAUNCH) train.py --stage grpo --init-from $(SFT) --data data/align/max_prompts.jsonl \
+	  --eval-data data/align/eval.jsonl --out runs/align/grpo --lora-rank 8 --lora-lr 3e-3 --group 8 --batch-size 8 \
+	  --kl-coef 0.04 --epochs 2 --ema 0.95 --sft-data data/align/train.jsonl $(ARGS)
+
+rl: ppo grpo
+	$(PY) -m nanosft.evaluate --report $(SFT) runs/align/ppo runs/align/grpo
 
 # make gpu-check: every path only a GPU takes, run once, one table (bench/gpu_check.py). It runs with
 # the Python that already holds CUDA PyTorch (GPU_PY), never .venv and its CPU wheel: README, "On a GPU"

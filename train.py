@@ -19,7 +19,7 @@ nanosft/train_args.py (flags, --resume), cache.py, distributed.py (DeepSpeed), m
 The preference stages (--stage reward|dpo) run the same story on pairs of replies, a step being
 preference.py's pair_step (reward.py's loss or dpo.py's) and evaluation the held-out pairs' metrics.
 The RL stages (--stage ppo|grpo) run it on prompts, a step being rlhf.py's rl_step: a rollout of
-the policy's own replies, then ppo.py's clipped updates.
+the policy's own replies, then ppo.py's clipped updates (and, with --ema, ema.py's average).
 """
 
 import copy
@@ -44,6 +44,7 @@ from nanosft.data import Batches, IndexBatches, PairBatches
 from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, inference_config,
                                  load_checkpoint, lr_factor, lr_schedule, make_optimizer, param_groups, print0,
                                  rng_state, save_checkpoint, set_rng_state, setup_distributed, with_muon)
+from nanosft.ema import EMA
 from nanosft.evaluate import brief, format_samples, generation_metrics, loss_and_ppl, pick_samples, table, validation_loss
 from nanosft.interrupt import StopRequest, save_and_exit
 from nanosft.lora import add_lora
@@ -103,6 +104,8 @@ def train(run, start, evaluate):
         if args.stage in RL_STAGES:  # (n_sup counts replies here)
             loss, n_sup, n_tok, n_slots, extra = rl_step(run, [run.prompts[i] for b in micro for i in b], step, measure,
                                                          sft)
+            if run.ema:
+                run.ema.update(engine)
         elif args.stage in PAIR_STAGES:  # (n_sup counts pairs here)
             loss, n_sup, n_tok, n_slots, extra = pair_step(engine, micro, run.world, run.device, args.stage, run.ref,
                                                            run.dpo, measure, sft, args.sft_coef)
@@ -132,6 +135,9 @@ def train(run, start, evaluate):
             if run.critic:  # first: a run killed between the two resumes from the actor's step
                 save_checkpoint(run.critic, os.path.join(run.ckpt_dir, "critic"), step, client_state={},
                                 keep=args.keep_checkpoints)
+            if run.ema and run.rank == 0:  # (beside the actor's, before `latest` names it)
+                os.makedirs(os.path.join(run.ckpt_dir, f"step{step:08d}"), exist_ok=True)
+                run.ema.save(os.path.join(run.ckpt_dir, f"step{step:08d}", "ema.safetensors"))
             save_checkpoint(engine, run.ckpt_dir, step, keep=args.keep_checkpoints, client_state=dict(
                 step=step, batches=batches.state_dict(), tokens=tokens, supervised_tokens=sup_tokens, elapsed_s=elapsed,
                 before=run.before, before_replies=run.before_replies, world_size=run.world, rng=rng_state(),
@@ -184,6 +190,7 @@ def main(args):
     run.critic = None
     if args.stage in RL_STAGES:
         rl_models(run, data, ds_cfg)
+    run.ema = EMA(engine, args.ema) if args.ema else None
     evaluate = evaluator(run, data)
     start = {"step": 0, "tokens": 0, "supervised_tokens": 0, "elapsed_s": 0.0}
     if args.resume:
@@ -196,6 +203,8 @@ def main(args):
             load_checkpoint(run.critic, os.path.join(run.ckpt_dir, "critic"), tag=f"step{start['step']:08d}")
         if run.sft_batches:
             run.sft_batches.load_state_dict(start["sft_batches"])
+        if run.ema:
+            run.ema.load(os.path.join(run.ckpt_dir, f"step{start['step']:08d}", "ema.safetensors"))
         set_rng_state(start["rng"])
         run.before, run.before_replies = start.get("before", {}), start.get("before_replies")  # (older ones lack them)
         trim_monitor(engine, run.dir, start["step"], ds_cfg["train_batch_size"])
@@ -219,8 +228,12 @@ def main(args):
         save_and_exit(engine, run.dir, model.cfg, data.tok, counted["step"], run.stop.signum, world)
     state, adapters = full_state_dict(engine)  # fp32, gathered from the shards: every rank takes part, rank 0 keeps it
     after, after_replies = evaluate(run.total_steps, generation=True, state=state)  # the weights being saved
+    ema_state = full_state_dict(engine, replace=run.ema.shadow)[0] if run.ema else None  # (merged too)
+    run.ema_after = evaluate(run.total_steps, generation=True, state=ema_state, log=False)[0] if run.ema else None
     if rank == 0:
         save_model(run.dir, state, model.cfg, data.tok)  # (with LoRA: merged)
+        if ema_state:
+            save_model(os.path.join(run.dir, "ema"), ema_state, model.cfg, data.tok)
         if adapters and args.stage != "reward":  # and the adapters alone, in PEFT's format
             save_adapter(run.dir, adapters, engine.module, args.init_from)
         finish(run, data, start, counted, after, after_replies, time.time() - t_start)
@@ -381,7 +394,7 @@ def evaluator(run, data):
     collective; with sharded or offloaded weights (ZeRO-3, --offload) the copy stays in CPU memory."""
     args, engine = run.args, run.engine
 
-    def evaluate(step, generation, state=None):
+    def evaluate(step, generation, state=None, log=True):
         m, replies = {}, None
         if data.val is not None:
             engine.eval()
@@ -406,9 +419,10 @@ def evaluator(run, data):
                 with using_threads(run.decode_threads):
                     scores, replies = generation_metrics(snapshot.to(on).eval(), data.template, data.evals)
                 m.update(scores)
-        log_events(engine, step, "Eval", val_loss=m.get("val_loss"), val_ppl=m.get("val_ppl"),
-                   exact_match=m.get("exact_match", {}).get("overall"), bleu=m.get("bleu"),
-                   **{k: m.get(k) for k in ("pair_loss", "pair_accuracy", "reward_margin")})
+        if log:
+            log_events(engine, step, "Eval", val_loss=m.get("val_loss"), val_ppl=m.get("val_ppl"),
+                       exact_match=m.get("exact_match", {}).get("overall"), bleu=m.get("bleu"),
+                       **{k: m.get(k) for k in ("pair_loss", "pair_accuracy", "reward_margin")})
         return m, replies
     return evaluate
 
@@ -430,6 +444,8 @@ def finish(run, data, start, counted, after, after_replies, wall_time):
                "padding_fraction": 1 - tokens / max(counted["slots"], 1),
                "invalid_records_skipped": sum(f.skipped for f in data.files),
                "conversations_truncated": data.counts["truncated"], "conversations_dropped": data.counts["dropped"]}
+    if run.ema_after is not None:  # --ema's average, saved in RUN/ema/
+        metrics["ema"] = run.ema_after
     write_json(os.path.join(run.dir, "metrics.json"), metrics)
     point_latest(run.dir)
     try:
@@ -439,7 +455,7 @@ def finish(run, data, start, counted, after, after_replies, wall_time):
     if samples:
         print0("sample conversations (held-out prompts):\n" + format_samples(samples, [k for k in replies if k in samples[0]]))
     if before or after:
-        print0(table({"step 0": before, "trained": after}))
+        print0(table({"step 0": before, "trained": after, **({"ema": run.ema_after} if run.ema_after else {})}))
     print0(f"padding: {metrics['padding_fraction']:.1%} of the token positions computed")
     use = ("a reward model: transformers' AutoModelForSequenceClassification reads it" if args.stage == "reward"
            else f"chat with: python chat.py --ckpt {run.dir}")

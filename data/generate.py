@@ -385,19 +385,38 @@ def preference_pairs(n, rng, exclude):
     return out
 
 
+def max_prompts(n, rng, exclude):
+    """n max chats (prompt and right answer) for GRPO, half of them close calls: the prompts the
+    SFT model gets wrong. A prompt it always answers right teaches GRPO nothing (its group's rewards
+    are all equal, so are its advantages: zero); at the SFT data's ~30% close calls, two thirds of
+    the rollouts go to such prompts. Each once, none of `exclude` ((a, b) pairs)."""
+    out, used = [], set(exclude)
+    while len(out) < n:
+        hundred = 100 * rng.randrange(10)
+        a, b = rng.sample(range(hundred, hundred + 100) if len(out) % 2 == 0 else range(1000), 2)
+        if (a, b) not in used:
+            used.add((a, b))
+            out.append({"family": "max", "messages": [user(f"Which is larger, {a} or {b}?"), assistant(str(max(a, b)))]})
+    return out
+
+
 def generate_align(n_train, n_val, n_eval, n_pairs, n_val_pairs, seed=1337):
     """-> {file name: records} for data/align/: the noisy-teacher SFT set (train, val, eval: the
     default families, max with close calls; val and eval answered right), preference pairs
     (pairs: for training, pairs_val: held out), whose prompts eval.jsonl never asks, and the
-    training pairs' prompts with their right answers as chats (prompts: for PPO and GRPO)."""
+    training pairs' prompts with their right answers as chats (prompts: PPO's), and max prompts, half
+    of them close calls (max_prompts: GRPO's)."""
     train, val, evals = generate(n_train, n_val, n_eval, seed, instead={"max": make_max_close_calls})
     train = [noisy_teacher(r) if r["family"] == "max" else r for r in train]
     asked = {("max", compared(r["messages"][0]["content"])) for r in evals if r["family"] == "max"}
     pairs = preference_pairs(n_val_pairs + n_pairs, random.Random(seed + 1), asked)
     val_pairs, pairs = pairs[:n_val_pairs], pairs[n_val_pairs:]
-    # the RL stages' prompts (PPO, GRPO): the training pairs' prompts, each with its right answer
+    # the RL stages' prompts: the training pairs' prompts, each with its right answer (PPO), and
+    # max prompts where the SFT model's mistakes are (GRPO)
     prompts = [{"family": p["family"], "messages": p["prompt"] + p["chosen"]} for p in pairs]
-    return {"train": train, "val": val, "eval": evals, "pairs": pairs, "pairs_val": val_pairs, "prompts": prompts}
+    hard = max_prompts(n_pairs, random.Random(seed + 2), {key for family, key in asked})
+    return {"train": train, "val": val, "eval": evals, "pairs": pairs, "pairs_val": val_pairs, "prompts": prompts,
+            "max_prompts": hard}
 
 
 def write_jsonl(path, records):
@@ -417,7 +436,7 @@ if __name__ == "__main__":
     p.add_argument("--eval-seed", type=int, default=None,
                    help="fresh held-out prompts for the same training set (e.g. to re-measure a trained run)")
     p.add_argument("--align", action="store_true", help="the noisy-teacher SFT set and preference pairs of "
-                   "`make align` instead (train, val, eval, pairs, pairs_val.jsonl)")
+                   "`make align` instead (train, val, eval, pairs, pairs_val, prompts, max_prompts.jsonl)")
     p.add_argument("--n-pairs", type=int, default=3000, help="with --align: training preference pairs")
     p.add_argument("--n-val-pairs", type=int, default=400, help="with --align: held-out preference pairs")
     p.add_argument("--families", default="", help=f"comma-separated: only these skills (of {', '.join(FAMILIES)}, "

@@ -227,12 +227,13 @@ def current_loss_scale(engine):
 # -----------------------------------------------------------------------------
 # weights and checkpoints
 
-def full_state_dict(engine):
+def full_state_dict(engine, replace=None):
     """-> ({name: fp32 tensor on CPU} of the whole model, the LoRA adapters alone) on rank 0 ({}, {}
     elsewhere; the adapters {} without LoRA). With mixed precision the module holds 16-bit copies;
     the fp32 master weights live in the (possibly sharded) optimizer and are what we save. Adapters
     are folded into their matrices: the state is the merged model's. Every rank must call this:
-    gathering ZeRO shards is collective."""
+    gathering ZeRO shards is collective. replace: {name: tensor} to take instead of the trained
+    weights (rank 0's; --ema's average)."""
     opt = engine.optimizer
     # bf16/fp16 without ZeRO: the wrapper keeps one fp32 copy per parameter, group by group
     unsharded = {id(p): q for low, high in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
@@ -247,6 +248,7 @@ def full_state_dict(engine):
                 full = p.detach().clone()
         if is_rank0():  # the other ranks took part in the gather; they need not keep a copy
             state[name] = (p.detach() if full is None else full).float().cpu().clone()
+    state.update(replace or {})
     # tied: named_parameters lists the shared matrix once (a reward model, "model.*" and "score.weight", has no head)
     if "embed_tokens.weight" in state and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]

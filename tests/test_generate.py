@@ -120,5 +120,17 @@ def test_preference_pairs_choose_the_right_reply_and_never_ask_a_held_out_prompt
             assert p["chosen"][0]["content"] == str(n) and 3 <= abs(int(p["rejected"][0]["content"]) - n) <= 6
 
 
+def test_grpos_max_prompts_are_half_close_calls_answered_right_and_never_held_out(align):
+    asked = {r["messages"][0]["content"] for r in align["eval"]}
+    prompts = [r["messages"][0]["content"] for r in align["max_prompts"]]
+    assert len(set(prompts)) == len(prompts) == 1000 and not set(prompts) & asked
+    close = 0
+    for r in align["max_prompts"]:
+        a, b = map(int, re.findall(r"\d+", r["messages"][0]["content"]))
+        assert r["family"] == "max" and r["messages"][1]["content"] == str(max(a, b))
+        close += a // 100 == b // 100
+    assert 0.52 < close / len(prompts) < 0.6  # half drawn as close calls, a tenth of the rest by chance
+
+
 def json_key(pair):
     return tuple(m["content"] for m in pair["prompt"])

@@ -5,6 +5,7 @@ fraction, value loss); rows whose mask covers the reply alone; and failures name
 model, one that reads another tokenizer, no prompts, replies that are all empty (skipped, counted,
 no NaN), a reward that is not finite (the run stops, no traceback, checkpoints left as they were)."""
 
+import json
 import math
 import os
 import random
@@ -19,6 +20,7 @@ from nanosft.checkpoint import load_model, load_reward_model, save_model
 from nanosft.data import load_jsonl
 from nanosft.monitor import read_monitor
 from nanosft.rlhf import rows_of
+from nanosft.safetensors import load_file
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
 
@@ -93,6 +95,21 @@ def test_sft_data_joins_the_actors_loss_and_weighted_zero_changes_nothing(setup,
     assert sorted(mixed["Train_sft_loss"]) == [1, 2, 3] and all(0 < v < 20 for v in mixed["Train_sft_loss"].values())
 
 
+def test_ema_averages_the_weights_step_by_step_checkpointed_and_saved_as_a_model(setup, tmp_path):
+    rl_run("ppo", setup, tmp_path / "run", "--ema", "0.75", "--save-every", "1", "--keep-checkpoints", "5", steps=2)
+    step1 = load_file(tmp_path / "run" / "checkpoints" / "step00000001" / "ema.safetensors")  # the average after step 1
+    last = load_model(tmp_path / "run")[0].state_dict()  # the weights after step 2
+    ema = load_model(tmp_path / "run" / "ema")[0].state_dict()
+    start = load_model(setup[0])[0].state_dict()
+    assert step1.keys() == {n for n, _ in load_model(setup[0])[0].named_parameters()}  # every trained weight
+    for name, avg in step1.items():
+        torch.testing.assert_close(ema[name], 0.75 * avg + 0.25 * last[name], rtol=0, atol=1e-6)
+    assert any(not torch.equal(step1[k], start[k]) for k in step1)  # it moved, and not as far as the weights
+    assert any(not torch.equal(ema[k], last[k]) for k in step1)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["ema"].keys() == metrics["after"].keys()  # evaluated like the last weights
+
+
 def test_a_missing_or_mismatched_reward_model_and_an_empty_prompt_set_are_named(setup, tmp_path):
     sft, prompts, rm = setup
     r = run_train(*[a for a in rl_args("ppo", setup, tmp_path / "a") if a not in ("--reward-model", str(rm))])
@@ -162,7 +179,7 @@ def test_zero2_and_zero3_on_two_ranks_give_stage0s_first_five_steps(setup, tmp_p
     are sharded too."""
     got = {}
     for zero in ("0", "2", "3"):
-        r = run(launch(2, tmp_path / f"z{zero}", stage, setup, "--zero-stage", zero, "--ppo-epochs", "2"))
+        r = run(launch(2, tmp_path / f"z{zero}", stage, setup, "--zero-stage", zero, "--ppo-epochs", "2", "--ema", "0.9"))
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         got[zero] = read_monitor(tmp_path / f"z{zero}")
     if stage == "ppo":  # the actor moves (a comparison that can fail); the tiny GRPO model earns no reward yet
@@ -172,12 +189,15 @@ def test_zero2_and_zero3_on_two_ranks_give_stage0s_first_five_steps(setup, tmp_p
         for step in got["0"][name]:
             for zero in ("2", "3"):
                 assert abs(got["0"][name][step] - got[zero][name][step]) <= 1e-4, (name, step, zero)
+    ema = {zero: load_model(tmp_path / f"z{zero}" / "ema")[0].state_dict() for zero in ("0", "2", "3")}
+    for zero in ("2", "3"):  # the average of weights gathered from the shards (every rank takes part)
+        assert all(torch.allclose(ema["0"][k], ema[zero][k], rtol=0, atol=1e-4) for k in ema["0"]), zero
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_a_run_killed_with_sigkill_resumes_with_the_same_rollouts_and_losses(setup, tmp_path, stage):
-    flags = ["--save-every", "3", "--ppo-epochs", "2"]
+    flags = ["--save-every", "3", "--ppo-epochs", "2", "--ema", "0.9"]
     whole = tmp_path / "whole"
     r = run(launch(1, whole, stage, setup, *flags, steps=6))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -190,5 +210,6 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_rollouts_and_losses(set
     for name in ("Train_loss", "Train_reward_mean", "Train_kl", "Train_reply_length"):
         want, got = ((d / "monitor" / f"{name}.csv").read_text() for d in (whole, killed))
         assert got == want, name
-    a, b = load_model(whole)[0].state_dict(), load_model(killed)[0].state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for run_dir in ("", "ema"):  # the weights, and their average (from the checkpoint's)
+        a, b = load_model(whole / run_dir)[0].state_dict(), load_model(killed / run_dir)[0].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), run_dir
