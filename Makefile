@@ -92,13 +92,13 @@ align: align-sft reward dpo
 	$(PY) -m nanosft.evaluate --report $(SFT) runs/align/reward runs/align/dpo
 
 # Reinforcement learning (README, "Reinforcement learning"), after make align, from its SFT run:
-# make ppo [SFT=run]   PPO with make reward's model on the pairs' prompts (runs/align/ppo; ~4 min on 2 cores)
+# make ppo [SFT=run]   PPO with make reward's model on the pairs' prompts (runs/align/ppo; ~3.5 min on 2 cores)
 # make grpo [SFT=run]  GRPO, exact match the reward, on max prompts half close calls (runs/align/grpo; ~5.5 min)
 # make rl              both, then a table beside the SFT run
 ppo: install data/align/train.jsonl
 	$(LAUNCH) train.py --stage ppo --init-from $(SFT) --reward-model runs/align/reward --data data/align/prompts.jsonl \
 	  --eval-data data/align/eval.jsonl --out runs/align/ppo --lora-rank 8 --lora-lr 2e-3 --critic-lr 1e-4 \
-	  --batch-size 16 --temperature 1.5 --kl-coef 0.2 --ppo-epochs 2 --ema 0.95 --sft-data data/align/train.jsonl $(ARGS)
+	  --batch-size 16 --temperature 1.5 --kl-coef 0.2 --ppo-epochs 2 --whiten --ema 0.95 --sft-data data/align/train.jsonl $(ARGS)
 
 grpo: install data/align/train.jsonl
 	$(LAUNCH) train.py --stage grpo --init-from $(SFT) --data data/align/max_prompts.jsonl \

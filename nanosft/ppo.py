@@ -82,6 +82,13 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, (advantages + values) * mask
 
 
+def whiten(x, mask):
+    """x (B, T) -> shifted and scaled to mean 0 and std 1 over the positions where mask is 1, 0
+    elsewhere: advantages on one scale whatever the reward model's (the returns keep theirs)."""
+    mean = masked_mean(x, mask)
+    return (x - mean) * torch.rsqrt(masked_mean((x - mean) ** 2, mask) + 1e-8) * mask
+
+
 def policy_loss(logp, old_logp, advantages, mask, clip=0.2):
     """-> (PPO's clipped surrogate loss, the share of reply tokens whose ratio the clip cut)."""
     ratio = torch.exp(logp - old_logp)  # (B, T)

@@ -31,7 +31,7 @@ from nanosft.distributed import all_sum
 from nanosft.generate import sample_batch
 from nanosft.preference import sft_nll, sft_tokens
 from nanosft.ppo import (entropy, gae, group_advantages, kl_k3, masked_mean, policy_loss, token_logps,
-                         token_rewards, value_loss)
+                         token_rewards, value_loss, whiten)
 
 STAGES = ("ppo", "grpo")
 # What a step logs (monitor CSVs, TensorBoard) besides the loss
@@ -114,6 +114,8 @@ def advantages(run, x):
     if args.stage == "ppo":
         rewards = token_rewards(x["old"], x["ref"], x["score"], x["mask"], args.kl_coef, args.reward_clip)
         x["adv"], x["returns"] = gae(rewards, x["values"], x["mask"], args.gamma, args.lam)
+        if args.whiten:
+            x["adv"] = whiten(x["adv"], x["mask"])
     else:
         x["adv"] = group_advantages(x["score"], args.group)[:, None] * x["mask"]
 

@@ -190,6 +190,8 @@ def _rl_flags(p):
     g.add_argument("--reward-clip", type=float, default=5.0, help="the reward model's scores are clipped to +-this")
     g.add_argument("--gamma", type=float, default=1.0, help="GAE's discount")
     g.add_argument("--lam", type=float, default=0.95, help="GAE's lambda")
+    g.add_argument("--whiten", action="store_true", help="--stage ppo: scale each rollout's advantages to mean 0, "
+                   "std 1 (over this rank's reply tokens)")
     g.add_argument("--critic-lr", type=float, default=None, help="the critic's learning rate (default: --lr)")
     g.add_argument("--ema", type=float, default=0.0, help="keep an exponential moving average of the policy's "
                    "weights with this beta (DeepSpeed-Chat uses 0.992), saved as RUN/ema/ (0: none; nanosft/ema.py)")
@@ -347,6 +349,8 @@ def check_args(p, args):
             p.error(f"--stage {args.stage} has no validation loss: --eval-data's held-out prompts measure it")
         if min(args.group, args.max_new_tokens, args.ppo_epochs) < 1 or args.temperature <= 0:
             p.error("--group, --max-new-tokens and --ppo-epochs must be positive, and --temperature above 0")
+    if args.whiten and args.stage != "ppo":
+        p.error("--whiten is PPO's (--stage ppo; GRPO's advantages are scaled per group)")
     if not 0 <= args.ema < 1 or (args.ema and args.stage not in RL_STAGES):
         p.error("--ema is the RL stages' (--stage ppo|grpo), a beta in [0, 1)")
     if args.reference == "live" and args.stage != "dpo":

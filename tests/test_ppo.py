@@ -1,12 +1,12 @@
 """ppo.py promises the arithmetic of PPO and GRPO over a reply's tokens: GAE equal to its definition
 as a discounted sum of TD errors, a clipped surrogate that is the plain one at a rollout's first
 update (ratio 1), a KL penalty that is 0 while the policy is the reference, group-relative
-advantages, and nothing at all from prompt or padding positions."""
+advantages, whitening over reply tokens only, and nothing at all from prompt or padding positions."""
 
 import torch
 
 from nanosft.ppo import (entropy, gae, group_advantages, kl_k3, masked_mean, policy_loss, token_rewards,
-                         value_loss)
+                         value_loss, whiten)
 
 # two replies, of 4 and 2 tokens, right-padded to 4
 MASK = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
@@ -97,3 +97,11 @@ def test_group_advantages_center_and_scale_each_prompts_replies():
     a = group_advantages(r, 4)
     assert torch.allclose(a[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3)
     assert (a[4:] == 0).all()  # all replies alike: nothing to learn from this prompt
+
+
+def test_whitening_gives_the_reply_tokens_mean_0_and_std_1_and_leaves_padding_0():
+    adv = torch.tensor([[3.0, -1.0, 2.0, 0.5], [4.0, 1.0, 99.0, -99.0]])  # (the 99s are padding)
+    w = whiten(adv, MASK)
+    kept = adv[MASK.bool()]
+    assert torch.allclose(w[MASK.bool()], (kept - kept.mean()) / kept.std(unbiased=False), atol=1e-5)
+    assert (w[~MASK.bool()] == 0).all()

@@ -69,7 +69,7 @@ def test_rows_hold_prompt_then_reply_with_the_mask_on_the_replys_targets_only():
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_a_run_logs_rewards_kl_length_entropy_and_clipping_with_no_drift_at_step_one(setup, tmp_path, stage):
-    m = rl_run(stage, setup, tmp_path / stage, "--ppo-epochs", "2")
+    m = rl_run(stage, setup, tmp_path / stage, "--ppo-epochs", "2", *(["--whiten"] if stage == "ppo" else []))
     names = LOGGED + (("value_loss",) if stage == "ppo" else ())
     for name in names:
         assert sorted(m[f"Train_{name}"]) == [1, 2, 3], name

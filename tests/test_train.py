@@ -165,6 +165,7 @@ def test_malformed_jsonl_stops_with_file_line_and_reason(tmp_path):
     (["--dtype", "fp16"], "--dtype fp16 needs a GPU"),
     (["--vocab-size", "3"], "--vocab-size must exceed 264"),  # at once, before any data is read
     (["--ema", "0.99"], "--ema is the RL stages'"),
+    (["--stage", "grpo", "--init-from", "runs/x", "--whiten"], "--whiten is PPO's"),
     (["--stage", "grpo", "--init-from", "runs/x", "--ema", "1"], "--ema is the RL stages' (--stage ppo|grpo), a beta in [0, 1)"),
 ])
 def test_impossible_flags_are_refused_by_name(flags, complaint):
