@@ -93,7 +93,7 @@ align: align-sft reward dpo
 
 # Reinforcement learning (README, "Reinforcement learning"), after make align, from its SFT run:
 # make ppo [SFT=run]   PPO with make reward's model on the pairs' prompts (runs/align/ppo; ~3.5 min on 2 cores)
-# make grpo [SFT=run]  GRPO, exact match the reward, on max prompts half close calls (runs/align/grpo; ~5.5 min)
+# make grpo [SFT=run]  GRPO, exact match the reward, on max prompts half close calls (runs/align/grpo; ~4-5 min)
 # make rl              both, then a table beside the SFT run
 ppo: install data/align/train.jsonl
 	$(LAUNCH) train.py --stage ppo --init-from $(SFT) --reward-model runs/align/reward --data data/align/prompts.jsonl \

@@ -444,7 +444,7 @@ def finish(run, data, start, counted, after, after_replies, wall_time):
                "padding_fraction": 1 - tokens / max(counted["slots"], 1),
                "invalid_records_skipped": sum(f.skipped for f in data.files),
                "conversations_truncated": data.counts["truncated"], "conversations_dropped": data.counts["dropped"]}
-    if run.ema_after is not None:  # --ema's average, saved in RUN/ema/
+    if run.ema_after:  # --ema's average, saved in RUN/ema/
         metrics["ema"] = run.ema_after
     write_json(os.path.join(run.dir, "metrics.json"), metrics)
     point_latest(run.dir)

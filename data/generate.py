@@ -389,7 +389,8 @@ def max_prompts(n, rng, exclude):
     """n max chats (prompt and right answer) for GRPO, half of them close calls: the prompts the
     SFT model gets wrong. A prompt it always answers right teaches GRPO nothing (its group's rewards
     are all equal, so are its advantages: zero); at the SFT data's ~30% close calls, two thirds of
-    the rollouts go to such prompts. Each once, none of `exclude` ((a, b) pairs)."""
+    the rollouts go to such prompts. Each once, none of `exclude` ((a, b) pairs; held-out ones are
+    excluded in both orders)."""
     out, used = [], set(exclude)
     while len(out) < n:
         hundred = 100 * rng.randrange(10)
@@ -414,7 +415,7 @@ def generate_align(n_train, n_val, n_eval, n_pairs, n_val_pairs, seed=1337):
     # the RL stages' prompts: the training pairs' prompts, each with its right answer (PPO), and
     # max prompts where the SFT model's mistakes are (GRPO)
     prompts = [{"family": p["family"], "messages": p["prompt"] + p["chosen"]} for p in pairs]
-    hard = max_prompts(n_pairs, random.Random(seed + 2), {key for family, key in asked})
+    hard = max_prompts(n_pairs, random.Random(seed + 2), {k for _, key in asked for k in (key, key[::-1])})
     return {"train": train, "val": val, "eval": evals, "pairs": pairs, "pairs_val": val_pairs, "prompts": prompts,
             "max_prompts": hard}
 

@@ -227,19 +227,19 @@ def current_loss_scale(engine):
 # -----------------------------------------------------------------------------
 # weights and checkpoints
 
-def full_state_dict(engine, replace=None):
-    """-> ({name: fp32 tensor on CPU} of the whole model, the LoRA adapters alone) on rank 0 ({}, {}
-    elsewhere; the adapters {} without LoRA). With mixed precision the module holds 16-bit copies;
-    the fp32 master weights live in the (possibly sharded) optimizer and are what we save. Adapters
-    are folded into their matrices: the state is the merged model's. Every rank must call this:
-    gathering ZeRO shards is collective. replace: {name: tensor} to take instead of the trained
-    weights (rank 0's; --ema's average)."""
+def fp32_weights(engine, trained_only=False):
+    """-> [(name, fp32 tensor on CPU)] of the module's parameters (the trained ones only, if asked)
+    on rank 0, [] elsewhere. With mixed precision the module holds 16-bit copies; the fp32 master
+    weights live in the (possibly sharded) optimizer and are what this returns. Every rank must call
+    this: gathering ZeRO shards is collective."""
     opt = engine.optimizer
     # bf16/fp16 without ZeRO: the wrapper keeps one fp32 copy per parameter, group by group
     unsharded = {id(p): q for low, high in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
                  for p, q in zip(low, high)}
-    state = {}
+    out = []
     for name, p in engine.module.named_parameters():
+        if trained_only and not p.requires_grad:
+            continue
         full = unsharded.get(id(p))
         if full is None and p.requires_grad:  # ZeRO (any stage, gathered) or bf16 with its own optimizer
             full = deepspeed.utils.safe_get_full_fp32_param(p)
@@ -247,7 +247,16 @@ def full_state_dict(engine, replace=None):
             with deepspeed.zero.GatheredParameters([p]):
                 full = p.detach().clone()
         if is_rank0():  # the other ranks took part in the gather; they need not keep a copy
-            state[name] = (p.detach() if full is None else full).float().cpu().clone()
+            out.append((name, (p.detach() if full is None else full).float().cpu().clone()))
+    return out
+
+
+def full_state_dict(engine, replace=None):
+    """-> ({name: fp32 tensor on CPU} of the whole model, the LoRA adapters alone) on rank 0 ({}, {}
+    elsewhere; the adapters {} without LoRA): fp32_weights, with the adapters folded into their
+    matrices: the state is the merged model's. Every rank must call this. replace: {name: tensor} to
+    take instead of the trained weights (rank 0's; --ema's average)."""
+    state = dict(fp32_weights(engine))
     state.update(replace or {})
     # tied: named_parameters lists the shared matrix once (a reward model, "model.*" and "score.weight", has no head)
     if "embed_tokens.weight" in state and "lm_head.weight" not in state:

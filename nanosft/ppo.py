@@ -82,11 +82,15 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, (advantages + values) * mask
 
 
-def whiten(x, mask):
+def whiten(x, mask, moments=None):
     """x (B, T) -> shifted and scaled to mean 0 and std 1 over the positions where mask is 1, 0
-    elsewhere: advantages on one scale whatever the reward model's (the returns keep theirs)."""
-    mean = masked_mean(x, mask)
-    return (x - mean) * torch.rsqrt(masked_mean((x - mean) ** 2, mask) + 1e-8) * mask
+    elsewhere: advantages on one scale whatever the reward model's (the returns keep theirs).
+    moments: (mean, variance) to use instead of x's own (those of every rank's x together)."""
+    if moments is None:
+        mean = masked_mean(x, mask)
+        moments = (mean, masked_mean((x - mean) ** 2, mask))
+    mean, var = moments
+    return (x - mean) * (var + 1e-8) ** -0.5 * mask
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip=0.2):

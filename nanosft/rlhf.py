@@ -114,8 +114,11 @@ def advantages(run, x):
     if args.stage == "ppo":
         rewards = token_rewards(x["old"], x["ref"], x["score"], x["mask"], args.kl_coef, args.reward_clip)
         x["adv"], x["returns"] = gae(rewards, x["values"], x["mask"], args.gamma, args.lam)
-        if args.whiten:
-            x["adv"] = whiten(x["adv"], x["mask"])
+        if args.whiten:  # over every rank's reply tokens: the update does not depend on how the batch is split
+            adv, mask = x["adv"], x["mask"]
+            s, s2, n = all_sum([(adv * mask).sum().item(), (adv ** 2 * mask).sum().item(), mask.sum().item()], run.device)
+            mean = s / max(n, 1.0)
+            x["adv"] = whiten(adv, mask, (mean, max(s2 / max(n, 1.0) - mean ** 2, 0.0)))
     else:
         x["adv"] = group_advantages(x["score"], args.group)[:, None] * x["mask"]
 

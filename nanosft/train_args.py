@@ -191,7 +191,7 @@ def _rl_flags(p):
     g.add_argument("--gamma", type=float, default=1.0, help="GAE's discount")
     g.add_argument("--lam", type=float, default=0.95, help="GAE's lambda")
     g.add_argument("--whiten", action="store_true", help="--stage ppo: scale each rollout's advantages to mean 0, "
-                   "std 1 (over this rank's reply tokens)")
+                   "std 1 (over all ranks' reply tokens)")
     g.add_argument("--critic-lr", type=float, default=None, help="the critic's learning rate (default: --lr)")
     g.add_argument("--ema", type=float, default=0.0, help="keep an exponential moving average of the policy's "
                    "weights with this beta (DeepSpeed-Chat uses 0.992), saved as RUN/ema/ (0: none; nanosft/ema.py)")

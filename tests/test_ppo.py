@@ -105,3 +105,5 @@ def test_whitening_gives_the_reply_tokens_mean_0_and_std_1_and_leaves_padding_0(
     kept = adv[MASK.bool()]
     assert torch.allclose(w[MASK.bool()], (kept - kept.mean()) / kept.std(unbiased=False), atol=1e-5)
     assert (w[~MASK.bool()] == 0).all()
+    # several ranks: the moments of all their tokens together, given
+    assert torch.allclose(whiten(adv, MASK, (1.0, 4.0)), (adv - 1.0) / 2.0 * MASK, atol=1e-6)
