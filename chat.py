@@ -4,7 +4,9 @@ Talk to a trained run.
     python chat.py                                  # interactive, multi-turn, runs/latest
     python chat.py --prompt "Which is larger, 418 or 96?"        # one answer, then exit
     python chat.py --batch prompts.jsonl > replies.jsonl         # {"messages": [...]} per line in,
-                                                                 # {"reply": "..."} per line out, greedy
+                                                                 # {"reply": "..."} per line out
+    python chat.py --batch prompts.jsonl --temperature 0.8 --seed 1   # sampled: line i's reply depends
+                                                                 # on --seed and that line alone
 
 --ckpt takes a run directory (runs/<name>) or a Hugging Face directory (an export, or a
 Llama-family model with a tokenizer.model). Replies stream token by token through the KV cache
@@ -182,10 +184,14 @@ def main():
             records = load_jsonl(args.batch, check_prompt)
         except (ValueError, OSError) as e:
             sys.exit(f"error: {e}")
-        for rec in records:  # greedy, one JSON line per input line, in order
+        for i, rec in enumerate(records):  # one JSON line per input line, in order
             messages = fit_history(template, rec["messages"], model.cfg.max_seq_len, room_for_reply(model, args))
+            # each line its own generator, seeded by --seed and its line number: a line's sampled
+            # reply does not depend on the lines before it (greedy, at temperature 0, draws nothing)
+            line_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
             try:
-                out = {"reply": reply(model, template, messages, args.max_new_tokens)}
+                out = {"reply": reply(model, template, messages, args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, generator=line_gen)}
             except ValueError as e:  # even the last user turn alone is longer than the context
                 out = {"reply": "", "error": str(e)}
             print(json.dumps(out, ensure_ascii=False), flush=True)

@@ -1,4 +1,5 @@
-"""chat.py promises: --batch answers every input line, in order, exactly as evaluation does; bad
+"""chat.py promises: --batch answers every input line, in order, exactly as evaluation does (or
+sampled with the flags, each line reproducible from --seed and its line number); bad
 input of any kind (no trained run, a message longer than the context, impossible sampling flags,
 a malformed prompt file) gets a message, never a traceback; interactive chat keeps the history."""
 
@@ -19,6 +20,7 @@ from conftest import DIST_VARS, ROOT, run, run_chat
 from nanosft.checkpoint import load_model, save_model
 from nanosft.data import load_jsonl
 from nanosft.evaluate import check_eval_record, generation_metrics
+from nanosft.generate import reply
 from nanosft.model import ModelConfig, Transformer
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
@@ -35,6 +37,25 @@ def test_batch_answers_every_line_in_order_and_matches_evaluation(tiny_run):
     model, tok = load_model(out)
     _, replies = generation_metrics(model, ChatTemplate(tok), recs, max_new_tokens=32)
     assert lines == [{"reply": reply} for reply in replies]
+
+
+def test_batch_samples_with_the_flags_reproducibly_per_line(tiny_run):
+    data_dir, out = tiny_run
+    recs = load_jsonl(data_dir / "eval.jsonl", check_eval_record)[:6]
+    inp = data_dir / "sampled.jsonl"
+    inp.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in recs))
+    flags = ["--ckpt", str(out), "--max-new-tokens", "16", "--temperature", "1.5", "--top-k", "50"]
+    replies = {seed: [json.loads(line)["reply"] for line in run_chat(*flags, "--batch", str(inp), "--seed", seed).stdout.splitlines()]
+               for seed in ("1", "2")}
+    again = [json.loads(line)["reply"] for line in run_chat(*flags, "--batch", str(inp), "--seed", "1").stdout.splitlines()]
+    assert again == replies["1"] and len(again) == 6 and replies["2"] != replies["1"]
+    # line i drew from a generator seeded by --seed and i: generate()'s own sampling, called directly
+    model, tok = load_model(out)
+    template = ChatTemplate(tok)
+    for i, r in enumerate(recs):
+        g = torch.Generator().manual_seed(1 * 1_000_003 + i)
+        want = reply(model, template, r["messages"], 16, temperature=1.5, top_k=50, generator=g)
+        assert replies["1"][i] == want, i
 
 
 def test_without_a_trained_run_it_says_how_to_train_one(tmp_path):
