@@ -41,9 +41,10 @@ from nanosft.adapter import save_adapter
 from nanosft.cache import load_data
 from nanosft.checkpoint import describe_path, load_model, load_reward_model, point_latest, save_model, save_tokenizer
 from nanosft.data import Batches, IndexBatches, PairBatches
-from nanosft.distributed import (all_sum, current_loss_scale, deepspeed_config, full_state_dict, inference_config,
-                                 load_checkpoint, lr_factor, lr_schedule, make_optimizer, param_groups, print0,
-                                 rng_state, save_checkpoint, set_rng_state, setup_distributed, with_muon)
+from nanosft.distributed import (all_sum, checkpoint_tag, current_loss_scale, deepspeed_config, fp32_weights,
+                                 full_state_dict, inference_config, load_checkpoint, lr_factor, lr_schedule,
+                                 make_optimizer, param_groups, print0, rng_state, save_checkpoint, set_rng_state,
+                                 setup_distributed, with_muon)
 from nanosft.ema import EMA
 from nanosft.evaluate import brief, format_samples, generation_metrics, loss_and_ppl, pick_samples, table, validation_loss
 from nanosft.interrupt import StopRequest, save_and_exit
@@ -136,8 +137,7 @@ def train(run, start, evaluate):
                 save_checkpoint(run.critic, os.path.join(run.ckpt_dir, "critic"), step, client_state={},
                                 keep=args.keep_checkpoints)
             if run.ema and run.rank == 0:  # (beside the actor's, before `latest` names it)
-                os.makedirs(os.path.join(run.ckpt_dir, f"step{step:08d}"), exist_ok=True)
-                run.ema.save(os.path.join(run.ckpt_dir, f"step{step:08d}", "ema.safetensors"))
+                run.ema.save(os.path.join(run.ckpt_dir, checkpoint_tag(step), "ema.safetensors"))
             save_checkpoint(engine, run.ckpt_dir, step, keep=args.keep_checkpoints, client_state=dict(
                 step=step, batches=batches.state_dict(), tokens=tokens, supervised_tokens=sup_tokens, elapsed_s=elapsed,
                 before=run.before, before_replies=run.before_replies, world_size=run.world, rng=rng_state(),
@@ -200,11 +200,11 @@ def main(args):
                              "the data order depends on it; resume with the same launcher settings")
         run.batches.load_state_dict(start["batches"])
         if run.critic:  # (the critic's checkpoint of the same step: one saved later may exist, from a killed save)
-            load_checkpoint(run.critic, os.path.join(run.ckpt_dir, "critic"), tag=f"step{start['step']:08d}")
+            load_checkpoint(run.critic, os.path.join(run.ckpt_dir, "critic"), tag=checkpoint_tag(start["step"]))
         if run.sft_batches:
             run.sft_batches.load_state_dict(start["sft_batches"])
         if run.ema:
-            run.ema.load(os.path.join(run.ckpt_dir, f"step{start['step']:08d}", "ema.safetensors"))
+            run.ema.load(os.path.join(run.ckpt_dir, checkpoint_tag(start["step"]), "ema.safetensors"))
         set_rng_state(start["rng"])
         run.before, run.before_replies = start.get("before", {}), start.get("before_replies")  # (older ones lack them)
         trim_monitor(engine, run.dir, start["step"], ds_cfg["train_batch_size"])
@@ -226,9 +226,10 @@ def main(args):
     counted = train(run, start, evaluate)
     if run.stop.signum:
         save_and_exit(engine, run.dir, model.cfg, data.tok, counted["step"], run.stop.signum, world)
-    state, adapters = full_state_dict(engine)  # fp32, gathered from the shards: every rank takes part, rank 0 keeps it
+    weights = fp32_weights(engine)  # fp32, gathered from the shards once: every rank takes part, rank 0 keeps it
+    state, adapters = full_state_dict(engine, weights)
     after, after_replies = evaluate(run.total_steps, generation=True, state=state)  # the weights being saved
-    ema_state = full_state_dict(engine, replace=run.ema.shadow)[0] if run.ema else None  # (merged too)
+    ema_state = full_state_dict(engine, weights, replace=run.ema.shadow)[0] if run.ema else None  # (merged too)
     run.ema_after = evaluate(run.total_steps, generation=True, state=ema_state, log=False)[0] if run.ema else None
     if rank == 0:
         save_model(run.dir, state, model.cfg, data.tok)  # (with LoRA: merged)

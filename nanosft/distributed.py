@@ -251,12 +251,13 @@ def fp32_weights(engine, trained_only=False):
     return out
 
 
-def full_state_dict(engine, replace=None):
+def full_state_dict(engine, weights=None, replace=None):
     """-> ({name: fp32 tensor on CPU} of the whole model, the LoRA adapters alone) on rank 0 ({}, {}
     elsewhere; the adapters {} without LoRA): fp32_weights, with the adapters folded into their
-    matrices: the state is the merged model's. Every rank must call this. replace: {name: tensor} to
-    take instead of the trained weights (rank 0's; --ema's average)."""
-    state = dict(fp32_weights(engine))
+    matrices: the state is the merged model's. Every rank must call this, unless `weights` holds
+    fp32_weights' answer already (then nothing is gathered again). replace: {name: tensor} to take
+    instead of the trained weights (rank 0's; --ema's average)."""
+    state = dict(fp32_weights(engine) if weights is None else weights)
     state.update(replace or {})
     # tied: named_parameters lists the shared matrix once (a reward model, "model.*" and "score.weight", has no head)
     if "embed_tokens.weight" in state and "lm_head.weight" not in state:
@@ -264,12 +265,17 @@ def full_state_dict(engine, replace=None):
     return split_merged(state, engine.module) if state else ({}, {})
 
 
+def checkpoint_tag(step):
+    """The directory, under a run's checkpoints/, of the checkpoint of this step."""
+    return f"step{step:08d}"
+
+
 def save_checkpoint(engine, ckpt_dir, step, client_state, keep=2):
     """A DeepSpeed checkpoint (module, optimizer with its ZeRO shards, LR schedule, loss scaler,
     client_state) in ckpt_dir/step00000123/. `latest` names it only once every rank has written
     its part, and is replaced atomically: a run killed at any moment leaves a `latest` that names
     a complete checkpoint. The `keep` most recent checkpoints are kept."""
-    tag = f"step{step:08d}"
+    tag = checkpoint_tag(step)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     torch.distributed.barrier()
     if is_rank0():

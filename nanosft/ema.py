@@ -13,6 +13,8 @@ The average is of the fp32 master weights (distributed.fp32_weights: the optimiz
 bf16/fp16, gathered from the ZeRO shards by every rank); rank 0 alone keeps it.
 """
 
+import os
+
 import torch
 
 from nanosft.distributed import fp32_weights, is_rank0
@@ -29,8 +31,9 @@ class EMA:
         for name, w in fp32_weights(engine, trained_only=True):
             self.shadow[name].mul_(self.beta).add_(w, alpha=1 - self.beta)
 
-    def save(self, path):
+    def save(self, path):  # (into a checkpoint's directory, made here before DeepSpeed writes its part)
         if self.shadow:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             save_file(self.shadow, path)
 
     def load(self, path):
