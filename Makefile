@@ -13,7 +13,7 @@ LAUNCH := $(if $(NGPUS),.venv/bin/deepspeed --num_gpus $(NGPUS),$(if $(NPROC),CU
 
 VARIANTS ?=
 
-.PHONY: install train chat plot evaluate compare test test-all data clean gpu-check lora-demo align align-sft reward dpo ppo grpo rl
+.PHONY: serve browser install train chat plot evaluate compare test test-all data clean gpu-check lora-demo align align-sft reward dpo ppo grpo rl
 
 install: .venv/.installed
 
@@ -30,6 +30,13 @@ install: .venv/.installed
 	$(PY) -m pip install -r requirements-test.txt
 	touch $@
 
+# the web page's test runs in Debian's Chromium: installed here when missing and we may (root, apt)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ; } || \
+	  echo "note: no Chromium; tests/test_serve.py's page test needs it (apt-get install chromium)"
+
 data/train.jsonl: data/generate.py
 	$(PY) data/generate.py
 
@@ -44,6 +51,11 @@ train: install data
 
 chat: install
 	$(PY) chat.py --ckpt $(RUN)
+
+# make serve [RUN=runs/NAME] [ARGS="--port 8080 --api-key KEY"]: an OpenAI-compatible server and a chat
+# page at http://127.0.0.1:8000/ (nanosft/serve.py)
+serve: install
+	$(PY) -m nanosft.serve --ckpt $(RUN) $(ARGS)
 
 # make plot RUN=runs/NAME: redraw runs/NAME/loss.png from the run's monitor CSVs
 plot: install
@@ -115,10 +127,10 @@ gpu-check:
 	$(GPU_PY) bench/gpu_check.py $(ARGS)
 
 # make test: the suite without the tests marked slow (multi-process and end-to-end runs); make test-all: all
-test: install .venv/.test-installed
+test: install .venv/.test-installed browser
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-test-all: install .venv/.test-installed
+test-all: install .venv/.test-installed browser
 	$(PY) -m pytest $(ARGS)
 
 clean:

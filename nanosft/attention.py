@@ -250,7 +250,8 @@ ATTEND = {"manual": attend_manual, "sdpa": attend_sdpa}
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated up to max_len.
-    The model appends to it layer by layer, then advances `len` once per forward."""
+    All rows hold the same number of tokens. The model asks it where the new tokens sit (positions)
+    and what they may see (mask), appends to it layer by layer, then advances `len` once per forward."""
 
     def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype, device):
         shape = (batch, n_kv_head, max_len, head_dim)  # one tensor per layer: a list lookup is
@@ -258,7 +259,15 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.len = 0  # tokens already cached
-        self.max_len = max_len
+        self.max_len, self.device = max_len, device
+
+    def positions(self, T):
+        """-> (1, T) the positions of T new tokens: right after the cached ones."""
+        return torch.arange(self.len, self.len + T, device=self.device)[None]
+
+    def mask(self, T, doc=None, window=0, slopes=None):
+        """What T new tokens may see of the cached ones and of each other (attention_mask)."""
+        return attention_mask(T, self.len + T, self.device, doc, window, slopes)
 
     def update(self, layer, k, v):
         """Store k, v (B, n_kv_head, T, hd) after the cached tokens; return all keys and values so far."""
@@ -269,6 +278,66 @@ class KVCache:
         K[:, :, t0:t1] = k
         V[:, :, t0:t1] = v
         return K[:, :, :t1], V[:, :, :t1]  # (B, n_kv_head, t1, hd)
+
+    def advance(self, T):
+        self.len += T
+
+
+class SlotCache:
+    """The KV cache of a server that decodes many conversations at once (engine.py's continuous
+    batching): `slots` rows, each holding one conversation of its own length. A forward runs on the
+    rows that use(rows) names, in that order: one conversation's prompt (prefill), or one new token
+    for each of several conversations (a decode step). Each row's new tokens sit at that row's own
+    positions, and see only its own keys: those past a row's length (stale keys of an earlier
+    conversation, or nothing yet) are hidden by the causal mask, since they lie after the query."""
+
+    def __init__(self, n_layer, slots, n_kv_head, max_len, head_dim, dtype, device):
+        shape = (slots, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.lens = [0] * slots  # tokens held by each slot
+        self.max_len, self.device = max_len, device
+
+    def use(self, rows):
+        """The slots the next forward runs on: its batch row i is slot rows[i]."""
+        self.rows = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B,)
+        self.start = torch.tensor([self.lens[r] for r in rows], dtype=torch.long, device=self.device)  # (B,)
+        self.longest = max(self.lens[r] for r in rows)
+
+    def positions(self, T):
+        """-> (B, T) each row's new tokens, after its own cached ones (kept for update())."""
+        self.pos = self.start[:, None] + torch.arange(T, device=self.device)  # (B, T)
+        return self.pos
+
+    def mask(self, T, doc=None, window=0, slopes=None):
+        """-> bool (B, 1, T, S), or with ALiBi's slopes float (B, H, T, S): query i of a row sees
+        that row's keys at positions <= its own (and within the window), S = longest row + T."""
+        assert doc is None, "a slot holds one conversation"
+        q = self.pos[:, None, :, None]  # (B, 1, T, 1)
+        k = torch.arange(self.longest + T, device=self.device)  # (S,)
+        mask = k <= q  # (B, 1, T, S)
+        if window:
+            mask &= q - k < window
+        if slopes is None:
+            return mask
+        bias = -slopes.to(self.device, torch.float32)[:, None, None] * (q - k).float()  # (B, H, T, S)
+        return torch.where(mask, bias, float("-inf"))
+
+    def update(self, layer, k, v):
+        """Store k, v (B, n_kv_head, T, hd) at each row's positions; -> the rows' keys and values
+        (B, n_kv_head, S, hd), S = longest row + T (shorter rows padded with keys their mask hides)."""
+        S = self.longest + k.size(2)
+        if S > self.max_len:
+            raise ValueError(f"KV cache full: {S} tokens > max_len {self.max_len}")
+        K, V = self.k[layer], self.v[layer]
+        rows = self.rows[:, None]  # (B, 1) against pos (B, T): the (B, T) cells to write
+        K[rows, :, self.pos] = k.transpose(1, 2)  # (B, T, n_kv_head, hd)
+        V[rows, :, self.pos] = v.transpose(1, 2)
+        return K[self.rows, :, :S], V[self.rows, :, :S]
+
+    def advance(self, T):
+        for r in self.rows.tolist():
+            self.lens[r] += T
 
 
 NOTICED = set()  # fallbacks already announced: one line per process, not one per layer

@@ -11,7 +11,8 @@ Inputs besides the token ids:
   pos   (B, T) position of each token within its conversation (default 0..T-1)
   doc   (B, T) index of each token's conversation within a packed row; attention never crosses
         conversations (the block-causal "document mask"). None: one sequence per row.
-  cache a KVCache: the tokens continue the cached ones (generation).
+  cache a KVCache: the tokens continue the cached ones (generation); or a SlotCache, whose rows
+        each continue their own conversation (a server's continuous batching, engine.py).
 """
 
 import math
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from nanosft.attention import ATTEND, BlockwiseMask, KVCache, alibi_slopes, attention_mask
+from nanosft.attention import ATTEND, BlockwiseMask, KVCache, SlotCache, alibi_slopes
 from nanosft.block import Block
 from nanosft.embedding import Rotary, TokenEmbedding
 from nanosft.fused_loss import linear_masked_nll
@@ -151,10 +152,11 @@ class Transformer(nn.Module):
         n = self.embed_tokens.weight.size(0)
         self.embed_tokens.num_embeddings = self.lm_head.out_features = self.cfg.vocab_size = n
 
-    def new_cache(self, batch=1, max_len=None):
+    def new_cache(self, batch=1, max_len=None, slots=False):
+        """A KVCache of `batch` rows, or with slots=True a SlotCache of `batch` slots."""
         p = self.embed_tokens.weight
-        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len or self.cfg.max_seq_len,
-                       self.cfg.head_dim, p.dtype, p.device)
+        return (SlotCache if slots else KVCache)(self.cfg.n_layer, batch, self.cfg.n_kv_head,
+                                                 max_len or self.cfg.max_seq_len, self.cfg.head_dim, p.dtype, p.device)
 
     def forward(self, idx, pos=None, doc=None, cache=None, targets=None, loss_mask=None):
         """-> logits (B, T, vocab_size); with targets (B, T): (sum of NLL over the supervised tokens,
@@ -174,18 +176,17 @@ class Transformer(nn.Module):
         """The last block's output after the final norm, (B, T, C): what the LM head reads (and a
         reward model's scalar head, reward.py)."""
         B, T = idx.shape
-        start = cache.len if cache is not None else 0
-        if pos is None:
-            pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if pos is None:  # after the cached tokens (each row's own, in a SlotCache), else from 0
+            pos = (cache.positions(T) if cache is not None else torch.arange(T, device=idx.device)).expand(B, T)
         # ALiBi's slopes, made here in fp32 rather than kept in a buffer that bf16 training would round
         slopes = alibi_slopes(self.cfg.n_head) if self.cfg.pos_emb == "alibi" else None  # (H,)
         # what each query may see (conversation, window, ALiBi): without a cache a BlockwiseMask,
-        # which builds it for a block of queries at a time; with one the dense (B or 1, 1 or H, T,
-        # start + T) mask (None for plain causal attention)
+        # which builds it for a block of queries at a time; with one the cache's dense (B or 1,
+        # 1 or H, T, cached + T) mask (None for plain causal attention with a KVCache)
         if cache is None:
             mask = BlockwiseMask(T, idx.device, doc, self.cfg.window, slopes)
         else:
-            mask = attention_mask(T, start + T, idx.device, doc, self.cfg.window, slopes)
+            mask = cache.mask(T, doc, self.cfg.window, slopes)
         x = self.embed_tokens(idx)  # (B, T, C)
         cos, sin = self.rotary(pos, x.dtype) if self.rotary is not None else (None, None)  # (B, 1, T, hd) each
         for i, block in enumerate(self.layers):
@@ -194,5 +195,5 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, mask, cache, layer=i)  # (B, T, C)
         if cache is not None:
-            cache.len += T
+            cache.advance(T)
         return self.norm(x)  # (B, T, C)

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
 from generate import generate, write_jsonl  # noqa: E402  (data/generate.py)
 
+from nanosft.checkpoint import save_model  # noqa: E402
 from nanosft.data import epoch_rows, load_jsonl, render_conversations  # noqa: E402
 from nanosft.model import ModelConfig, Transformer  # noqa: E402
 from nanosft.template import ChatTemplate  # noqa: E402
@@ -84,6 +85,26 @@ def tiny_run(tiny_data):
                   "--dtype", "fp32", *TINY)
     assert r.returncode == 0, r.stdout + r.stderr
     return tiny_data, out
+
+
+@pytest.fixture(scope="session")
+def babbler(tiny_run, tmp_path_factory):
+    """A run directory with an untrained model whose LM head is untied and random: its replies are
+    long runs of arbitrary tokens (byte tokens among them), what streaming and sampling tests need."""
+    tok = Tokenizer.load(tiny_run[1] / "tokenizer.model")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=4, n_kv_head=2,
+                                    max_seq_len=128, tie_embeddings=False))
+    # At init the residual stream is mostly the current token's embedding, so greedy replies barely
+    # depend on earlier turns; 4x larger block weights make what came before change the reply, which
+    # the tests of /reset and /system need in order to tell a conversation from a fresh one.
+    with torch.no_grad():
+        for p in model.layers.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    d = tmp_path_factory.mktemp("babbler")
+    save_model(d, model.state_dict(), model.cfg, tok)
+    return d
 
 
 # Hugging Face Llama models for the loader tests: name -> LlamaConfig overrides

@@ -17,13 +17,11 @@ import pytest
 import torch
 from conftest import DIST_VARS, ROOT, run, run_chat
 
-from nanosft.checkpoint import load_model, save_model
+from nanosft.checkpoint import load_model
 from nanosft.data import load_jsonl
 from nanosft.evaluate import check_eval_record, generation_metrics
 from nanosft.generate import reply
-from nanosft.model import ModelConfig, Transformer
 from nanosft.template import ChatTemplate
-from nanosft.tokenizer import Tokenizer
 
 
 def test_batch_answers_every_line_in_order_and_matches_evaluation(tiny_run):
@@ -103,26 +101,6 @@ def test_interactive_session_reads_a_pipe_and_resets(tiny_run):
 
 # -----------------------------------------------------------------------------
 # streaming, sampling and the terminal
-
-@pytest.fixture(scope="module")
-def babbler(tiny_run, tmp_path_factory):
-    """A run directory with an untrained model whose LM head is untied and random: its replies are
-    long runs of arbitrary tokens (byte tokens among them), what streaming and sampling tests need."""
-    tok = Tokenizer.load(tiny_run[1] / "tokenizer.model")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=4, n_kv_head=2,
-                                    max_seq_len=128, tie_embeddings=False))
-    # At init the residual stream is mostly the current token's embedding, so greedy replies barely
-    # depend on earlier turns; 4x larger block weights make what came before change the reply, which
-    # the tests of /reset and /system need in order to tell a conversation from a fresh one.
-    with torch.no_grad():
-        for p in model.layers.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    d = tmp_path_factory.mktemp("babbler")
-    save_model(d, model.state_dict(), model.cfg, tok)
-    return d
-
 
 def test_replies_stream_token_by_token_printing_only_whole_characters(tiny_run, monkeypatch):
     import chat

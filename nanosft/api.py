@@ -1,0 +1,196 @@
+"""
+The OpenAI chat-completions API, as serve.py speaks it: a request body checked field by field into
+the settings of one completion, and the JSON of the replies (whole, or as streamed chunks).
+
+    params = parse_chat_request(body, model_id, max_tokens_cap)     raises ApiError (-> HTTP 4xx)
+    completion(...), chunk(...)                                     the response objects
+    TextStream(tok, stop)                                           token ids -> text to send
+
+Every field is checked here and nowhere else; a bad request gets an OpenAI-style error object,
+{"error": {"message", "type", "param", "code"}}, naming the field and why. Fields this server does
+not know are ignored, as OpenAI's own server ignores unknown ones; the ones it knows but cannot do
+(n > 1, logprobs, tools) are refused rather than silently dropped.
+"""
+
+import json
+import time
+import uuid
+
+from nanosft.data import check_prompt
+
+STOP_STRINGS = 4  # OpenAI's limit on `stop`
+
+
+class ApiError(Exception):
+    """-> an HTTP status and OpenAI's error object."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def read_json_body(body):
+    """bytes -> the JSON object they hold, or ApiError saying what is wrong with them."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start})", code="invalid_utf8") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                       code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(value).__name__}", code="invalid_json")
+    return value
+
+
+def text_of(content, i):
+    """A message's content: a string, or OpenAI's list of parts of which only text ones are read."""
+    if not isinstance(content, list):
+        return content  # (check_prompt says what is wrong with anything but a string)
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"messages[{i}].content[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
+                           "are supported", param=f"messages[{i}].content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def messages_of(req):
+    """The conversation, as data.py's check_prompt accepts it: OpenAI's "developer" role is the system
+    message, content parts are joined into text."""
+    msgs = req.get("messages")
+    if isinstance(msgs, list):
+        msgs = [{"role": "system" if m.get("role") == "developer" else m.get("role"),
+                 "content": text_of(m.get("content"), i)} if isinstance(m, dict) else m for i, m in enumerate(msgs)]
+    reason = check_prompt({"messages": msgs})
+    if reason:
+        raise ApiError(400, reason, param="messages")
+    return msgs
+
+
+def number(req, name, default, low, high, integer=False, low_open=False):
+    """req[name] (absent or null: default) checked to be a number in [low, high] ((low, high] with low_open)."""
+    value = req.get(name)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'}, not {json.dumps(value)[:40]}",
+                       param=name)
+    if value < low or value > high or (low_open and value == low):
+        raise ApiError(400, f"{name} {value} is out of range: it must be {'>' if low_open else '>='} {low} and <= {high}",
+                       param=name)
+    return value
+
+
+def flag(req, name):
+    value = req.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"{name} must be true or false", param=name)
+    return bool(value)
+
+
+def stop_strings(req):
+    stop = req.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > STOP_STRINGS:
+        raise ApiError(400, f"stop must be a non-empty string or a list of at most {STOP_STRINGS} of them", param="stop")
+    return stop
+
+
+def parse_chat_request(body, model_id, max_tokens_cap):
+    """The body of POST /v1/chat/completions -> dict(messages, max_tokens, temperature, top_p, top_k,
+    seed, stop, stream, include_usage). max_tokens_cap: the most a request may ask for."""
+    req = read_json_body(body)
+    model = req.get("model")
+    if model is not None and model != model_id:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_id!r}",
+                       param="model", code="model_not_found")
+    if number(req, "n", 1, 1, 1_000_000, integer=True) != 1:
+        raise ApiError(400, "n > 1 is not supported: ask once per reply (seed gives each its own sample)", param="n")
+    for name in ("logprobs", "tools", "functions", "response_format"):
+        if req.get(name) not in (None, False):
+            raise ApiError(400, f"{name} is not supported by this server", param=name)
+    if req.get("max_tokens") is not None and req.get("max_completion_tokens") is not None:
+        raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
+    name = "max_completion_tokens" if req.get("max_completion_tokens") is not None else "max_tokens"
+    stream = flag(req, "stream")
+    options = req.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict)):
+        raise ApiError(400, "stream_options is an object, and only allowed with stream: true", param="stream_options")
+    return dict(messages=messages_of(req),
+                max_tokens=number(req, name, max_tokens_cap, 1, max_tokens_cap, integer=True),
+                temperature=number(req, "temperature", 1.0, 0, 2),
+                top_p=number(req, "top_p", 1.0, 0, 1, low_open=True),
+                top_k=number(req, "top_k", None, 1, 1 << 31, integer=True),
+                seed=number(req, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
+                stop=stop_strings(req), stream=stream,
+                include_usage=flag(options or {}, "include_usage"))
+
+
+class TextStream:
+    """Token ids in, text out, as soon as it is safe to send: a character split over several byte
+    tokens waits for its last byte, and text that may be the start of a stop string waits until it
+    is clear that it is not. `done` once a stop string appeared (the text sent ends before it)."""
+
+    def __init__(self, tok, stop=()):
+        self.tok, self.stop = tok, list(stop)
+        self.ids, self.sent, self.done = [], 0, False
+
+    def push(self, token):
+        """-> the text that can be sent now ('' if none)."""
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete character
+            return ""
+        hits = [i for i in (text.find(s, max(self.sent - len(s), 0)) for s in self.stop) if i >= 0]
+        if hits:
+            self.done = True
+            return self.take(text, min(hits))
+        held = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        return self.take(text, len(text) - held)
+
+    def flush(self):
+        """The end of the reply: whatever was held back for a stop string that never came."""
+        return "" if self.done else self.take(self.tok.decode(self.ids), None)
+
+    def take(self, text, end):
+        piece = text[self.sent:end]
+        self.sent += len(piece)
+        return piece
+
+
+def new_id():
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens, completion_tokens):
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(cid, model_id, text, finish_reason, used):
+    """The whole reply (stream: false)."""
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": used}
+
+
+def chunk(cid, model_id, delta=None, finish_reason=None, used=None):
+    """One server-sent event's object (stream: true): a piece of the reply, its end, or (with
+    stream_options.include_usage) the usage, which comes last with no choices."""
+    choices = [] if used else [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
+    out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_id,
+           "choices": choices}
+    if used:
+        out["usage"] = used
+    return out

@@ -1,0 +1,153 @@
+"""
+Continuous batching: many conversations decoded together, one forward pass per step for all of
+them, each conversation joining and leaving between steps. What serve.py runs its model with.
+
+Why batch at all: decoding one token of one conversation reads every weight of the model for a
+handful of multiply-adds per weight; with 16 conversations in the same forward the weights are read
+once for 16 tokens. On a CPU, and far more on a GPU, a step of 16 rows costs little more than a
+step of one, so 16 concurrent streams get several times the tokens per second of one.
+
+Why continuous: a static batch (generate.py's greedy_batch) starts its rows together and runs until
+the longest is done; rows that finished early ride along as waste, and a request that arrives
+meanwhile waits for the whole batch. Here the batch is re-formed at every step:
+
+    loop:
+        admit   while a slot is free and a request waits: prefill its prompt into that slot
+                (one forward of the prompt alone), pick its first token
+        decode  one forward of (B, 1): each active slot's last token, at its own position
+                (SlotCache: per-slot lengths, each row's mask hides other positions)
+        pick    each row's next token with its own settings (greedy, temperature, top-k/top-p,
+                its own seeded generator); a row that hits an end token or its limit leaves,
+                and its slot is free for the next request at the next step
+        cancel  a request whose client went away leaves at the next step too
+
+Each slot is one row of a SlotCache (attention.py): preallocated keys and values for max_len
+tokens, so nothing is allocated per request and a finished slot is reused by setting its length to
+0. A greedy reply is the same whichever other conversations share its steps: every row attends only
+to its own keys.
+
+The engine runs in one thread that owns the model; requests come from the server's threads through
+a queue and receive their tokens through a queue of their own (Request.events).
+"""
+
+import queue
+import threading
+from collections import deque
+
+import torch
+
+from nanosft.generate import sample_next
+
+
+class Request:
+    """One completion: a prompt (token ids) and how to continue it. The engine puts ("token", id)
+    on `events` for each new token, then ("done", "stop" | "length"), or ("error", message)."""
+
+    def __init__(self, prompt, max_tokens, temperature=0.0, top_k=None, top_p=None, seed=None):
+        self.prompt, self.max_tokens = list(prompt), max_tokens
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()  # a fresh random seed
+        else:
+            self.generator.manual_seed(seed)
+        self.events = queue.Queue()
+        self.tokens = []  # generated so far
+        self.cancelled = False  # set by the client's thread: leave at the next step
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Engine:
+    """`slots` conversations decoded at a time, each up to max_len tokens (prompt and reply)."""
+
+    def __init__(self, model, slots=16, max_len=None, stop_ids=(), vocab_size=None):
+        self.model, self.stop_ids, self.vocab_size = model, set(stop_ids), vocab_size
+        self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.cache = model.new_cache(slots, self.max_len, slots=True)
+        self.free = list(range(slots))[::-1]  # free slots, popped from the end: slot 0 first
+        self.active = {}  # slot -> Request
+        self.waiting = deque()
+        self.wake = threading.Condition()
+        self.steps = 0  # decode steps run (for tests and /health)
+        self.thread = None
+
+    # ---- the server's side (any thread)
+
+    def submit(self, request):
+        if len(request.prompt) >= self.max_len:  # (the server checks first; this guards the cache)
+            raise ValueError(f"prompt of {len(request.prompt)} tokens leaves no room in the context of {self.max_len}")
+        with self.wake:
+            self.waiting.append(request)
+            self.wake.notify()
+
+    def load(self):
+        """-> (active, waiting, free slots): what /health reports."""
+        with self.wake:
+            return len(self.active), len(self.waiting), len(self.free)
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
+        self.thread.start()
+        return self
+
+    # ---- the engine's thread
+
+    def run(self):
+        while True:
+            with self.wake:
+                while not self.active and not self.waiting:
+                    self.wake.wait()
+            try:
+                self.step()
+            except Exception as e:  # a bug or an out-of-memory must not leave clients waiting forever
+                for slot in list(self.active):
+                    self.leave(slot, ("error", f"{type(e).__name__}: {e}"))
+
+    @torch.inference_mode()
+    def step(self):
+        """Admit waiting requests into free slots (prefill), then one decode step for all."""
+        while self.free:
+            with self.wake:
+                if not self.waiting:
+                    break
+                request = self.waiting.popleft()
+            if request.cancelled:
+                request.events.put(("done", "cancelled"))
+                continue
+            slot = self.free.pop()
+            self.active[slot] = request
+            self.cache.lens[slot] = 0  # the slot's old keys are now past its length: hidden
+            self.cache.use([slot])
+            ids = torch.tensor([request.prompt], device=self.model.embed_tokens.weight.device)  # (1, T)
+            self.emit(slot, self.model(ids, cache=self.cache)[:, -1, :self.vocab_size])  # its first token
+        for slot, request in list(self.active.items()):
+            if request.cancelled:
+                self.leave(slot, ("done", "cancelled"))
+        rows = list(self.active)  # each feeds its last token (a fresh one: the token its prefill picked)
+        if not rows:
+            return
+        self.cache.use(rows)
+        last = torch.tensor([[self.active[s].tokens[-1]] for s in rows], device=self.cache.device)  # (B, 1)
+        logits = self.model(last, cache=self.cache)[:, -1, :self.vocab_size]  # (B, V)
+        self.steps += 1
+        for i, slot in enumerate(rows):
+            self.emit(slot, logits[i:i + 1])
+
+    def emit(self, slot, logits):
+        """logits (1, V) of `slot`'s next token: pick it, hand it to the client, or end the reply."""
+        request = self.active[slot]
+        t = sample_next(logits[0], request.temperature, request.top_k, request.top_p, request.generator)
+        if t in self.stop_ids:
+            return self.leave(slot, ("done", "stop"))
+        request.tokens.append(t)
+        request.events.put(("token", t))
+        room = self.max_len - len(request.prompt) - len(request.tokens)  # positions left for more
+        if len(request.tokens) >= request.max_tokens or room <= 0:
+            self.leave(slot, ("done", "length"))
+
+    def leave(self, slot, event):
+        request = self.active.pop(slot)
+        request.events.put(event)
+        self.free.append(slot)

@@ -1,0 +1,280 @@
+"""
+An OpenAI-compatible HTTP server for a trained model, with a web chat page.
+
+    python -m nanosft.serve --ckpt runs/latest            (make serve)   then open http://127.0.0.1:8000/
+
+    POST /v1/chat/completions   OpenAI's chat completions, streamed (server-sent events) or whole
+    GET  /v1/models             the one model served
+    GET  /health                {"status": "ok", "active", "waiting", "free_slots"}
+    GET  /                      the chat page (chat.html beside this file: plain HTML and JS)
+
+Any OpenAI client talks to it:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
+Requests are decoded together by engine.py (continuous batching: one forward per step for all
+active conversations); api.py checks each request and writes the replies' JSON. This file is the
+HTTP around them, on Python's standard library: one thread per connection, which waits on its
+request's queue of tokens while the engine's thread does the work. The server needs nothing that a
+framework would add (routing is four paths; streaming is writing lines), so it adds no dependency.
+
+Safe by default: it listens on 127.0.0.1 only (--host 0.0.0.0 to open it, better with --api-key);
+bodies over --max-body bytes are refused unread, max_tokens is capped, a prompt must fit the
+context; a client that goes away mid-reply frees its slot at the next step.
+"""
+
+import argparse
+import hmac
+import json
+import os
+import queue
+import select
+import socket
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from nanosft.api import ApiError, TextStream, chunk, completion, new_id, parse_chat_request, usage
+from nanosft.checkpoint import describe_path, load_model
+from nanosft.engine import Engine, Request
+from nanosft.template import ChatTemplate
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server and what its handlers share: the engine, the template, the limits."""
+    daemon_threads = True  # a connection's thread does not keep the process alive
+
+    def __init__(self, model, tok, host="127.0.0.1", port=8000, slots=16, model_id="nanosft", api_key=None,
+                 max_tokens=1024, max_body=1 << 20, quiet=False):
+        self.template = ChatTemplate(tok)
+        self.engine = Engine(model, slots, stop_ids=self.template.stop_ids, vocab_size=tok.vocab_size).start()
+        self.model_id, self.api_key, self.quiet = model_id, api_key, quiet
+        self.max_tokens = max(1, min(max_tokens, self.engine.max_len - 1))
+        self.max_body = max_body
+        with open(PAGE, encoding="utf-8") as f:
+            self.page = f.read().encode("utf-8")
+        super().__init__((host, port), Handler)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the reply was done."""
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive between whole replies; a stream ends its connection
+    server_version = "nanosft"
+
+    # ---- routing
+
+    def do_GET(self):
+        self.route({"/": self.page, "/health": self.health, "/v1/models": self.models})
+
+    def do_POST(self):
+        self.route({"/v1/chat/completions": self.chat_completions})
+
+    def do_PUT(self):
+        self.route({})
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def route(self, handlers):
+        path = self.path.split("?", 1)[0]
+        try:
+            if path not in handlers:
+                known = path in ("/", "/health", "/v1/models", "/v1/chat/completions")
+                raise ApiError(405 if known else 404, f"{self.command} {path} is not supported" if known
+                               else f"no such endpoint: {path}", code="method_not_allowed" if known else "not_found")
+            if path.startswith("/v1/"):
+                self.check_key()
+            handlers[path]()
+        except ApiError as e:
+            self.send_json(e.status, e.body(), close=e.status in (411, 413))
+        except ClientGone:
+            self.close_connection = True
+
+    def check_key(self):
+        if not self.server.api_key:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.server.api_key}".encode()):
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+    # ---- the endpoints
+
+    def page(self):
+        self.send(200, self.server.page, "text/html; charset=utf-8")
+
+    def health(self):
+        active, waiting, free = self.server.engine.load()
+        self.send_json(200, {"status": "ok", "active": active, "waiting": waiting, "free_slots": free,
+                             "steps": self.server.engine.steps})
+
+    def models(self):
+        self.send_json(200, {"object": "list", "data": [{"id": self.server.model_id, "object": "model",
+                                                         "created": 0, "owned_by": "nanosft"}]})
+
+    def chat_completions(self):
+        s = self.server
+        params = parse_chat_request(self.read_body(), s.model_id, s.max_tokens)
+        prompt = s.template.render_prompt(params["messages"])
+        room = s.engine.max_len - len(prompt)
+        if room < 1:
+            raise ApiError(400, f"the conversation is {len(prompt)} tokens; this model's context is {s.engine.max_len} "
+                           "and the reply needs at least one more", param="messages", code="context_length_exceeded")
+        request = Request(prompt, min(params["max_tokens"], room), params["temperature"], params["top_k"],
+                          params["top_p"], params["seed"])
+        s.engine.submit(request)
+        try:
+            (self.stream if params["stream"] else self.whole)(request, TextStream(s.template.tok, params["stop"]), params)
+        finally:
+            request.cancel()  # (a no-op once the engine is done with it)
+
+    def replies(self, request, text):
+        """-> pieces of text as they become sendable; finally a ("finish", reason) tuple."""
+        while True:
+            try:
+                kind, value = request.events.get(timeout=1.0)
+            except queue.Empty:  # a second without a token: is the client still there?
+                if self.client_gone():
+                    raise ClientGone() from None
+                continue
+            if kind == "error":
+                raise ApiError(500, f"the model failed: {value}", kind="server_error")
+            if kind == "done":
+                yield text.flush()
+                yield ("finish", value)
+                return
+            yield text.push(value)
+            if text.done:  # a stop string: the rest of the reply is not wanted
+                yield ("finish", "stop")
+                return
+
+    def whole(self, request, text, params):
+        pieces = list(self.replies(request, text))
+        reply, reason = "".join(pieces[:-1]), pieces[-1][1]
+        self.send_json(200, completion(new_id(), self.server.model_id, reply, reason,
+                                       usage(len(request.prompt), len(request.tokens))))
+
+    def stream(self, request, text, params):
+        cid, model_id = new_id(), self.server.model_id
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the end of the stream is the end of the connection
+        self.end_headers()
+        self.close_connection = True
+        try:
+            self.event(chunk(cid, model_id, {"role": "assistant", "content": ""}))
+            for piece in self.replies(request, text):
+                if isinstance(piece, tuple):
+                    self.event(chunk(cid, model_id, finish_reason=piece[1]))
+                elif piece:
+                    self.event(chunk(cid, model_id, {"content": piece}))
+            if params["include_usage"]:
+                self.event(chunk(cid, model_id, used=usage(len(request.prompt), len(request.tokens))))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            raise ClientGone() from None
+        except ApiError as e:  # after the headers: the error goes in the stream
+            self.event(e.body())
+
+    # ---- reading and writing
+
+    def read_body(self):
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
+            raise ApiError(411, "a Content-Length header is required", code="length_required")
+        if not length.isdigit():
+            raise ApiError(400, f"Content-Length {length[:20]!r} is not a number", code="bad_content_length")
+        if int(length) > self.server.max_body:
+            raise ApiError(413, f"the request body is {int(length)} bytes; this server takes at most {self.server.max_body}",
+                           code="body_too_large")
+        return self.rfile.read(int(length))
+
+    def client_gone(self):
+        """True when the client closed its side: the socket reads as ready, with nothing to read."""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def event(self, obj):
+        self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n")
+        self.wfile.flush()
+
+    def send_json(self, status, obj, close=False):
+        self.send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json", close)
+
+    def send(self, status, body, content_type, close=False):
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            if close:  # (a body we did not read would be taken for the next request)
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.close_connection = True
+
+    def log_message(self, fmt, *args):
+        if not self.server.quiet:
+            sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.address_string()} {fmt % args}\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanosft.serve", description="serve a model over OpenAI's chat API")
+    p.add_argument("--ckpt", default="runs/latest", help="run directory or Hugging Face directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("NANOSFT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $NANOSFT_API_KEY, else none)")
+    p.add_argument("--slots", type=int, default=16, help="conversations decoded at once (others wait their turn)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens a request may ask for")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
+    p.add_argument("--model-name", default=None, help="the model's id in the API (default: the run's folder name)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no line per request")
+    args = p.parse_args(argv)
+    for name in ("slots", "max_tokens", "max_body"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.port < 65536 or args.threads < 0:
+        p.error("--port must be in 0..65535 and --threads not negative")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        model, tok = load_model(args.ckpt)
+    except FileNotFoundError as e:
+        sys.exit(f"No trained model at {args.ckpt} ({e}). Train one first: make train")
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_id = args.model_name or os.path.basename(os.path.realpath(args.ckpt))
+    try:
+        server = Server(model, tok, args.host, args.port, args.slots, model_id, args.api_key, args.max_tokens,
+                        args.max_body, args.quiet)
+    except OSError as e:  # port in use, address not on this machine, ...
+        sys.exit(f"error: cannot listen on {args.host}:{args.port}: {e}")
+    host, port = server.server_address[:2]
+    print(f"serving {describe_path(args.ckpt)} as {model_id!r} at http://{host}:{port}/ "
+          f"({args.slots} slots{', API key required' if args.api_key else ''}); Ctrl-C stops", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print("warning: listening beyond this machine without --api-key: anyone who reaches it can use it",
+              file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+
+
+if __name__ == "__main__":
+    main()

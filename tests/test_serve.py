@@ -1,0 +1,316 @@
+"""nanosft.serve promises: it speaks OpenAI's chat API as the official `openai` client expects it
+(whole and streamed replies, usage, models), its greedy replies are chat.py's, replies decoded in one
+batch with other conversations are the replies each would get alone (no cross-talk between slots),
+a client that leaves mid-stream frees its slot, bad requests get 4xx errors in OpenAI's shape while
+the server goes on serving, and the web page at / chats in a real browser."""
+
+import http.client
+import json
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import torch
+from conftest import run_chat
+
+from nanosft.api import TextStream
+from nanosft.checkpoint import load_model
+from nanosft.data import load_jsonl
+from nanosft.evaluate import check_eval_record
+from nanosft.generate import generate
+from nanosft.serve import Server
+from nanosft.template import ChatTemplate
+
+
+def start(ckpt, **kw):
+    """A server on a free port of 127.0.0.1, in this process; -> (server, base url)."""
+    model, tok = load_model(ckpt)
+    server = Server(model, tok, port=0, quiet=True, model_id="tiny", **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run):
+    server, url = start(tiny_run[1], slots=4)
+    yield server, url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def babble(babbler):
+    """The untrained babbler (long replies of arbitrary tokens) served with 8 slots."""
+    server, url = start(babbler, slots=8)
+    yield server, url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    server.shutdown()
+
+
+def prompts(tiny_run, n):
+    return [r["messages"] for r in load_jsonl(tiny_run[0] / "eval.jsonl", check_eval_record)[:n]]
+
+
+def alone(model, template, messages, max_tokens, **sampling):
+    """The reference: generate.py's decoder on this conversation alone -> (text, tokens)."""
+    ids = list(generate(model, template.render_prompt(messages), max_tokens, stop_ids=template.stop_ids,
+                        vocab_size=template.tok.vocab_size, **sampling))
+    return template.tok.decode(ids), len(ids)
+
+
+def post(url, body, headers=None, raw=False):
+    """POST /v1/chat/completions with http.client -> (status, parsed JSON body)."""
+    host, port = url.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    data = body if raw else json.dumps(body).encode()
+    c.request("POST", "/v1/chat/completions", data, {"Content-Type": "application/json", **(headers or {})})
+    r = c.getresponse()
+    out = r.status, json.loads(r.read())
+    c.close()
+    return out
+
+
+def health(url):
+    host, port = url.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    c.request("GET", "/health")
+    return json.loads(c.getresponse().read())
+
+
+# ---- the API, through the official client
+
+def test_greedy_replies_are_chat_pys_whole_and_streamed(served, tiny_run, tmp_path):
+    _, _, client = served
+    conversations = prompts(tiny_run, 6)
+    inp = tmp_path / "prompts.jsonl"
+    inp.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    r = run_chat("--ckpt", str(tiny_run[1]), "--batch", str(inp), "--max-new-tokens", "32")
+    assert r.returncode == 0, r.stderr
+    want = [json.loads(line)["reply"] for line in r.stdout.splitlines()]
+    template = ChatTemplate(load_model(tiny_run[1])[1])
+    for messages, expected in zip(conversations, want):
+        whole = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=32)
+        assert whole.choices[0].message.content == expected
+        assert whole.choices[0].message.role == "assistant" and whole.object == "chat.completion"
+        assert whole.usage.prompt_tokens == len(template.render_prompt(messages))
+        assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=32,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish == [whole.choices[0].finish_reason]
+        assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage  # usage comes last
+
+
+def test_models_and_health(served):
+    server, url, client = served
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    h = health(url)
+    assert h["status"] == "ok" and h["free_slots"] == 4
+
+
+def test_length_stop_strings_and_seeds(babble, babbler):
+    server, _, client = babble
+    model, tok = load_model(babbler)
+    template = ChatTemplate(tok)
+    messages = [{"role": "user", "content": "hello there"}]
+    full, n = alone(model, template, messages, 24)
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=24)
+    assert r.choices[0].message.content == full and r.choices[0].finish_reason == "length" and n == 24
+    # a stop string: the reply ends just before its first appearance, whole or streamed
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = full[:full.index(stop)]
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=24, stop=[stop, "zzzz"])
+    assert r.choices[0].message.content == cut and r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=24,
+                                                 stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == cut
+    # sampling with a seed: generate.py's draws with a generator of that seed
+    want, _ = alone(model, template, messages, 24, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    got = [client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=1.0, top_p=0.9,
+                                          seed=seed).choices[0].message.content for seed in (5, 5, 6)]
+    assert got[0] == got[1] == want != got[2]
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_strings(tiny_run):
+    tok = load_model(tiny_run[1])[1]
+    text = "héllo 你好 wor" + "ld and more"
+    ids = tok.encode(text)
+    plain = TextStream(tok)
+    pieces = [plain.push(t) for t in ids] + [plain.flush()]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    cut = TextStream(tok, stop=["world"])
+    sent = ""
+    for t in ids:
+        sent += cut.push(t)
+        assert "héllo 你好 ".startswith(sent)  # not a letter of the stop string, even before it is whole
+        if cut.done:
+            break
+    assert cut.done and sent + cut.flush() == "héllo 你好 "
+
+
+# ---- many clients at once
+
+def test_32_clients_4_requests_each_get_their_own_greedy_replies(babble, babbler):
+    """128 requests, 8 slots: they queue, join and leave the batch between steps; every reply must be
+    the one its conversation gets alone, whole or streamed."""
+    server, url, client = babble
+    model, tok = load_model(babbler)
+    template = ChatTemplate(tok)
+    conversations = [[{"role": "user", "content": f"message {i} " + "ab" * (i % 7)}] for i in range(128)]
+    limits = [4 + i % 13 for i in range(128)]
+    want = [alone(model, template, m, n)[0] for m, n in zip(conversations, limits)]
+
+    def ask(i):
+        kw = dict(model="tiny", messages=conversations[i], temperature=0, max_tokens=limits[i])
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw))
+        return client.chat.completions.create(**kw).choices[0].message.content
+
+    def one_client(c):
+        return [ask(c * 4 + j) for j in range(4)]
+
+    steps = server.engine.steps
+    with ThreadPoolExecutor(32) as pool:
+        got = [r for rs in pool.map(one_client, range(32)) for r in rs]
+    assert got == want
+    assert server.engine.steps - steps < sum(limits) / 2  # decoded together: far fewer steps than tokens
+    assert health(url)["free_slots"] == 8
+
+
+def test_clients_that_leave_mid_stream_free_their_slots(babble):
+    server, url, client = babble
+    port = server.server_address[1]
+    body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "stream": True, "max_tokens": 100,
+                       "temperature": 0}).encode()
+    socks = []
+    for _ in range(8):  # every slot taken by a stream that will be dropped
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        seen = b""
+        while b"data: " not in seen:  # the stream has begun
+            seen += s.recv(4096)
+        socks.append(s)
+    for s in socks:
+        s.close()
+    deadline = time.time() + 20
+    while health(url)["free_slots"] != 8 and time.time() < deadline:
+        time.sleep(0.1)
+    h = health(url)
+    assert h["free_slots"] == 8 and h["active"] == 0 and h["waiting"] == 0
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert r.choices[0].finish_reason == "length"  # still serving
+
+
+# ---- bad requests
+
+OK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+BAD = {
+    "invalid JSON": (b'{"messages": [', 400),
+    "invalid UTF-8": (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),
+    "not an object": (b'[1, 2]', 400),
+    "no messages": ({"max_tokens": 4}, 400),
+    "empty messages": ({"messages": []}, 400),
+    "messages not a list": ({"messages": "hi"}, 400),
+    "message not an object": ({"messages": ["hi"]}, 400),
+    "unknown role": ({"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    "content not text": ({"messages": [{"role": "user", "content": 5}]}, 400),
+    "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400),
+    "last turn not the user's": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400),
+    "negative max_tokens": ({**OK, "max_tokens": -5}, 400),
+    "zero max_tokens": ({**OK, "max_tokens": 0}, 400),
+    "absurd max_tokens": ({**OK, "max_tokens": 10 ** 12}, 400),
+    "max_tokens a string": ({**OK, "max_tokens": "10"}, 400),
+    "temperature too high": ({**OK, "temperature": 7}, 400),
+    "top_p zero": ({**OK, "top_p": 0}, 400),
+    "top_k zero": ({**OK, "top_k": 0}, 400),
+    "n > 1": ({**OK, "n": 3}, 400),
+    "stop not strings": ({**OK, "stop": [1, 2]}, 400),
+    "five stop strings": ({**OK, "stop": list("abcde")}, 400),
+    "stream not a bool": ({**OK, "stream": "yes"}, 400),
+    "stream_options without stream": ({**OK, "stream_options": {"include_usage": True}}, 400),
+    "unknown model": ({**OK, "model": "gpt-9"}, 404),
+    "prompt longer than the context": ({"messages": [{"role": "user", "content": "word " * 400}]}, 400),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_request_gets_an_openai_style_4xx_and_the_server_goes_on(served, case):
+    server, url, _ = served
+    body, status = BAD[case]
+    got, err = post(url, body, raw=isinstance(body, bytes))
+    assert got == status, err
+    assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"]
+    assert post(url, OK)[0] == 200
+
+
+def test_a_body_over_the_limit_is_refused_unread(served):
+    server, url, _ = served
+    s = socket.create_connection(("127.0.0.1", server.server_address[1]))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n{")
+    head, _, body = s.makefile("rb").read().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and json.loads(body)["error"]["code"] == "body_too_large"
+    assert post(url, OK)[0] == 200
+
+
+def test_unknown_fields_are_ignored_and_unknown_paths_are_404(served):
+    server, url, _ = served
+    status, body = post(url, {**OK, "frequency_penalty": 0, "user": "me", "something_new": {"a": 1}})
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
+    host, port = url.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    c.request("GET", "/v1/nothing")
+    assert c.getresponse().status == 404
+
+
+def test_an_api_key_is_required_when_set(tiny_run):
+    server, url = start(tiny_run[1], slots=2, api_key="s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        right = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert right.chat.completions.create(model="tiny", messages=OK["messages"], max_tokens=2).choices
+        assert post(url, OK)[0] == 401
+    finally:
+        server.shutdown()
+
+
+def test_it_listens_on_loopback_unless_told_otherwise():
+    from nanosft.serve import parse_args
+    assert parse_args(["--ckpt", "x"]).host == "127.0.0.1"
+
+
+# ---- the web page, in a real browser
+
+def chromium():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "no Chromium: `make test` installs Debian's chromium package (apt-get install chromium)"
+    return path
+
+
+def test_the_page_chats_in_a_headless_browser(served, tiny_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+    server, url, _ = served
+    model, tok = load_model(tiny_run[1])
+    template = ChatTemplate(tok)
+    first = prompts(tiny_run, 2)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.fill("#max_tokens", "32")
+        for i, messages in enumerate(first):  # two turns: the second is sent with the first's history
+            page.fill("#input", messages[-1]["content"])
+            page.press("#input", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('.msg.assistant').length == {i + 1}"
+                                   " && !document.getElementById('send').disabled", timeout=30_000)
+        shown = [e.inner_text() for e in page.query_selector_all(".msg")]
+        page.screenshot(path=str(tmp_path / "page.png"))
+        browser.close()
+    history = [first[0][-1], {"role": "assistant", "content": alone(model, template, [first[0][-1]], 32)[0]}]
+    second = alone(model, template, history + [first[1][-1]], 32)[0]
+    assert shown == [first[0][-1]["content"], history[1]["content"], first[1][-1]["content"], second]
