@@ -9,7 +9,8 @@ the settings of one completion, and the JSON of the replies (whole, or as stream
 Every field is checked here and nowhere else; a bad request gets an OpenAI-style error object,
 {"error": {"message", "type", "param", "code"}}, naming the field and why. Fields this server does
 not know are ignored, as OpenAI's own server ignores unknown ones; the ones it knows but cannot do
-(n > 1, logprobs, tools) are refused rather than silently dropped.
+(n > 1, logprobs, tools) are refused rather than silently dropped. Two fields beyond OpenAI's, as
+vLLM has them: top_k, and ignore_eos (the reply runs to max_tokens: what benchmarks ask for).
 """
 
 import json
@@ -108,7 +109,7 @@ def stop_strings(req):
 
 def parse_chat_request(body, model_id, max_tokens_cap):
     """The body of POST /v1/chat/completions -> dict(messages, max_tokens, temperature, top_p, top_k,
-    seed, stop, stream, include_usage). max_tokens_cap: the most a request may ask for."""
+    seed, stop, stream, include_usage, ignore_eos). max_tokens_cap: the most a request may ask for."""
     req = read_json_body(body)
     model = req.get("model")
     if model is not None and model != model_id:
@@ -132,38 +133,52 @@ def parse_chat_request(body, model_id, max_tokens_cap):
                 top_p=number(req, "top_p", 1.0, 0, 1, low_open=True),
                 top_k=number(req, "top_k", None, 1, 1 << 31, integer=True),
                 seed=number(req, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
-                stop=stop_strings(req), stream=stream,
+                stop=stop_strings(req), stream=stream, ignore_eos=flag(req, "ignore_eos"),
                 include_usage=flag(options or {}, "include_usage"))
 
 
 class TextStream:
     """Token ids in, text out, as soon as it is safe to send: a character split over several byte
     tokens waits for its last byte, and text that may be the start of a stop string waits until it
-    is clear that it is not. `done` once a stop string appeared (the text sent ends before it)."""
+    is clear that it is not. `done` once a stop string appeared (the text sent ends before it).
+
+    Decoding all ids at every token would cost O(n) per token; instead each new piece is the
+    difference between decoding the ids from a recent boundary with and without the new ones (as
+    vLLM and TGI do), which a tokenizer's context rules (a leading space dropped at the start)
+    affect equally on both sides."""
 
     def __init__(self, tok, stop=()):
         self.tok, self.stop = tok, list(stop)
-        self.ids, self.sent, self.done = [], 0, False
+        self.ids, self.text, self.sent, self.done = [], "", 0, False
+        self.start = self.read = 0  # ids[start:read] decode to text already in self.text
 
     def push(self, token):
         """-> the text that can be sent now ('' if none)."""
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete character
+        before = self.tok.decode(self.ids[self.start:self.read])
+        after = self.tok.decode(self.ids[self.start:])
+        if after.endswith("\ufffd"):  # an incomplete character: wait for its other bytes
             return ""
-        hits = [i for i in (text.find(s, max(self.sent - len(s), 0)) for s in self.stop) if i >= 0]
+        self.text += after[len(before):]
+        self.start, self.read = self.read, len(self.ids)
+        hits = [i for i in (self.text.find(s, max(self.sent - len(s), 0)) for s in self.stop) if i >= 0]
         if hits:
             self.done = True
-            return self.take(text, min(hits))
-        held = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        return self.take(text, len(text) - held)
+            return self.take(min(hits))
+        held = max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
+        return self.take(len(self.text) - held)
 
     def flush(self):
-        """The end of the reply: whatever was held back for a stop string that never came."""
-        return "" if self.done else self.take(self.tok.decode(self.ids), None)
+        """The end of the reply: whatever was held back for a stop string that never came (an
+        unfinished character at the very end is sent as U+FFFD, as decoding it gives)."""
+        if self.done:
+            return ""
+        self.text += self.tok.decode(self.ids[self.start:])[len(self.tok.decode(self.ids[self.start:self.read])):]
+        self.start = self.read = len(self.ids)
+        return self.take(len(self.text))
 
-    def take(self, text, end):
-        piece = text[self.sent:end]
+    def take(self, end):
+        piece = self.text[self.sent:end]
         self.sent += len(piece)
         return piece
 

@@ -239,6 +239,10 @@ def attend_sdpa(q, k, v, mask=None, softcap=0.0):
         mask = span_mask(S - T, S, 0, q.device)
     if mask.is_floating_point():
         mask = mask.to(q.dtype)  # an additive mask in the dtype of q, which every backend accepts
+    if gqa and q.device.type == "cpu" and not q.requires_grad:
+        # decoding on a CPU (a server's batch of rows of different lengths): the kernel takes a mask
+        # and grouped heads together, 3x faster than copying the heads for a step of 16 rows
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     # NOTE: with a mask (packed rows, prefill after a cache), CUDA's memory-efficient kernel does not
     # take grouped heads and enable_gqa would fall back to the slow math kernel: copy them instead
     return F.scaled_dot_product_attention(q, repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1)), attn_mask=mask)
@@ -301,6 +305,10 @@ class SlotCache:
     def use(self, rows):
         """The slots the next forward runs on: its batch row i is slot rows[i]."""
         self.rows = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B,)
+        # consecutive slots (the usual case: the engine fills the lowest free slots first) are read
+        # as a slice, a view; others are gathered, a copy of their keys and values per layer
+        consecutive = list(rows) == list(range(rows[0], rows[0] + len(rows)))
+        self.read = slice(rows[0], rows[0] + len(rows)) if consecutive else self.rows
         self.start = torch.tensor([self.lens[r] for r in rows], dtype=torch.long, device=self.device)  # (B,)
         self.longest = max(self.lens[r] for r in rows)
 
@@ -333,7 +341,7 @@ class SlotCache:
         rows = self.rows[:, None]  # (B, 1) against pos (B, T): the (B, T) cells to write
         K[rows, :, self.pos] = k.transpose(1, 2)  # (B, T, n_kv_head, hd)
         V[rows, :, self.pos] = v.transpose(1, 2)
-        return K[self.rows, :, :S], V[self.rows, :, :S]
+        return K[self.read, :, :S], V[self.read, :, :S]
 
     def advance(self, T):
         for r in self.rows.tolist():

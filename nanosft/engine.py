@@ -30,6 +30,7 @@ The engine runs in one thread that owns the model; requests come from the server
 a queue and receive their tokens through a queue of their own (Request.events).
 """
 
+import heapq
 import queue
 import threading
 from collections import deque
@@ -43,8 +44,8 @@ class Request:
     """One completion: a prompt (token ids) and how to continue it. The engine puts ("token", id)
     on `events` for each new token, then ("done", "stop" | "length"), or ("error", message)."""
 
-    def __init__(self, prompt, max_tokens, temperature=0.0, top_k=None, top_p=None, seed=None):
-        self.prompt, self.max_tokens = list(prompt), max_tokens
+    def __init__(self, prompt, max_tokens, temperature=0.0, top_k=None, top_p=None, seed=None, ignore_eos=False):
+        self.prompt, self.max_tokens, self.ignore_eos = list(prompt), max_tokens, ignore_eos
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.generator = torch.Generator()
         if seed is None:
@@ -66,7 +67,7 @@ class Engine:
         self.model, self.stop_ids, self.vocab_size = model, set(stop_ids), vocab_size
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.cache = model.new_cache(slots, self.max_len, slots=True)
-        self.free = list(range(slots))[::-1]  # free slots, popped from the end: slot 0 first
+        self.free = list(range(slots))  # a heap: the lowest free slot first, so active ones stay together
         self.active = {}  # slot -> Request
         self.waiting = deque()
         self.wake = threading.Condition()
@@ -116,30 +117,37 @@ class Engine:
             if request.cancelled:
                 request.events.put(("done", "cancelled"))
                 continue
-            slot = self.free.pop()
+            slot = heapq.heappop(self.free)
             self.active[slot] = request
             self.cache.lens[slot] = 0  # the slot's old keys are now past its length: hidden
             self.cache.use([slot])
             ids = torch.tensor([request.prompt], device=self.model.embed_tokens.weight.device)  # (1, T)
-            self.emit(slot, self.model(ids, cache=self.cache)[:, -1, :self.vocab_size])  # its first token
+            self.pick(self.model(ids, cache=self.cache)[:, -1, :self.vocab_size], [slot])  # its first token
         for slot, request in list(self.active.items()):
             if request.cancelled:
                 self.leave(slot, ("done", "cancelled"))
-        rows = list(self.active)  # each feeds its last token (a fresh one: the token its prefill picked)
+        rows = sorted(self.active)  # each feeds its last token (a fresh one: the token its prefill picked)
         if not rows:
             return
         self.cache.use(rows)
         last = torch.tensor([[self.active[s].tokens[-1]] for s in rows], device=self.cache.device)  # (B, 1)
-        logits = self.model(last, cache=self.cache)[:, -1, :self.vocab_size]  # (B, V)
+        self.pick(self.model(last, cache=self.cache)[:, -1, :self.vocab_size], rows)  # (B, V) logits
         self.steps += 1
-        for i, slot in enumerate(rows):
-            self.emit(slot, logits[i:i + 1])
 
-    def emit(self, slot, logits):
-        """logits (1, V) of `slot`'s next token: pick it, hand it to the client, or end the reply."""
+    def pick(self, logits, rows):
+        """logits (B, V): each row's next token, picked with its request's settings (the greedy ones
+        with one argmax over the batch), handed to its client; or the end of its reply."""
+        greedy = logits.argmax(-1).tolist()  # (B,)
+        for i, slot in enumerate(rows):
+            request = self.active[slot]
+            t = greedy[i] if request.temperature <= 0 else sample_next(
+                logits[i], request.temperature, request.top_k, request.top_p, request.generator)
+            self.emit(slot, t)
+
+    def emit(self, slot, t):
+        """Hand `slot`'s new token t to its client, or end the reply."""
         request = self.active[slot]
-        t = sample_next(logits[0], request.temperature, request.top_k, request.top_p, request.generator)
-        if t in self.stop_ids:
+        if t in self.stop_ids and not request.ignore_eos:
             return self.leave(slot, ("done", "stop"))
         request.tokens.append(t)
         request.events.put(("token", t))
@@ -150,4 +158,4 @@ class Engine:
     def leave(self, slot, event):
         request = self.active.pop(slot)
         request.events.put(event)
-        self.free.append(slot)
+        heapq.heappush(self.free, slot)

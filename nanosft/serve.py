@@ -44,6 +44,7 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 class Server(ThreadingHTTPServer):
     """The HTTP server and what its handlers share: the engine, the template, the limits."""
     daemon_threads = True  # a connection's thread does not keep the process alive
+    request_queue_size = 256  # connections waiting to be accepted (the default 5 resets a burst of clients)
 
     def __init__(self, model, tok, host="127.0.0.1", port=8000, slots=16, model_id="nanosft", api_key=None,
                  max_tokens=1024, max_body=1 << 20, quiet=False):
@@ -123,7 +124,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the conversation is {len(prompt)} tokens; this model's context is {s.engine.max_len} "
                            "and the reply needs at least one more", param="messages", code="context_length_exceeded")
         request = Request(prompt, min(params["max_tokens"], room), params["temperature"], params["top_k"],
-                          params["top_p"], params["seed"])
+                          params["top_p"], params["seed"], params["ignore_eos"])
         s.engine.submit(request)
         try:
             (self.stream if params["stream"] else self.whole)(request, TextStream(s.template.tok, params["stop"]), params)
@@ -131,24 +132,34 @@ class Handler(BaseHTTPRequestHandler):
             request.cancel()  # (a no-op once the engine is done with it)
 
     def replies(self, request, text):
-        """-> pieces of text as they become sendable; finally a ("finish", reason) tuple."""
+        """-> pieces of text as they become sendable, each with all the tokens that arrived since the
+        last one (a busy server sends fewer, longer chunks); finally a ("finish", reason) tuple."""
+        while True:
+            events, piece = [self.next_event(request)], ""
+            while not request.events.empty():
+                events.append(request.events.get_nowait())
+            for kind, value in events:
+                if kind == "error":
+                    raise ApiError(500, f"the model failed: {value}", kind="server_error")
+                if kind == "done":
+                    yield piece + text.flush()
+                    yield ("finish", value)
+                    return
+                piece += text.push(value)
+                if text.done:  # a stop string: the rest of the reply is not wanted
+                    yield piece
+                    yield ("finish", "stop")
+                    return
+            yield piece
+
+    def next_event(self, request):
+        """The request's next event from the engine, checking every second that the client is still there."""
         while True:
             try:
-                kind, value = request.events.get(timeout=1.0)
-            except queue.Empty:  # a second without a token: is the client still there?
+                return request.events.get(timeout=1.0)
+            except queue.Empty:
                 if self.client_gone():
                     raise ClientGone() from None
-                continue
-            if kind == "error":
-                raise ApiError(500, f"the model failed: {value}", kind="server_error")
-            if kind == "done":
-                yield text.flush()
-                yield ("finish", value)
-                return
-            yield text.push(value)
-            if text.done:  # a stop string: the rest of the reply is not wanted
-                yield ("finish", "stop")
-                return
 
     def whole(self, request, text, params):
         pieces = list(self.replies(request, text))
@@ -226,6 +237,12 @@ class Handler(BaseHTTPRequestHandler):
             sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.address_string()} {fmt % args}\n")
 
 
+def server_threads():
+    """The model's threads: all cores but one, left to the connections' threads, which turn tokens
+    into text and JSON and write them while the model computes the next step."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m nanosft.serve", description="serve a model over OpenAI's chat API")
     p.add_argument("--ckpt", default="runs/latest", help="run directory or Hugging Face directory")
@@ -237,7 +254,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens a request may ask for")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
     p.add_argument("--model-name", default=None, help="the model's id in the API (default: the run's folder name)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: all cores but one, which "
+                   "the HTTP threads use)")
     p.add_argument("--quiet", action="store_true", help="no line per request")
     args = p.parse_args(argv)
     for name in ("slots", "max_tokens", "max_body"):
@@ -256,8 +274,7 @@ def main(argv=None):
         sys.exit(f"No trained model at {args.ckpt} ({e}). Train one first: make train")
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or server_threads())
     model_id = args.model_name or os.path.basename(os.path.realpath(args.ckpt))
     try:
         server = Server(model, tok, args.host, args.port, args.slots, model_id, args.api_key, args.max_tokens,

@@ -157,6 +157,30 @@ def test_every_variant_never_looks_ahead_and_decodes_through_the_kv_cache_like_a
     torch.testing.assert_close(torch.cat(pieces, 1), full)
 
 
+@pytest.mark.parametrize("variant, impl", EACH_PATH)
+def test_a_slot_cache_decodes_rows_of_different_lengths_each_as_if_alone(variant, impl):
+    """The server's cache: conversations of different lengths in one forward, in any order of slots,
+    a slot reused after a longer conversation (its stale keys must stay hidden)."""
+    model = model_of(variant, impl)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 97, (n,), generator=g) for n in (5, 12, 1, 9)]
+    cache = model.new_cache(batch=4, max_len=40, slots=True)
+    with torch.no_grad():
+        cache.use([1])
+        model(torch.randint(0, 97, (1, 30), generator=g), cache=cache)  # an earlier, longer conversation in slot 1
+        cache.lens[1] = 0  # ... over: the slot is reused
+        slots = [2, 1, 0, 3]
+        for slot, seq in zip(slots, seqs):  # each prompt prefilled into its slot, except its last token
+            cache.use([slot])
+            model(seq[None, :-1], cache=cache) if len(seq) > 1 else None
+        order = [3, 0, 2, 1]  # the decode step's rows: slots in another order than prefilled
+        cache.use([slots[i] for i in order])
+        step = model(torch.stack([seqs[i][-1:] for i in order]), cache=cache)  # (4, 1, V)
+        for row, i in enumerate(order):  # each as a full forward of its sequence alone
+            torch.testing.assert_close(step[row, 0], model(seqs[i][None])[0, -1], rtol=1e-5, atol=1e-5)
+    assert [cache.lens[s] for s in slots] == [len(seq) for seq in seqs]
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_computes_something_no_other_variant_does(variant):
     """A variant that silently did nothing (a soft-cap never applied, ALiBi without its slopes)
