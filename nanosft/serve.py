@@ -77,7 +77,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self.route({})
 
-    do_DELETE = do_PATCH = do_PUT
+    do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_PUT
 
     def route(self, handlers):
         path = self.path.split("?", 1)[0]
@@ -89,8 +89,8 @@ class Handler(BaseHTTPRequestHandler):
             if path.startswith("/v1/"):
                 self.check_key()
             handlers[path]()
-        except ApiError as e:
-            self.send_json(e.status, e.body(), close=e.status in (411, 413))
+        except ApiError as e:  # the connection closes: a body it did not read would be taken for the next request
+            self.send_json(e.status, e.body(), close=True)
         except ClientGone:
             self.close_connection = True
 
@@ -224,7 +224,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
-            if close:  # (a body we did not read would be taken for the next request)
+            if close:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()

@@ -264,7 +264,13 @@ def test_unknown_fields_are_ignored_and_unknown_paths_are_404(served):
     host, port = url.removeprefix("http://").split(":")
     c = http.client.HTTPConnection(host, int(port), timeout=30)
     c.request("GET", "/v1/nothing")
-    assert c.getresponse().status == 404
+    r = c.getresponse()
+    assert r.status == 404 and json.loads(r.read())["error"]["code"] == "not_found"
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    c.request("PUT", "/v1/chat/completions", json.dumps(OK))
+    r = c.getresponse()
+    assert r.status == 405 and json.loads(r.read())["error"]["code"] == "method_not_allowed"
+    assert post(url, OK)[0] == 200
 
 
 def test_an_api_key_is_required_when_set(tiny_run):
