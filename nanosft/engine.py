@@ -53,6 +53,7 @@ class Request:
         else:
             self.generator.manual_seed(seed)
         self.events = queue.Queue()
+        self.finished = threading.Event()  # set with the last event: a client waiting for more tokens may stop waiting
         self.tokens = []  # generated so far
         self.cancelled = False  # set by the client's thread: leave at the next step
 
@@ -116,6 +117,7 @@ class Engine:
                 request = self.waiting.popleft()
             if request.cancelled:
                 request.events.put(("done", "cancelled"))
+                request.finished.set()
                 continue
             slot = heapq.heappop(self.free)
             self.active[slot] = request
@@ -158,4 +160,5 @@ class Engine:
     def leave(self, slot, event):
         request = self.active.pop(slot)
         request.events.put(event)
+        request.finished.set()
         heapq.heappush(self.free, slot)

@@ -47,12 +47,12 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 256  # connections waiting to be accepted (the default 5 resets a burst of clients)
 
     def __init__(self, model, tok, host="127.0.0.1", port=8000, slots=16, model_id="nanosft", api_key=None,
-                 max_tokens=1024, max_body=1 << 20, quiet=False):
+                 max_tokens=1024, max_body=1 << 20, stream_interval=0.02, quiet=False):
         self.template = ChatTemplate(tok)
         self.engine = Engine(model, slots, stop_ids=self.template.stop_ids, vocab_size=tok.vocab_size).start()
         self.model_id, self.api_key, self.quiet = model_id, api_key, quiet
         self.max_tokens = max(1, min(max_tokens, self.engine.max_len - 1))
-        self.max_body = max_body
+        self.max_body, self.stream_interval = max_body, stream_interval
         with open(PAGE, encoding="utf-8") as f:
             self.page = f.read().encode("utf-8")
         super().__init__((host, port), Handler)
@@ -133,8 +133,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def replies(self, request, text):
         """-> pieces of text as they become sendable, each with all the tokens that arrived since the
-        last one (a busy server sends fewer, longer chunks); finally a ("finish", reason) tuple."""
+        last one; finally a ("finish", reason) tuple. At most one piece per --stream-interval: each
+        costs a wake-up, a JSON object and a write here and as much in the client, which with many
+        streams would take the CPU time the model needs (50 pieces a second still reads as a stream)."""
+        last = 0.0
         while True:
+            wait = last + self.server.stream_interval - time.monotonic()
+            if wait > 0:
+                request.finished.wait(wait)  # (the reply's end is sent at once)
             events, piece = [self.next_event(request)], ""
             while not request.events.empty():
                 events.append(request.events.get_nowait())
@@ -151,6 +157,7 @@ class Handler(BaseHTTPRequestHandler):
                     yield ("finish", "stop")
                     return
             yield piece
+            last = time.monotonic()
 
     def next_event(self, request):
         """The request's next event from the engine, checking every second that the client is still there."""
@@ -253,6 +260,8 @@ def parse_args(argv=None):
     p.add_argument("--slots", type=int, default=16, help="conversations decoded at once (others wait their turn)")
     p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens a request may ask for")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
+    p.add_argument("--stream-interval", type=float, default=0.02, help="seconds between a stream's chunks at "
+                   "least; the tokens of the meantime go out together (0: a chunk per token)")
     p.add_argument("--model-name", default=None, help="the model's id in the API (default: the run's folder name)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: all cores but one, which "
                    "the HTTP threads use)")
@@ -261,8 +270,8 @@ def parse_args(argv=None):
     for name in ("slots", "max_tokens", "max_body"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 <= args.port < 65536 or args.threads < 0:
-        p.error("--port must be in 0..65535 and --threads not negative")
+    if not 0 <= args.port < 65536 or args.threads < 0 or not 0 <= args.stream_interval <= 1:
+        p.error("--port must be in 0..65535, --threads not negative, --stream-interval in 0..1 seconds")
     return args
 
 
@@ -278,7 +287,7 @@ def main(argv=None):
     model_id = args.model_name or os.path.basename(os.path.realpath(args.ckpt))
     try:
         server = Server(model, tok, args.host, args.port, args.slots, model_id, args.api_key, args.max_tokens,
-                        args.max_body, args.quiet)
+                        args.max_body, args.stream_interval, args.quiet)
     except OSError as e:  # port in use, address not on this machine, ...
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {e}")
     host, port = server.server_address[:2]
