@@ -158,7 +158,8 @@ def main():
     model, tok = load_model(args.ckpt)
     template = ChatTemplate(tok)
     records = load_jsonl(os.path.join(ROOT, args.eval_data), check_eval_record)
-    conversations = [r["messages"] for r in records][:128]
+    fit = [r["messages"] for r in records if len(template.render_prompt(r["messages"])) < model.cfg.max_seq_len]
+    conversations = [fit[i % len(fit)] for i in range(128)]  # (a short file: some twice)
     # throughput prompts: one length, so transformers' batch needs no padding (the server would not care)
     same = [[{"role": "user", "content": f"Repeat after me: {w} {w} {w}."}] for w in "abcdefghijklmnop"]
     lengths = {len(template.render_prompt(m)) for m in same}

@@ -53,6 +53,17 @@ def test_generate_reports_every_prompt_length_against_recompute_and_transformers
         assert all(r[k]["identical_ids"] for k in ("kv_cache", "recompute", "hf_generate"))
 
 
+def test_serve_reports_decode_rates_against_transformers_and_a_load_without_cross_talk(tmp_path, tiny_run):
+    d = bench(tmp_path, "serve", "--ckpt", str(tiny_run[1]), "--eval-data", str(tiny_run[0] / "eval.jsonl"),
+              "--tokens", "8", "--short", "4", "--repeats", "1")
+    for side in ("server", "transformers"):
+        assert set(d[side]) == {"1", "4", "16"} and all(whole > 0 for whole, _ in d[side].values())
+    assert d["decode_16_vs_1"] > 0 and d["decode_vs_transformers_at_16"] > 0
+    load = d["load"]
+    assert load["requests"] == 128 and load["all_answered"] and load["same_as_alone"] == 128
+    assert 0 < load["latency_p50_s"] <= load["latency_p95_s"]
+
+
 def test_gpu_check_stops_at_once_on_a_machine_without_a_gpu(tmp_path):  # (the tests' torch is the CPU wheel)
     r = run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--out", str(tmp_path / "out")])
     assert r.returncode == 1 and "Traceback" not in r.stderr
