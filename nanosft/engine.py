@@ -12,8 +12,8 @@ the longest is done; rows that finished early ride along as waste, and a request
 meanwhile waits for the whole batch. Here the batch is re-formed at every step:
 
     loop:
-        admit   while a slot is free and a request waits: prefill its prompt into that slot
-                (one forward of the prompt alone), pick its first token
+        admit   the requests that wait, as many as there are free slots: their prompts prefilled
+                into those slots (one forward for all of them), each its first token picked
         decode  one forward of (B, 1): each active slot's last token, at its own position
                 (SlotCache: per-slot lengths, each row's mask hides other positions)
         pick    each row's next token with its own settings (greedy, temperature, top-k/top-p,
@@ -110,7 +110,8 @@ class Engine:
     @torch.inference_mode()
     def step(self):
         """Admit waiting requests into free slots (prefill), then one decode step for all."""
-        while self.free:
+        joining = []
+        while len(joining) < len(self.free):
             with self.wake:
                 if not self.waiting:
                     break
@@ -118,13 +119,10 @@ class Engine:
             if request.cancelled:
                 request.events.put(("done", "cancelled"))
                 request.finished.set()
-                continue
-            slot = heapq.heappop(self.free)
-            self.active[slot] = request
-            self.cache.lens[slot] = 0  # the slot's old keys are now past its length: hidden
-            self.cache.use([slot])
-            ids = torch.tensor([request.prompt], device=self.model.embed_tokens.weight.device)  # (1, T)
-            self.pick(self.model(ids, cache=self.cache)[:, -1, :self.vocab_size], [slot])  # its first token
+            else:
+                joining.append(request)
+        if joining:
+            self.prefill(joining)
         for slot, request in list(self.active.items()):
             if request.cancelled:
                 self.leave(slot, ("done", "cancelled"))
@@ -135,6 +133,25 @@ class Engine:
         last = torch.tensor([[self.active[s].tokens[-1]] for s in rows], device=self.cache.device)  # (B, 1)
         self.pick(self.model(last, cache=self.cache)[:, -1, :self.vocab_size], rows)  # (B, V) logits
         self.steps += 1
+
+    def prefill(self, requests):
+        """The prompts of joining requests in one forward, each into a free slot: right-padded to the
+        longest, each row at positions 0..T-1 of its slot. The padding's keys land past a slot's
+        length once it is set to its prompt's, hidden from then on like any stale key."""
+        slots = [heapq.heappop(self.free) for _ in requests]
+        T = max(len(r.prompt) for r in requests)
+        ids = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in requests],
+                           device=self.model.embed_tokens.weight.device)  # (B, T)
+        for slot, request in zip(slots, requests):
+            self.active[slot] = request
+            self.cache.lens[slot] = 0  # the slot's old keys are now past its length: hidden
+        self.cache.use(slots)
+        hidden = self.model.hidden(ids, cache=self.cache)  # (B, T, C)
+        last = torch.tensor([len(r.prompt) - 1 for r in requests], device=ids.device)  # (B,) each prompt's end
+        for slot, request in zip(slots, requests):
+            self.cache.lens[slot] = len(request.prompt)
+        logits = self.model.lm_head(hidden[torch.arange(len(requests)), last])[:, :self.vocab_size]  # (B, V)
+        self.pick(logits, slots)  # each one's first token
 
     def pick(self, logits, rows):
         """logits (B, V): each row's next token, picked with its request's settings (the greedy ones
