@@ -47,9 +47,9 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 256  # connections waiting to be accepted (the default 5 resets a burst of clients)
 
     def __init__(self, model, tok, host="127.0.0.1", port=8000, slots=16, model_id="nanosft", api_key=None,
-                 max_tokens=1024, max_body=1 << 20, stream_interval=0.02, quiet=False):
+                 max_tokens=1024, max_body=1 << 20, stream_interval=0.02, context=None, quiet=False):
         self.template = ChatTemplate(tok)
-        self.engine = Engine(model, slots, stop_ids=self.template.stop_ids, vocab_size=tok.vocab_size).start()
+        self.engine = Engine(model, slots, context, self.template.stop_ids, tok.vocab_size).start()
         self.model_id, self.api_key, self.quiet = model_id, api_key, quiet
         self.max_tokens = max(1, min(max_tokens, self.engine.max_len - 1))
         self.max_body, self.stream_interval = max_body, stream_interval
@@ -121,8 +121,8 @@ class Handler(BaseHTTPRequestHandler):
         prompt = s.template.render_prompt(params["messages"])
         room = s.engine.max_len - len(prompt)
         if room < 1:
-            raise ApiError(400, f"the conversation is {len(prompt)} tokens; this model's context is {s.engine.max_len} "
-                           "and the reply needs at least one more", param="messages", code="context_length_exceeded")
+            raise ApiError(400, f"the conversation is {len(prompt)} tokens; this server's context is {s.engine.max_len} "
+                           "(the model's, or --context) and the reply needs at least one more", param="messages", code="context_length_exceeded")
         request = Request(prompt, min(params["max_tokens"], room), params["temperature"], params["top_k"],
                           params["top_p"], params["seed"], params["ignore_eos"])
         s.engine.submit(request)
@@ -258,6 +258,8 @@ def parse_args(argv=None):
     p.add_argument("--api-key", default=os.environ.get("NANOSFT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $NANOSFT_API_KEY, else none)")
     p.add_argument("--slots", type=int, default=16, help="conversations decoded at once (others wait their turn)")
+    p.add_argument("--context", type=int, default=0, help="tokens a conversation may hold, prompt and reply: the "
+                   "KV cache keeps this many per slot (0: the model's context, at most 8192)")
     p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens a request may ask for")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
     p.add_argument("--stream-interval", type=float, default=0.02, help="seconds between a stream's chunks at "
@@ -267,9 +269,11 @@ def parse_args(argv=None):
                    "the HTTP threads use)")
     p.add_argument("--quiet", action="store_true", help="no line per request")
     args = p.parse_args(argv)
-    for name in ("slots", "max_tokens", "max_body"):
+    for name in ("slots", "max_tokens", "max_body"):  # (--context 0: the default)
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.context < 0:
+        p.error("--context must not be negative (0: the model's context, at most 8192)")
     if not 0 <= args.port < 65536 or args.threads < 0 or not 0 <= args.stream_interval <= 1:
         p.error("--port must be in 0..65535, --threads not negative, --stream-interval in 0..1 seconds")
     return args
@@ -287,7 +291,7 @@ def main(argv=None):
     model_id = args.model_name or os.path.basename(os.path.realpath(args.ckpt))
     try:
         server = Server(model, tok, args.host, args.port, args.slots, model_id, args.api_key, args.max_tokens,
-                        args.max_body, args.stream_interval, args.quiet)
+                        args.max_body, args.stream_interval, args.context or min(model.cfg.max_seq_len, 8192), args.quiet)
     except OSError as e:  # port in use, address not on this machine, ...
         sys.exit(f"error: cannot listen on {args.host}:{args.port}: {e}")
     host, port = server.server_address[:2]
