@@ -181,14 +181,17 @@ def test_32_clients_4_requests_each_get_their_own_greedy_replies(babble, babbler
     assert health(url)["free_slots"] == 8
 
 
-def test_clients_that_leave_mid_stream_free_their_slots(babble):
-    server, url, client = babble
-    port = server.server_address[1]
+def test_clients_that_leave_mid_stream_free_their_slots(babbler):
+    """8 streams of 100 tokens, a decode step slowed to 10 ms so that none can finish first, dropped
+    after their first event: their slots are free long before the replies would have ended."""
+    server, url = start(babbler, slots=8)
+    step = server.engine.step
+    server.engine.step = lambda: (time.sleep(0.01), step())
     body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "stream": True, "max_tokens": 100,
-                       "temperature": 0}).encode()
+                       "temperature": 0, "ignore_eos": True}).encode()
     socks = []
     for _ in range(8):  # every slot taken by a stream that will be dropped
-        s = socket.create_connection(("127.0.0.1", port))
+        s = socket.create_connection(("127.0.0.1", server.server_address[1]))
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         seen = b""
@@ -199,11 +202,14 @@ def test_clients_that_leave_mid_stream_free_their_slots(babble):
         s.close()
     deadline = time.time() + 20
     while health(url)["free_slots"] != 8 and time.time() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
     h = health(url)
     assert h["free_slots"] == 8 and h["active"] == 0 and h["waiting"] == 0
+    assert h["steps"] < 60  # the replies left early: 100 tokens each would take 100 steps
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert r.choices[0].finish_reason == "length"  # still serving
+    server.shutdown()
 
 
 # ---- bad requests
@@ -320,3 +326,33 @@ def test_the_page_chats_in_a_headless_browser(served, tiny_run, tmp_path):
     history = [first[0][-1], {"role": "assistant", "content": alone(model, template, [first[0][-1]], 32)[0]}]
     second = alone(model, template, history + [first[1][-1]], 32)[0]
     assert shown == [first[0][-1]["content"], history[1]["content"], first[1][-1]["content"], second]
+
+
+def test_the_page_shows_a_reply_while_it_streams(babbler):
+    """The babbler's 100-token reply, slowed to a token per 5 ms so that it cannot all arrive at once,
+    comes in several chunks: the page shows each prefix as it comes."""
+    from playwright.sync_api import sync_playwright
+    server, url = start(babbler, slots=2)
+    step = server.engine.step
+    server.engine.step = lambda: (time.sleep(0.005), step())
+    model, tok = load_model(babbler)
+    want = alone(model, ChatTemplate(tok), [{"role": "user", "content": "go on"}], 100)[0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.fill("#max_tokens", "100")
+        # every text the reply's bubble shows, recorded as the page changes it
+        page.evaluate("""() => { window.seen = [];
+            new MutationObserver(() => { const b = document.querySelector('.msg.assistant');
+                if (b) window.seen.push(b.textContent); })
+              .observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true}); }""")
+        page.fill("#input", "go on")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelectorAll('.msg.assistant').length == 1"
+                               " && !document.getElementById('send').disabled", timeout=30_000)
+        seen = [t for t in page.evaluate("window.seen") if t]
+        browser.close()
+    server.shutdown()
+    assert seen[-1] == want
+    assert len(set(seen)) >= 2 and all(want.startswith(t) for t in seen)  # prefixes first, then the whole reply
