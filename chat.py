@@ -9,8 +9,10 @@ Talk to a trained run.
                                                                  # on --seed and that line alone
 
 --ckpt takes a run directory (runs/<name>) or a Hugging Face directory (an export, or a
-Llama-family model with a tokenizer.model). Replies stream token by token through the KV cache
-(nanosft/generate.py); when the conversation outgrows the context, its oldest exchanges are dropped.
+Llama-family model with a tokenizer.model), or a quantized one (python -m nanosft.quantize);
+--quantize int8|int4 quantizes the weights as they are loaded. Replies stream token by token
+through the KV cache (nanosft/generate.py); when the conversation outgrows the context, its
+oldest exchanges are dropped.
 
 Interactive commands:
     /reset          forget the conversation (the system message stays)
@@ -32,6 +34,7 @@ from nanosft.checkpoint import describe_path, load_model
 from nanosft.data import check_prompt, load_jsonl, without_oldest_exchanges
 from nanosft.generate import generate, reply
 from nanosft.machine import decoding_threads
+from nanosft.quantize import QUANTIZE, quantize_model
 from nanosft.template import ChatTemplate
 
 
@@ -41,6 +44,8 @@ def parse_args():
                    help="run directory or Hugging Face model directory")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (nanosft's or PEFT's) to add to "
                    "--ckpt's model, unmerged")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE, help="chat with the model's weights quantized "
+                   "(nanosft/quantize.py; an --adapter is merged first)")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--batch", default=None, help='JSONL of {"messages": [...]} ending with a user turn')
     p.add_argument("--system", default=None, help="system message for --prompt and interactive chat")
@@ -172,6 +177,11 @@ def main():
         try:
             load_adapter(args.adapter, model).eval()
         except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")
+    if args.quantize:
+        try:
+            quantize_model(model, args.quantize)
+        except ValueError as e:  # a model already quantized; int4 and a width not in groups of 32
             sys.exit(f"error: {e}")
     template = ChatTemplate(tok)
     generator = torch.Generator().manual_seed(args.seed)

@@ -57,6 +57,7 @@ from nanosft.monitor import MONITOR_DIR, log_events, trim_monitor
 from nanosft.plot import plot_run
 from nanosft.preference import STAGES as PAIR_STAGES, pair_metrics_from, pair_step, pair_sums, reference_logps
 from nanosft.progress import Progress, clock
+from nanosft.quantize import quantization
 from nanosft.reward import RewardModel, ValueModel
 from nanosft.rlhf import STAGES as RL_STAGES, rl_step
 from nanosft.train_args import HERE, model_config, parse_args
@@ -163,6 +164,9 @@ def main(args):
 
     # ---- data, tokenizer and model
     model, tok = load_model(args.init_from, attn_impl=args.attn_impl) if args.init_from else (None, None)
+    if model and quantization(model):  # integers and scales have no gradients
+        raise ValueError(f"--init-from {args.init_from} is quantized ({quantization(model)['method']}); "
+                         "train from the model it came from")
     data = load_data(args, run.dir, rank, world, tok)
     if model and data.tok.vocab_size > tok.vocab_size:  # --chat-format's markers, new to the model's vocabulary
         model.add_token_rows(tok.vocab_size, data.tok.vocab_size)

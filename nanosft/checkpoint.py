@@ -19,7 +19,9 @@ config.json is translated by hf_config.py. nanosft's parameter names are Llama's
 "model." prefix, except that q/k/v and gate/up are one matrix each here (qkv_proj, gate_up_proj):
 the mapping is that prefix, splitting (saving) or stacking (loading) those matrices, and the LM
 head, absent from the file when it is tied to the embedding. Weights are read with the
-hand-written safetensors reader (no pickle, so opening a checkpoint runs no code).
+hand-written safetensors reader (no pickle, so opening a checkpoint runs no code). A quantized
+model (quantize.py) is saved and loaded the same way, with its qweight and scales for each weight
+and a "quantization" entry in config.json, which only nanosft reads.
 train.py writes runs and loads `--init-from`; chat.py, evaluate.py and export.py load.
 """
 
@@ -32,6 +34,7 @@ import torch
 from nanosft.files import read_json, write_json
 from nanosft.hf_config import STANDARD_IMPLS, config_from_hf, config_to_hf, tokenizer_config
 from nanosft.model import ModelConfig, Transformer
+from nanosft.quantize import QUANTIZE, quantize_model
 from nanosft.reward import RewardModel
 from nanosft.safetensors import load_sharded, save_file
 from nanosft.template import ChatTemplate, with_markers
@@ -86,17 +89,21 @@ def join_fused(state, cfg: ModelConfig):
 
 
 def hf_state_dict(state, cfg: ModelConfig):
-    """nanosft's state dict -> LlamaForCausalLM's names and matrices (the tied LM head left out)."""
-    state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in split_fused(state, cfg).items()}
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)  # stored once, as the embedding; the loader re-ties it
+    """nanosft's state dict -> LlamaForCausalLM's names and matrices (the tied LM head left out).
+    A quantized model's qweight and scales (quantize.py) are split and named the same way."""
+    state = {("" if k.startswith("lm_head.") else "model.") + k: v for k, v in split_fused(state, cfg).items()}
+    if cfg.tie_embeddings:  # stored once, as the embedding; the loader re-ties it
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
     return state
 
 
-def save_model(directory, state, cfg: ModelConfig, tok):
+def save_model(directory, state, cfg: ModelConfig, tok, quantization=None):
     """Write config.json, model.safetensors and the tokenizer files: a directory that transformers'
     AutoModelForCausalLM / AutoTokenizer.from_pretrained and this module's load_model all read.
     tok.chat_template (the format the model was trained in) goes into tokenizer_config.json.
+    A quantized model's state (quantize.py's qweight and scales) is saved with its `quantization`
+    ({"method", "bits", "group_size"}) in config.json, for load_model alone (transformers reads
+    only its own formats).
     A reward model's state (reward.py: "model." + the decoder's names, and "score.weight") is saved
     for AutoModelForSequenceClassification: the decoder, the score head, one label, and the pad token,
     by which transformers finds each row's last real token, where the score is read (rows that end
@@ -117,8 +124,10 @@ def save_model(directory, state, cfg: ModelConfig, tok):
     template = ChatTemplate(tok)
     eos = [template.end] + ([tok.eos_id] if tok.eos_id >= 0 and tok.eos_id != template.end else [])
     bos = tok.bos_id if tok.bos_id >= 0 else None
-    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    dtype = str(next(t.dtype for t in state.values() if t.is_floating_point())).removeprefix("torch.")
     hf = config_to_hf(cfg, bos, eos, dtype)
+    if quantization:
+        hf["quantization"] = quantization
     if score is not None:
         # transformers reads each row's score at its last token that is not padding: the pad token
         # must not be the end token the score belongs to (Llama 3's and SmolLM2's pad would be)
@@ -182,8 +191,8 @@ def load_weights(directory, model, skip=()):
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise ValueError(f"{directory}: weights do not match config.json: {e}") from None
-    if model.cfg.tie_embeddings:
-        missing = [m for m in missing if m != "lm_head.weight"]  # the tied head is the embedding
+    if model.cfg.tie_embeddings:  # the tied head is the embedding (lm_head.weight, or its qweight and scales)
+        missing = [m for m in missing if not m.startswith("lm_head.")]
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not match config.json: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
@@ -191,11 +200,13 @@ def load_weights(directory, model, skip=()):
 
 def load_model(directory, device="cpu", attn_impl="sdpa"):
     """A run directory or a Hugging Face directory -> (model in eval mode, tokenizer). A base
-    model's tokenizer gains the chat markers, and their embedding rows start at the mean."""
+    model's tokenizer gains the chat markers, and their embedding rows start at the mean. A
+    directory saved quantized (config.json's "quantization") loads as the same quantized model."""
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
     hf = read_json(path)
+    quantized = hf.pop("quantization", None) if isinstance(hf, dict) else None
     cfg = config_from_hf(hf, path)
     if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
         raise ValueError(f"{directory} holds a reward model (a sequence classifier): it scores replies, it does not "
@@ -204,10 +215,20 @@ def load_model(directory, device="cpu", attn_impl="sdpa"):
         cfg.attn_impl = attn_impl
     tok = with_markers(load_tokenizer(directory))
     model = Transformer(cfg)
+    if quantized:  # the quantized layers first (of the random weights), then the file's tensors into them
+        quantize_model(model, quantization_method(quantized, path))
     load_weights(directory, model)
     if tok.vocab_size > tok.base_size:  # chat markers added to a base model's vocabulary
         model.add_token_rows(tok.base_size, tok.vocab_size)
     return model.to(device).eval(), tok
+
+
+def quantization_method(entry, path):
+    """config.json's "quantization" entry -> its method, checked."""
+    method = entry.get("method") if isinstance(entry, dict) else None
+    if method not in QUANTIZE:
+        raise ValueError(f"{path}: quantization {entry!r} names no method nanosft has ({', '.join(QUANTIZE)})")
+    return method
 
 
 def load_reward_model(directory, device="cpu"):

@@ -1,5 +1,6 @@
 """
-The command-line tools around the data pipeline, for looking at what train.py will see:
+The command-line tools around the data pipeline, for looking at what train.py will see, and the
+one that writes a trained model quantized (quantize.py):
 
     python -m nanosft.tokenizer train --input data/train.jsonl --vocab-size 2000 --out tok.model
     python -m nanosft.tokenizer train --kind bytelevel --input data/train.jsonl --out tokenizer.json
@@ -10,9 +11,11 @@ The command-line tools around the data pipeline, for looking at what train.py wi
     python -m nanosft.tokenizer inspect --model path/to/Qwen2.5-0.5B --chat data/train.jsonl  # in its ChatML
     python -m nanosft.data check my_train.jsonl          # exactly the validation train.py runs
     python -m nanosft.data stats my_train.jsonl --tokenizer runs/latest   # lengths, supervised share, a sample
+    python -m nanosft.quantize --ckpt runs/latest --method int8 --out runs/latest-int8   # or --method int4
 
 --model and --tokenizer take a .model file (sentencepiece's or ours), a tokenizer.json, or a directory
-holding either (a run, a Hugging Face model: then in the chat format its chat template names). tokenizer.py and data.py forward `python -m` to tokenizer_main and data_main here.
+holding either (a run, a Hugging Face model: then in the chat format its chat template names). tokenizer.py,
+data.py and quantize.py forward `python -m` to tokenizer_main, data_main and quantize_main here.
 """
 
 import argparse
@@ -22,8 +25,10 @@ from collections import Counter
 
 import numpy as np
 
+from nanosft.checkpoint import load_model, save_model
 from nanosft.data import error_list, load_conversations, load_jsonl, load_pairs, render_conversations, render_pairs
 from nanosft.formats import FORMATS, PAIR_FORMATS, read_records
+from nanosft.quantize import QUANTIZE, quantization, quantize_model
 from nanosft.bpe import ByteLevelBPE
 from nanosft.template import FORMATS as CHAT_FORMATS
 from nanosft.template import TRAIN_ON, ChatTemplate, with_markers
@@ -277,3 +282,36 @@ def data_main(argv=None):
         sys.exit(f"error: {e}")
     return 0
 
+
+# -----------------------------------------------------------------------------
+# python -m nanosft.quantize --ckpt DIR --method int8|int4 --out DIR
+
+def file_bytes(directory):
+    """Bytes of a model directory's weight files (model.safetensors, or its shards)."""
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+               if f.startswith("model") and f.endswith(".safetensors"))
+
+
+def quantize_main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanosft.quantize",
+                                description="write a model's weight-only int8 or int4 copy, which load_model reads back")
+    p.add_argument("--ckpt", default="runs/latest", help="a run directory or a Hugging Face directory")
+    p.add_argument("--method", required=True, help=f"{' or '.join(QUANTIZE)} (quantize.py)")
+    p.add_argument("--out", required=True, help="the directory to write")
+    args = p.parse_args(argv)
+    # refusals in one line each (no usage text): found out before the model is read
+    if args.method not in QUANTIZE:
+        sys.exit(f"error: unknown quantization method {args.method!r} (one of: {', '.join(QUANTIZE)})")
+    if os.path.realpath(args.out) == os.path.realpath(args.ckpt):
+        sys.exit(f"error: --out {args.out} is --ckpt itself; write the quantized copy elsewhere")
+    try:  # (no config.json, a model already quantized, an int4 width not in groups of 32, ...)
+        model, tok = load_model(args.ckpt)
+        quantize_model(model, args.method)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    try:
+        save_model(args.out, model.state_dict(), model.cfg, tok, quantization(model))
+    except OSError as e:
+        sys.exit(f"error: {e}")
+    before, after = file_bytes(args.ckpt), file_bytes(args.out)
+    print(f"wrote {args.out}: {args.method}, weight files {before:,} -> {after:,} bytes ({before / after:.2f}x smaller)")

@@ -73,7 +73,7 @@ class Engine:
         self.waiting = deque()
         self.wake = threading.Condition()
         self.steps = 0  # decode steps run (for tests and /health)
-        self.thread = None
+        self.thread, self.stopping = None, False
 
     # ---- the server's side (any thread)
 
@@ -96,11 +96,21 @@ class Engine:
 
     # ---- the engine's thread
 
+    def stop(self):
+        """End the engine's thread after its current step (the server is closing)."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join()
+
     def run(self):
         while True:
             with self.wake:
-                while not self.active and not self.waiting:
+                while not self.active and not self.waiting and not self.stopping:
                     self.wake.wait()
+                if self.stopping:
+                    return
             try:
                 self.step()
             except Exception as e:  # a bug or an out-of-memory must not leave clients waiting forever

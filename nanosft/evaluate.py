@@ -15,7 +15,7 @@ train.py evaluates the model at step 0 and after training (and the loss every --
 steps), and prints the before/after table and a few sample conversations that this file formats.
 On a saved run:
 
-    python -m nanosft.evaluate --ckpt runs/latest --data data/eval.jsonl
+    python -m nanosft.evaluate --ckpt runs/latest --data data/eval.jsonl [--quantize int8|int4]
 
 where --data holds prompts with an "answer" (data/eval.jsonl) or conversations in any training
 format, whose last assistant turn is then the reference answer. It prints the table and can write
@@ -39,6 +39,7 @@ from nanosft.files import read_json
 from nanosft.formats import FORMATS, FormatError, to_messages
 from nanosft.generate import greedy_batch
 from nanosft.machine import decoding_threads, why_threads
+from nanosft.quantize import QUANTIZE, quantize_model
 from nanosft.template import ChatTemplate
 
 
@@ -262,6 +263,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1, help="sample conversations to show per family")
     p.add_argument("--json", default=None, help="also write the numbers (and the samples) to this JSON file")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the faster of 1 and all cores, measured)")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE, help="evaluate the model with its weights "
+                   "quantized (quantize.py)")
     p.add_argument("--report", nargs="+", metavar="RUN", help="instead: these runs' final numbers side by side, "
                    "as their metrics.json holds them")
     args = p.parse_args(argv)
@@ -285,6 +288,8 @@ def main(argv=None):
         p.error(f"--json {args.json}: not a file name in an existing folder")
     try:
         model, tok = load_model(args.ckpt, device=args.device)
+        if args.quantize:  # (refused for a model already quantized, or int4 and a width not in groups of 32)
+            quantize_model(model, args.quantize)
         records = load_held_out(args.data, args.format)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -294,7 +299,8 @@ def main(argv=None):
         print(f"decoding on {why_threads(*decoding_threads(model))}")
     metrics, replies = evaluate_run(model, ChatTemplate(tok), records, max_new_tokens=args.max_new_tokens)
     samples = pick_samples(records, {"model": replies}, args.samples)
-    print(f"{describe_path(args.ckpt)} on {len(records)} held-out prompts from {args.data}"
+    print(f"{describe_path(args.ckpt)}{f' quantized {args.quantize}' if args.quantize else ''} on {len(records)} "
+          f"held-out prompts from {args.data}"
           + (f" ({metrics['answer_dropped']} too long for the context, left out of the loss)"
              if metrics["answer_dropped"] else "")
           + ":")

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from nanosft.checkpoint import load_model, save_model
+from nanosft.quantize import quantization
 
 
 def main(argv=None):
@@ -26,6 +27,8 @@ def main(argv=None):
         model, tok = load_model(args.src)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if quantization(model):  # nanosft's own tensors (quantize.py), which no other tool reads
+        sys.exit(f"error: {args.src} is quantized ({quantization(model)['method']}); export the model it came from")
     save_model(args.dst, model.state_dict(), model.cfg, tok)
     print(f"wrote {args.dst}: {model.num_params():,} parameters, vocabulary {tok.vocab_size}")
 

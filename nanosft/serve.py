@@ -1,7 +1,7 @@
 """
 An OpenAI-compatible HTTP server for a trained model, with a web chat page.
 
-    python -m nanosft.serve --ckpt runs/latest            (make serve)   then open http://127.0.0.1:8000/
+    python -m nanosft.serve --ckpt runs/latest [--quantize int8]      (make serve)   then open http://127.0.0.1:8000/
 
     POST /v1/chat/completions   OpenAI's chat completions, streamed (server-sent events) or whole
     GET  /v1/models             the one model served
@@ -36,6 +36,7 @@ import torch
 from nanosft.api import ApiError, TextStream, chunk, completion, new_id, parse_chat_request, usage
 from nanosft.checkpoint import describe_path, load_model
 from nanosft.engine import Engine, Request
+from nanosft.quantize import QUANTIZE, quantize_model
 from nanosft.template import ChatTemplate
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
@@ -56,6 +57,10 @@ class Server(ThreadingHTTPServer):
         with open(PAGE, encoding="utf-8") as f:
             self.page = f.read().encode("utf-8")
         super().__init__((host, port), Handler)
+
+    def server_close(self):
+        super().server_close()
+        self.engine.stop()
 
 
 class ClientGone(Exception):
@@ -264,6 +269,8 @@ def parse_args(argv=None):
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
     p.add_argument("--stream-interval", type=float, default=0.02, help="seconds between a stream's chunks at "
                    "least; the tokens of the meantime go out together (0: a chunk per token)")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE, help="serve the model with its weights quantized "
+                   "(quantize.py); a directory written by python -m nanosft.quantize needs no flag")
     p.add_argument("--model-name", default=None, help="the model's id in the API (default: the run's folder name)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: all cores but one, which "
                    "the HTTP threads use)")
@@ -283,6 +290,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         model, tok = load_model(args.ckpt)
+        if args.quantize:  # (refused for a model already quantized, or int4 and a width not in groups of 32)
+            quantize_model(model, args.quantize)
     except FileNotFoundError as e:
         sys.exit(f"No trained model at {args.ckpt} ({e}). Train one first: make train")
     except (OSError, ValueError) as e:
@@ -304,6 +313,8 @@ def main(argv=None):
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped")
+    finally:
+        server.server_close()
 
 
 if __name__ == "__main__":

@@ -98,3 +98,24 @@ def test_gpu_check_runs_every_check_reports_each_and_fits_the_default_model(tmp_
     decode = commands[-1]
     prompt = max(int(n) for n in decode[decode.index("--prompt-tokens") + 1].split(","))
     assert prompt + int(decode[decode.index("--new-tokens") + 1]) <= ModelConfig().max_seq_len  # the default run's
+
+
+def test_quantize_reports_perplexity_sizes_and_speed_and_reloads_each_model_identically(tmp_path, tiny_data):
+    from nanosft.checkpoint import save_model
+    from nanosft.data import load_jsonl
+    from nanosft.model import ModelConfig, Transformer
+    from nanosft.tokenizer import Tokenizer
+    records = load_jsonl(tiny_data / "train.jsonl")
+    tok = Tokenizer.train([m["content"] for r in records for m in r["messages"]], 300)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layer=2, n_head=4, n_kv_head=2,
+                                    max_seq_len=128))
+    save_model(tmp_path / "run", model.state_dict(), model.cfg, tok)
+    d = bench(tmp_path, "quantize", "--ckpt", str(tmp_path / "run"), "--val-data", str(tiny_data / "val.jsonl"),
+              "--eval-data", str(tiny_data / "eval.jsonl"), "--new-tokens", "4", "--repeats", "1")
+    assert [r["weights"] for r in d["results"]] == ["fp32", "int8", "int4"]
+    fp32, int8, int4 = d["results"]
+    assert all(r["reloads_identically"] for r in (int8, int4))
+    assert 3.7 < int8["matrix_smaller"] < 4 and 6 < int4["matrix_smaller"] < 6.5  # 64 inputs a row
+    assert int8["file_smaller"] > 3 and int4["file_smaller"] > 5
+    for r in d["results"]:
+        assert r["val_ppl"] > 1 and r["decode_tokens_per_s"] > 0 and 0 <= r["exact_match"] <= 1

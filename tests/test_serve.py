@@ -4,10 +4,13 @@ batch with other conversations are the replies each would get alone (no cross-ta
 a client that leaves mid-stream frees its slot, bad requests get 4xx errors in OpenAI's shape while
 the server goes on serving, and the web page at / chats in a real browser."""
 
+import contextlib
 import http.client
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,13 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
-from conftest import run_chat
+from conftest import ROOT, run, run_chat
 
 from nanosft.api import TextStream
 from nanosft.checkpoint import load_model
 from nanosft.data import load_jsonl
 from nanosft.evaluate import check_eval_record
 from nanosft.generate import generate
+from nanosft.quantize import quantize_model
 from nanosft.serve import Server
 from nanosft.template import ChatTemplate
 
@@ -34,11 +38,29 @@ def start(ckpt, **kw):
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
+def stop(server):
+    server.shutdown()  # no more connections
+    server.server_close()  # and the engine's thread ends
+
+
+@contextlib.contextmanager
+def slowed(ckpt, seconds, **kw):
+    """A server whose every engine step takes `seconds` longer: replies that cannot end by luck
+    before a test has looked at them. -> (server, url); stopped however the test ends."""
+    server, url = start(ckpt, **kw)
+    step = server.engine.step
+    server.engine.step = lambda: (time.sleep(seconds), step())
+    try:
+        yield server, url
+    finally:
+        stop(server)
+
+
 @pytest.fixture(scope="module")
 def served(tiny_run):
     server, url = start(tiny_run[1], slots=4)
     yield server, url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    server.shutdown()
+    stop(server)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +68,7 @@ def babble(babbler):
     """The untrained babbler (long replies of arbitrary tokens) served with 8 slots."""
     server, url = start(babbler, slots=8)
     yield server, url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    server.shutdown()
+    stop(server)
 
 
 def prompts(tiny_run, n):
@@ -184,32 +206,29 @@ def test_32_clients_4_requests_each_get_their_own_greedy_replies(babble, babbler
 def test_clients_that_leave_mid_stream_free_their_slots(babbler):
     """8 streams of 100 tokens, a decode step slowed to 10 ms so that none can finish first, dropped
     after their first event: their slots are free long before the replies would have ended."""
-    server, url = start(babbler, slots=8)
-    step = server.engine.step
-    server.engine.step = lambda: (time.sleep(0.01), step())
-    body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "stream": True, "max_tokens": 100,
-                       "temperature": 0, "ignore_eos": True}).encode()
-    socks = []
-    for _ in range(8):  # every slot taken by a stream that will be dropped
-        s = socket.create_connection(("127.0.0.1", server.server_address[1]))
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        seen = b""
-        while b"data: " not in seen:  # the stream has begun
-            seen += s.recv(4096)
-        socks.append(s)
-    for s in socks:
-        s.close()
-    deadline = time.time() + 20
-    while health(url)["free_slots"] != 8 and time.time() < deadline:
-        time.sleep(0.05)
-    h = health(url)
-    assert h["free_slots"] == 8 and h["active"] == 0 and h["waiting"] == 0
-    assert h["steps"] < 60  # the replies left early: 100 tokens each would take 100 steps
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
-    assert r.choices[0].finish_reason == "length"  # still serving
-    server.shutdown()
+    with slowed(babbler, 0.01, slots=8) as (server, url):
+        body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "stream": True, "max_tokens": 100,
+                           "temperature": 0, "ignore_eos": True}).encode()
+        socks = []
+        for _ in range(8):  # every slot taken by a stream that will be dropped
+            s = socket.create_connection(("127.0.0.1", server.server_address[1]))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            seen = b""
+            while b"data: " not in seen:  # the stream has begun
+                seen += s.recv(4096)
+            socks.append(s)
+        for s in socks:
+            s.close()
+        deadline = time.time() + 20
+        while (health(url)["steps"] == 0 or health(url)["free_slots"] != 8) and time.time() < deadline:
+            time.sleep(0.05)  # (until they joined the batch, and left it)
+        h = health(url)
+        assert h["free_slots"] == 8 and h["active"] == 0 and h["waiting"] == 0
+        assert h["steps"] < 60  # the replies left early: 100 tokens each would take 100 steps
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert r.choices[0].finish_reason == "length"  # still serving
 
 
 # ---- bad requests
@@ -288,12 +307,37 @@ def test_an_api_key_is_required_when_set(tiny_run):
         assert right.chat.completions.create(model="tiny", messages=OK["messages"], max_tokens=2).choices
         assert post(url, OK)[0] == 401
     finally:
-        server.shutdown()
+        stop(server)
 
 
-def test_it_listens_on_loopback_unless_told_otherwise():
-    from nanosft.serve import parse_args
-    assert parse_args(["--ckpt", "x"]).host == "127.0.0.1"
+def test_the_command_serves_a_quantized_model_on_loopback(tiny_run):
+    """python -m nanosft.serve as a user starts it, --quantize int8: it listens on 127.0.0.1 and its
+    greedy replies are those of the quantized model decoding alone."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "nanosft.serve", "--ckpt", str(tiny_run[1]), "--port", str(port),
+                          "--quantize", "int8", "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        banner = p.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in banner
+        model, tok = load_model(tiny_run[1])
+        quantize_model(model, "int8")
+        template = ChatTemplate(tok)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        for messages in prompts(tiny_run, 4):
+            r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=32)
+            assert r.choices[0].message.content == alone(model, template, messages, 32)[0]
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def test_the_command_says_what_is_wrong_without_a_traceback(tmp_path):
+    r = run([sys.executable, "-m", "nanosft.serve", "--ckpt", str(tmp_path / "nothing")])
+    assert r.returncode != 0 and "No trained model" in r.stderr and "Traceback" not in r.stderr
+    r = run([sys.executable, "-m", "nanosft.serve", "--slots", "0"])
+    assert r.returncode != 0 and "--slots must be at least 1" in r.stderr
 
 
 # ---- the web page, in a real browser
@@ -332,12 +376,9 @@ def test_the_page_shows_a_reply_while_it_streams(babbler):
     """The babbler's 100-token reply, slowed to a token per 5 ms so that it cannot all arrive at once,
     comes in several chunks: the page shows each prefix as it comes."""
     from playwright.sync_api import sync_playwright
-    server, url = start(babbler, slots=2)
-    step = server.engine.step
-    server.engine.step = lambda: (time.sleep(0.005), step())
     model, tok = load_model(babbler)
     want = alone(model, ChatTemplate(tok), [{"role": "user", "content": "go on"}], 100)[0]
-    with sync_playwright() as p:
+    with slowed(babbler, 0.005, slots=2) as (server, url), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(url + "/")
@@ -353,6 +394,5 @@ def test_the_page_shows_a_reply_while_it_streams(babbler):
                                " && !document.getElementById('send').disabled", timeout=30_000)
         seen = [t for t in page.evaluate("window.seen") if t]
         browser.close()
-    server.shutdown()
     assert seen[-1] == want
     assert len(set(seen)) >= 2 and all(want.startswith(t) for t in seen)  # prefixes first, then the whole reply
