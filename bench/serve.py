@@ -123,8 +123,10 @@ def hf_seconds(hf, prompt_ids, n, tokens, repeats):
 
 def rates(seconds, n, tokens, short):
     """-> (whole replies' tokens/s, decode tokens/s): the second from the difference between replies of
-    `tokens` and of `short` tokens, so that what both pay once (connection, prefill) cancels out."""
-    return n * tokens / seconds(tokens), n * (tokens - short) / (seconds(tokens) - seconds(short))
+    `tokens` and of `short` tokens, so that what both pay once (connection, prefill) cancels out;
+    None when the difference drowns in noise (a tiny --tokens - --short)."""
+    long, brief = seconds(tokens), seconds(short)
+    return n * tokens / long, n * (tokens - short) / (long - brief) if long > brief else None
 
 
 def load_test(port, conversations, clients=32, per_client=4, max_tokens=64):
@@ -191,8 +193,9 @@ def main():
     out["transformers"] = {n: rates(lambda t: hf_seconds(hf, prompt, n, t, args.repeats), n, args.tokens, args.short)
                            for n in (1, 4, 16)}
     s, h = out["server"], out["transformers"]
-    out["decode_16_vs_1"] = s[16][1] / s[1][1]
-    out["decode_vs_transformers_at_16"] = s[16][1] / h[16][1]
+    measured = all(r[1] for r in [*s.values(), *h.values()])
+    out["decode_16_vs_1"] = s[16][1] / s[1][1] if measured else None
+    out["decode_vs_transformers_at_16"] = s[16][1] / h[16][1] if measured else None
     out["whole_vs_transformers_at_16"] = s[16][0] / h[16][0]
 
     print(f"{args.ckpt}: {model.num_params():,} parameters; {out['cpu']}, {out['threads']} threads; "
@@ -200,11 +203,14 @@ def main():
     print(f"\n{'streams':>8} {'server decode tok/s':>20} {'transformers decode':>20} {'server whole':>13} "
           f"{'transformers whole':>19}")
     for n in (1, 4, 16):
-        print(f"{n:8} {s[n][1]:20.0f} {h[n][1]:20.0f} {s[n][0]:13.0f} {h[n][0]:19.0f}")
+        print(f"{n:8} {s[n][1] or float('nan'):20.0f} {h[n][1] or float('nan'):20.0f} {s[n][0]:13.0f} {h[n][0]:19.0f}")
     ld = out["load"]
-    print(f"\ndecode, 16 streams vs 1: {out['decode_16_vs_1']:.2f}x (target >= 4); server vs transformers' generate "
-          f"at 16: {out['decode_vs_transformers_at_16']:.2f}x decode (target >= 1.0), {out['whole_vs_transformers_at_16']:.2f}x "
-          "whole replies")
+    if measured:
+        print(f"\ndecode, 16 streams vs 1: {out['decode_16_vs_1']:.2f}x (target >= 4); server vs transformers' "
+              f"generate at 16: {out['decode_vs_transformers_at_16']:.2f}x decode (target >= 1.0), "
+              f"{out['whole_vs_transformers_at_16']:.2f}x whole replies")
+    else:
+        print("\ndecode rates: a longer reply took no longer than a shorter one; raise --tokens above --short")
     print(f"load, 32 clients x 4 requests: {ld['requests']} answered, {ld['same_as_alone']} identical to the prompt "
           f"asked alone; latency p50 {ld['latency_p50_s']:.2f} s, p95 {ld['latency_p95_s']:.2f} s; first token p50 "
           f"{ld['first_token_p50_s']:.2f} s, p95 {ld['first_token_p95_s']:.2f} s")

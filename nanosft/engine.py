@@ -42,7 +42,7 @@ from nanosft.generate import sample_next
 
 class Request:
     """One completion: a prompt (token ids) and how to continue it. The engine puts ("token", id)
-    on `events` for each new token, then ("done", "stop" | "length"), or ("error", message)."""
+    on `events` for each new token, then ("done", "stop" | "length" | "cancelled"), or ("error", message)."""
 
     def __init__(self, prompt, max_tokens, temperature=0.0, top_k=None, top_p=None, seed=None, ignore_eos=False):
         self.prompt, self.max_tokens, self.ignore_eos = list(prompt), max_tokens, ignore_eos

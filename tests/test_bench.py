@@ -56,9 +56,10 @@ def test_generate_reports_every_prompt_length_against_recompute_and_transformers
 def test_serve_reports_decode_rates_against_transformers_and_a_load_without_cross_talk(tmp_path, tiny_run):
     d = bench(tmp_path, "serve", "--ckpt", str(tiny_run[1]), "--eval-data", str(tiny_run[0] / "eval.jsonl"),
               "--tokens", "8", "--short", "4", "--repeats", "1")
-    for side in ("server", "transformers"):
+    for side in ("server", "transformers"):  # (decode rates of 8 - 4 tokens may drown in noise: None then)
         assert set(d[side]) == {"1", "4", "16"} and all(whole > 0 for whole, _ in d[side].values())
-    assert d["decode_16_vs_1"] > 0 and d["decode_vs_transformers_at_16"] > 0
+        assert all(decode is None or decode > 0 for _, decode in d[side].values())
+    assert d["whole_vs_transformers_at_16"] > 0
     load = d["load"]
     assert load["requests"] == 128 and load["all_answered"] and load["same_as_alone"] == 128
     assert 0 < load["latency_p50_s"] <= load["latency_p95_s"]

@@ -19,6 +19,19 @@ def model():
     return Transformer(ModelConfig(vocab_size=64, dim=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=48)).eval()
 
 
+@pytest.fixture
+def engines():
+    """Engine(...) started, and stopped after the test (no engine thread outlives its test)."""
+    started = []
+
+    def start(*args, **kw):
+        started.append(Engine(*args, **kw).start())
+        return started[-1]
+    yield start
+    for engine in started:
+        engine.stop()
+
+
 def drain(request, timeout=30):
     """-> (tokens, the final event)"""
     tokens = []
@@ -29,12 +42,12 @@ def drain(request, timeout=30):
         tokens.append(value)
 
 
-def test_requests_decoded_together_each_get_what_they_get_alone(model):
+def test_requests_decoded_together_each_get_what_they_get_alone(model, engines):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 7, 1, 12, 5, 9, 30, 2, 40)]
     settings = [dict(), dict(temperature=1.0, seed=11), dict(temperature=0.7, top_k=8, seed=12),
                 dict(temperature=1.2, top_p=0.8, seed=13)]
-    engine = Engine(model, slots=3, stop_ids={END}).start()  # 9 requests, 3 slots: they queue
+    engine = engines(model, slots=3, stop_ids={END})  # 9 requests, 3 slots: they queue
     requests = [Request(p, 20, **settings[i % 4]) for i, p in enumerate(prompts)]
     for r in requests:
         engine.submit(r)
@@ -48,8 +61,8 @@ def test_requests_decoded_together_each_get_what_they_get_alone(model):
     assert engine.load() == (0, 0, 3)
 
 
-def test_a_cancelled_request_frees_its_slot_and_the_next_one_runs(model):
-    engine = Engine(model, slots=1, stop_ids=set()).start()
+def test_a_cancelled_request_frees_its_slot_and_the_next_one_runs(model, engines):
+    engine = engines(model, slots=1, stop_ids=set())
     first, second = Request([1, 2, 3], 40), Request([4, 5, 6], 3)
     engine.submit(first)
     engine.submit(second)
@@ -60,11 +73,11 @@ def test_a_cancelled_request_frees_its_slot_and_the_next_one_runs(model):
     assert engine.load() == (0, 0, 1)
 
 
-def test_ignore_eos_runs_to_max_tokens(model):
+def test_ignore_eos_runs_to_max_tokens(model, engines):
     prompt = [7, 8, 9]
     greedy = list(generate(model, prompt, 40))  # no stop token: what follows it too
     end = greedy[0]  # make the first token the "end" token: a normal request stops at once
-    engine = Engine(model, slots=2, stop_ids={end}).start()
+    engine = engines(model, slots=2, stop_ids={end})
     normal, forced = Request(prompt, 10), Request(prompt, 10, ignore_eos=True)
     engine.submit(normal)
     engine.submit(forced)
@@ -72,8 +85,8 @@ def test_ignore_eos_runs_to_max_tokens(model):
     assert drain(forced) == (greedy[:10], ("done", "length"))
 
 
-def test_a_failing_step_ends_its_requests_with_an_error(model, monkeypatch):
-    engine = Engine(model, slots=2).start()
+def test_a_failing_step_ends_its_requests_with_an_error(model, engines, monkeypatch):
+    engine = engines(model, slots=2)
     monkeypatch.setattr(engine, "pick", lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
     r = Request([1, 2], 5)
     engine.submit(r)
