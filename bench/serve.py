@@ -130,12 +130,21 @@ def rates(seconds, n, tokens, short):
 
 
 def load_test(port, conversations, clients=32, per_client=4, max_tokens=64):
-    """32 clients x 4 requests at once -> (latencies, first-token times, replies in request order)."""
+    """32 clients x 4 requests at once -> (latencies, first-token times, replies in request order: None
+    for a request that failed)."""
+    def ask(i):
+        try:
+            return stream(port, conversations[i], max_tokens)
+        except (OSError, RuntimeError, ValueError) as e:  # counted as unanswered, not a crash of the bench
+            print(f"request {i} failed: {e}", file=sys.stderr)
+            return None, None, None
+
     def one_client(c):
-        return [stream(port, conversations[c * per_client + j], max_tokens) for j in range(per_client)]
+        return [ask(c * per_client + j) for j in range(per_client)]
     with ThreadPoolExecutor(clients) as pool:
         results = [r for rs in pool.map(one_client, range(clients)) for r in rs]
-    return [r[2] for r in results], [r[1] for r in results if r[1] is not None], [r[0] for r in results]
+    return ([r[2] for r in results if r[2] is not None], [r[1] for r in results if r[1] is not None],
+            [r[0] for r in results])
 
 
 def pct(xs, q):

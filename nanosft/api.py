@@ -9,17 +9,21 @@ the settings of one completion, and the JSON of the replies (whole, or as stream
 Every field is checked here and nowhere else; a bad request gets an OpenAI-style error object,
 {"error": {"message", "type", "param", "code"}}, naming the field and why. Fields this server does
 not know are ignored, as OpenAI's own server ignores unknown ones; the ones it knows but cannot do
-(n > 1, logprobs, tools) are refused rather than silently dropped. Two fields beyond OpenAI's, as
+(n > 1, logprobs, tools, penalties, logit_bias, a JSON response_format) are refused rather than
+silently dropped. Two fields beyond OpenAI's, as
 vLLM has them: top_k, and ignore_eos (the reply runs to max_tokens: what benchmarks ask for).
 """
 
 import json
+import math
 import time
 import uuid
 
 from nanosft.data import check_prompt
 
 STOP_STRINGS = 4  # OpenAI's limit on `stop`
+STOP_LENGTH = 256  # characters a stop string may have (TextStream compares its prefixes at every token)
+GREEDY_BELOW = 1e-5  # a temperature this small samples like argmax, and dividing by it overflows: greedy
 
 
 class ApiError(Exception):
@@ -40,13 +44,20 @@ def read_json_body(body):
     except UnicodeDecodeError as e:
         raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start})", code="invalid_utf8") from None
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=not_json)
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                        code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
     if not isinstance(value, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(value).__name__}", code="invalid_json")
     return value
+
+
+def not_json(name):
+    """NaN and Infinity, which Python's json reads but JSON has not."""
+    raise ApiError(400, f"the request body is not valid JSON: {name} is not a JSON number", code="invalid_json")
 
 
 def text_of(content, i):
@@ -81,7 +92,7 @@ def number(req, name, default, low, high, integer=False, low_open=False):
     if value is None:
         return default
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
         raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'}, not {json.dumps(value)[:40]}",
                        param=name)
     if value < low or value > high or (low_open and value == low):
@@ -102,8 +113,10 @@ def stop_strings(req):
     if stop is None:
         return []
     stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > STOP_STRINGS:
-        raise ApiError(400, f"stop must be a non-empty string or a list of at most {STOP_STRINGS} of them", param="stop")
+    if (not isinstance(stop, list) or len(stop) > STOP_STRINGS
+            or not all(isinstance(s, str) and 0 < len(s) <= STOP_LENGTH for s in stop)):
+        raise ApiError(400, f"stop must be a string of 1 to {STOP_LENGTH} characters or a list of at most "
+                       f"{STOP_STRINGS} of them", param="stop")
     return stop
 
 
@@ -117,8 +130,9 @@ def parse_chat_request(body, model_id, max_tokens_cap):
                        param="model", code="model_not_found")
     if number(req, "n", 1, 1, 1_000_000, integer=True) != 1:
         raise ApiError(400, "n > 1 is not supported: ask once per reply (seed gives each its own sample)", param="n")
-    for name in ("logprobs", "tools", "functions", "response_format"):
-        if req.get(name) not in (None, False):
+    for name, harmless in (("logprobs", False), ("tools", []), ("functions", []), ("logit_bias", {}),
+                           ("frequency_penalty", 0), ("presence_penalty", 0), ("response_format", {"type": "text"})):
+        if req.get(name) not in (None, harmless):
             raise ApiError(400, f"{name} is not supported by this server", param=name)
     if req.get("max_tokens") is not None and req.get("max_completion_tokens") is not None:
         raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
@@ -129,12 +143,16 @@ def parse_chat_request(body, model_id, max_tokens_cap):
         raise ApiError(400, "stream_options is an object, and only allowed with stream: true", param="stream_options")
     return dict(messages=messages_of(req),
                 max_tokens=number(req, name, max_tokens_cap, 1, max_tokens_cap, integer=True),
-                temperature=number(req, "temperature", 1.0, 0, 2),
+                temperature=greedy_below(number(req, "temperature", 1.0, 0, 2)),
                 top_p=number(req, "top_p", 1.0, 0, 1, low_open=True),
                 top_k=number(req, "top_k", None, 1, 1 << 31, integer=True),
                 seed=number(req, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
                 stop=stop_strings(req), stream=stream, ignore_eos=flag(req, "ignore_eos"),
                 include_usage=flag(options or {}, "include_usage"))
+
+
+def greedy_below(temperature):
+    return 0.0 if temperature < GREEDY_BELOW else temperature
 
 
 class TextStream:
@@ -165,8 +183,17 @@ class TextStream:
         if hits:
             self.done = True
             return self.take(min(hits))
-        held = max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
-        return self.take(len(self.text) - held)
+        return self.take(len(self.text) - self.held())
+
+    def held(self):
+        """How many characters at the end of the text could begin a stop string (the longest such)."""
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), longest, -1):  # the longest first
+                if self.text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
 
     def flush(self):
         """The end of the reply: whatever was held back for a stop string that never came (an

@@ -313,15 +313,14 @@ class SlotCache:
         self.longest = max(self.lens[r] for r in rows)
 
     def positions(self, T):
-        """-> (B, T) each row's new tokens, after its own cached ones (kept for update())."""
-        self.pos = self.start[:, None] + torch.arange(T, device=self.device)  # (B, T)
-        return self.pos
+        """-> (B, T) each row's new tokens, after its own cached ones."""
+        return self.start[:, None] + torch.arange(T, device=self.device)  # (B, T)
 
     def mask(self, T, doc=None, window=0, slopes=None):
         """-> bool (B, 1, T, S), or with ALiBi's slopes float (B, H, T, S): query i of a row sees
         that row's keys at positions <= its own (and within the window), S = longest row + T."""
         assert doc is None, "a slot holds one conversation"
-        q = self.pos[:, None, :, None]  # (B, 1, T, 1)
+        q = self.positions(T)[:, None, :, None]  # (B, 1, T, 1)
         k = torch.arange(self.longest + T, device=self.device)  # (S,)
         mask = k <= q  # (B, 1, T, S)
         if window:
@@ -337,10 +336,10 @@ class SlotCache:
         S = self.longest + k.size(2)
         if S > self.max_len:
             raise ValueError(f"KV cache full: {S} tokens > max_len {self.max_len}")
-        K, V = self.k[layer], self.v[layer]
+        K, V, pos = self.k[layer], self.v[layer], self.positions(k.size(2))  # pos (B, T)
         rows = self.rows[:, None]  # (B, 1) against pos (B, T): the (B, T) cells to write
-        K[rows, :, self.pos] = k.transpose(1, 2)  # (B, T, n_kv_head, hd)
-        V[rows, :, self.pos] = v.transpose(1, 2)
+        K[rows, :, pos] = k.transpose(1, 2)  # (B, T, n_kv_head, hd)
+        V[rows, :, pos] = v.transpose(1, 2)
         return K[self.read, :, :S], V[self.read, :, :S]
 
     def advance(self, T):

@@ -23,8 +23,9 @@ meanwhile waits for the whole batch. Here the batch is re-formed at every step:
 
 Each slot is one row of a SlotCache (attention.py): preallocated keys and values for max_len
 tokens, so nothing is allocated per request and a finished slot is reused by setting its length to
-0. A greedy reply is the same whichever other conversations share its steps: every row attends only
-to its own keys.
+0. Every row attends only to its own keys, so a reply does not depend on which other conversations
+share its steps (up to the rounding of a matrix product of another batch size: on this project's
+CPU kernels the greedy replies measured identical, tests/test_serve.py).
 
 The engine runs in one thread that owns the model; requests come from the server's threads through
 a queue and receive their tokens through a queue of their own (Request.events).
@@ -64,8 +65,12 @@ class Request:
 class Engine:
     """`slots` conversations decoded at a time, each up to max_len tokens (prompt and reply)."""
 
-    def __init__(self, model, slots=16, max_len=None, stop_ids=(), vocab_size=None):
+    def __init__(self, model, slots=16, max_len=None, stop_ids=(), vocab_size=None, max_waiting=1024,
+                 prefill_tokens=8192):
         self.model, self.stop_ids, self.vocab_size = model, set(stop_ids), vocab_size
+        self.max_waiting = max_waiting  # requests that may wait for a slot
+        self.prefill_tokens = prefill_tokens  # (rows x longest prompt) one step prefills at most: a burst of
+        #                                       long prompts must not build one huge mask and score matrix
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.cache = model.new_cache(slots, self.max_len, slots=True)
         self.free = list(range(slots))  # a heap: the lowest free slot first, so active ones stay together
@@ -78,9 +83,12 @@ class Engine:
     # ---- the server's side (any thread)
 
     def submit(self, request):
+        """Queue a request; queue.Full when --max-waiting requests wait already (the server says 429)."""
         if len(request.prompt) >= self.max_len:  # (the server checks first; this guards the cache)
             raise ValueError(f"prompt of {len(request.prompt)} tokens leaves no room in the context of {self.max_len}")
         with self.wake:
+            if len(self.waiting) >= self.max_waiting:
+                raise queue.Full(f"{len(self.waiting)} requests wait for a slot already")
             self.waiting.append(request)
             self.wake.notify()
 
@@ -97,12 +105,17 @@ class Engine:
     # ---- the engine's thread
 
     def stop(self):
-        """End the engine's thread after its current step (the server is closing)."""
+        """End the engine's thread after its current step (the server is closing); every request
+        still there gets an error, so that no client waits for ever."""
         with self.wake:
             self.stopping = True
             self.wake.notify()
         if self.thread is not None:
             self.thread.join()
+        for slot in list(self.active):
+            self.leave(slot, ("error", "the server is stopping"))
+        while self.waiting:
+            self.end(self.waiting.popleft(), ("error", "the server is stopping"))
 
     def run(self):
         while True:
@@ -113,26 +126,25 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as e:  # a bug or an out-of-memory must not leave clients waiting forever
+            except Exception as e:  # a bug or an out-of-memory must not leave clients waiting for ever
                 for slot in list(self.active):
                     self.leave(slot, ("error", f"{type(e).__name__}: {e}"))
 
     @torch.inference_mode()
     def step(self):
         """Admit waiting requests into free slots (prefill), then one decode step for all."""
-        joining = []
-        while len(joining) < len(self.free):
-            with self.wake:
-                if not self.waiting:
-                    break
-                request = self.waiting.popleft()
-            if request.cancelled:
-                request.events.put(("done", "cancelled"))
-                request.finished.set()
-            else:
-                joining.append(request)
+        joining = self.admit()
         if joining:
-            self.prefill(joining)
+            try:
+                self.prefill(joining)
+            except Exception as e:  # (out of memory, say): the joining requests fail, the others go on
+                failed = ("error", f"{type(e).__name__}: {e}")
+                for slot, request in list(self.active.items()):
+                    if request in joining:
+                        self.leave(slot, failed)
+                for request in joining:
+                    if not request.finished.is_set():  # (failed before it had a slot)
+                        self.end(request, failed)
         for slot, request in list(self.active.items()):
             if request.cancelled:
                 self.leave(slot, ("done", "cancelled"))
@@ -143,6 +155,22 @@ class Engine:
         last = torch.tensor([[self.active[s].tokens[-1]] for s in rows], device=self.cache.device)  # (B, 1)
         self.pick(self.model(last, cache=self.cache)[:, -1, :self.vocab_size], rows)  # (B, V) logits
         self.steps += 1
+
+    def admit(self):
+        """The waiting requests that join now: as many as there are free slots, while their padded
+        prompts (rows x the longest) stay within prefill_tokens (one at least). Cancelled ones end."""
+        joining, longest = [], 0
+        with self.wake:
+            while self.waiting and len(joining) < len(self.free):
+                request = self.waiting[0]
+                if request.cancelled:
+                    self.end(self.waiting.popleft(), ("done", "cancelled"))
+                    continue
+                longest = max(longest, len(request.prompt))
+                if joining and (len(joining) + 1) * longest > self.prefill_tokens:
+                    break  # the next step takes it
+                joining.append(self.waiting.popleft())
+        return joining
 
     def prefill(self, requests):
         """The prompts of joining requests in one forward, each into a free slot: right-padded to the
@@ -169,8 +197,12 @@ class Engine:
         greedy = logits.argmax(-1).tolist()  # (B,)
         for i, slot in enumerate(rows):
             request = self.active[slot]
-            t = greedy[i] if request.temperature <= 0 else sample_next(
-                logits[i], request.temperature, request.top_k, request.top_p, request.generator)
+            try:
+                t = greedy[i] if request.temperature <= 0 else sample_next(
+                    logits[i], request.temperature, request.top_k, request.top_p, request.generator)
+            except RuntimeError as e:  # (a distribution torch cannot sample from): this request alone fails
+                self.leave(slot, ("error", f"sampling failed: {e}"))
+                continue
             self.emit(slot, t)
 
     def emit(self, slot, t):
@@ -185,7 +217,10 @@ class Engine:
             self.leave(slot, ("done", "length"))
 
     def leave(self, slot, event):
-        request = self.active.pop(slot)
+        self.end(self.active.pop(slot), event)
+        heapq.heappush(self.free, slot)
+
+    @staticmethod
+    def end(request, event):
         request.events.put(event)
         request.finished.set()
-        heapq.heappush(self.free, slot)

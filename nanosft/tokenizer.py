@@ -178,9 +178,11 @@ class Tokenizer:
             for word in self._chunker.findall(normalized):
                 cached = self._cache.get(word)
                 if cached is None:
-                    if len(self._cache) > 1_000_000:  # keep memory bounded on huge corpora
-                        self._cache.clear()
-                    cached = self._cache[word] = self._encode_chunk(word)
+                    cached = self._encode_chunk(word)
+                    if len(word) <= 64:  # words repeat; a long run of text without spaces hardly does
+                        if len(self._cache) > 1_000_000:  # keep memory bounded on huge corpora
+                            self._cache.clear()
+                        self._cache[word] = cached
                 ids.extend(cached)
         if not self._byte_fallback and self._unk in ids:  # sentencepiece folds runs of <unk> into one
             ids = [i for k, i in enumerate(ids) if not (k and i == ids[k - 1] == self._unk)]

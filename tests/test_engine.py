@@ -97,3 +97,47 @@ def test_a_failing_step_ends_its_requests_with_an_error(model, engines, monkeypa
 def test_a_prompt_that_leaves_no_room_is_refused(model):
     with pytest.raises(ValueError, match="no room"):
         Engine(model, slots=1).submit(Request(list(range(48)), 5))
+
+
+def test_a_request_cancelled_while_it_waits_never_takes_a_slot(model, engines):
+    engine = engines(model, slots=1, stop_ids=set())
+    first, waiting = Request([1, 2, 3], 40), Request([4, 5], 5)
+    engine.submit(first)
+    engine.submit(waiting)
+    waiting.cancel()
+    assert drain(waiting) == ([], ("done", "cancelled"))
+    assert len(drain(first)[0]) == 40  # the one in the slot went on undisturbed
+
+
+def test_prompts_join_within_the_prefill_budget_and_the_rest_next_step(model):
+    engine = Engine(model, slots=4, stop_ids=set(), prefill_tokens=20)  # not started: steps by hand
+    requests = [Request(list(range(1, 9)), 10) for _ in range(4)]  # 8 tokens each: two fit in 20
+    for r in requests:
+        engine.submit(r)
+    engine.step()
+    assert sorted(engine.active) == [0, 1] and len(engine.waiting) == 2
+    engine.step()
+    assert sorted(engine.active) == [0, 1, 2, 3]
+
+
+def test_a_failing_prefill_ends_the_joining_requests_and_the_others_go_on(model, monkeypatch):
+    engine = Engine(model, slots=2, stop_ids=set())
+    running = Request([1, 2, 3], 5)
+    engine.submit(running)
+    engine.step()  # `running` is decoding
+    monkeypatch.setattr(engine, "prefill", lambda requests: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    joining = Request([4, 5, 6], 5)
+    engine.submit(joining)
+    engine.step()
+    assert drain(joining) == ([], ("error", "RuntimeError: out of memory"))
+    assert 0 in engine.active and len(running.tokens) == 3  # (prefill, then a decode each step)
+
+
+def test_stopping_the_engine_ends_every_request_with_an_error(model):
+    engine = Engine(model, slots=1, stop_ids=set())  # never started: the requests stay where they are
+    active, waiting = Request([1, 2], 30), Request([3, 4], 30)
+    engine.submit(active)
+    engine.submit(waiting)
+    engine.step()
+    engine.stop()
+    assert drain(active)[1] == drain(waiting)[1] == ("error", "the server is stopping")

@@ -20,7 +20,6 @@ import pytest
 import torch
 from conftest import ROOT, run, run_chat
 
-from nanosft.api import TextStream
 from nanosft.checkpoint import load_model
 from nanosft.data import load_jsonl
 from nanosft.evaluate import check_eval_record
@@ -157,23 +156,6 @@ def test_length_stop_strings_and_seeds(babble, babbler):
     assert got[0] == got[1] == want != got[2]
 
 
-def test_text_stream_holds_back_partial_characters_and_stop_strings(tiny_run):
-    tok = load_model(tiny_run[1])[1]
-    text = "héllo 你好 wor" + "ld and more"
-    ids = tok.encode(text)
-    plain = TextStream(tok)
-    pieces = [plain.push(t) for t in ids] + [plain.flush()]
-    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
-    cut = TextStream(tok, stop=["world"])
-    sent = ""
-    for t in ids:
-        sent += cut.push(t)
-        assert "héllo 你好 ".startswith(sent)  # not a letter of the stop string, even before it is whole
-        if cut.done:
-            break
-    assert cut.done and sent + cut.flush() == "héllo 你好 "
-
-
 # ---- many clients at once
 
 def test_32_clients_4_requests_each_get_their_own_greedy_replies(babble, babbler):
@@ -215,8 +197,10 @@ def test_clients_that_leave_mid_stream_free_their_slots(babbler):
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             seen = b""
-            while b"data: " not in seen:  # the stream has begun
-                seen += s.recv(4096)
+            while b'"content": "' not in seen.replace(b'"content": ""', b""):  # a piece of the reply arrived
+                more = s.recv(4096)
+                assert more, seen
+                seen += more
             socks.append(s)
         for s in socks:
             s.close()
@@ -225,10 +209,27 @@ def test_clients_that_leave_mid_stream_free_their_slots(babbler):
             time.sleep(0.05)  # (until they joined the batch, and left it)
         h = health(url)
         assert h["free_slots"] == 8 and h["active"] == 0 and h["waiting"] == 0
-        assert h["steps"] < 60  # the replies left early: 100 tokens each would take 100 steps
+        assert 0 < h["steps"] < 60  # the replies began and left early: 100 tokens each would take 100 steps
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert r.choices[0].finish_reason == "length"  # still serving
+
+
+def test_a_client_that_leaves_before_a_whole_reply_frees_its_slot(babbler):
+    """stream: false, 100 tokens at 10 ms a step, the connection closed after half a second."""
+    with slowed(babbler, 0.01, slots=2) as (server, url):
+        body = json.dumps({"messages": [{"role": "user", "content": "go on"}], "max_tokens": 100,
+                           "temperature": 0, "ignore_eos": True}).encode()
+        s = socket.create_connection(("127.0.0.1", server.server_address[1]))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.5)
+        s.close()
+        deadline = time.time() + 20
+        while health(url)["active"] and time.time() < deadline:
+            time.sleep(0.05)
+        h = health(url)
+        assert h["active"] == 0 and h["free_slots"] == 2 and 0 < h["steps"] < 90
 
 
 # ---- bad requests
@@ -260,6 +261,10 @@ BAD = {
     "stream_options without stream": ({**OK, "stream_options": {"include_usage": True}}, 400),
     "unknown model": ({**OK, "model": "gpt-9"}, 404),
     "prompt longer than the context": ({"messages": [{"role": "user", "content": "word " * 400}]}, 400),
+    "NaN temperature": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400),
+    "deeply nested JSON": (b"[" * 100_000 + b"]" * 100_000, 400),
+    "a stop string too long": ({**OK, "stop": "x" * 1000}, 400),
+    "presence_penalty": ({**OK, "presence_penalty": 1.5}, 400),
 }
 
 
@@ -276,10 +281,41 @@ def test_a_bad_request_gets_an_openai_style_4xx_and_the_server_goes_on(served, c
 def test_a_body_over_the_limit_is_refused_unread(served):
     server, url, _ = served
     s = socket.create_connection(("127.0.0.1", server.server_address[1]))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n{")
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 1000000000\r\n\r\n{")
     head, _, body = s.makefile("rb").read().partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413") and json.loads(body)["error"]["code"] == "body_too_large"
     assert post(url, OK)[0] == 200
+
+
+def test_a_body_that_is_not_json_by_its_content_type_is_refused(served):
+    """(What a web page can send to another site without asking the user's browser first.)"""
+    server, url, _ = served
+    status, err = post(url, OK, headers={"Content-Type": "text/plain"})
+    assert status == 415 and err["error"]["code"] == "unsupported_media_type"
+
+
+def test_a_full_waiting_queue_answers_429(tiny_run):
+    server, url = start(tiny_run[1], slots=1, max_waiting=0)
+    try:
+        status, err = post(url, OK)
+        assert status == 429 and err["error"]["code"] == "too_many_requests"
+    finally:
+        stop(server)
+
+
+def test_a_request_that_cannot_be_sampled_fails_alone(babbler):
+    """A temperature so small that dividing by it overflows decodes greedily; whatever a row's
+    sampling does, the conversations decoded beside it go on."""
+    with slowed(babbler, 0.002, slots=4) as (server, url):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
+        messages = [{"role": "user", "content": "go on"}]
+        with ThreadPoolExecutor(2) as pool:
+            long = pool.submit(lambda: client.chat.completions.create(model="tiny", messages=messages, max_tokens=60,
+                                                                      temperature=0))
+            tiny = pool.submit(lambda: client.chat.completions.create(model="tiny", messages=messages, max_tokens=60,
+                                                                      temperature=1e-38))
+            assert tiny.result().choices[0].message.content == long.result().choices[0].message.content
 
 
 def test_unknown_fields_are_ignored_and_unknown_paths_are_404(served):
@@ -295,7 +331,20 @@ def test_unknown_fields_are_ignored_and_unknown_paths_are_404(served):
     c.request("PUT", "/v1/chat/completions", json.dumps(OK))
     r = c.getresponse()
     assert r.status == 405 and json.loads(r.read())["error"]["code"] == "method_not_allowed"
+    assert r.getheader("Allow") == "POST"
     assert post(url, OK)[0] == 200
+
+
+def test_head_answers_like_get_without_a_body_and_a_model_can_be_retrieved(served):
+    server, url, client = served
+    host, port = url.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    c.request("HEAD", "/health")
+    r = c.getresponse()
+    assert r.status == 200 and int(r.getheader("Content-Length")) > 0 and r.read() == b""
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
 
 
 def test_an_api_key_is_required_when_set(tiny_run):
