@@ -198,8 +198,8 @@ class Engine:
         for i, slot in enumerate(rows):
             request = self.active[slot]
             try:
-                t = greedy[i] if request.temperature <= 0 else sample_next(
-                    logits[i], request.temperature, request.top_k, request.top_p, request.generator)
+                t = greedy[i] if request.temperature <= 0 else sample_next(  # (on the CPU: the request's generator is)
+                    logits[i].cpu(), request.temperature, request.top_k, request.top_p, request.generator)
             except RuntimeError as e:  # (a distribution torch cannot sample from): this request alone fails
                 self.leave(slot, ("error", f"sampling failed: {e}"))
                 continue

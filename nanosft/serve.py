@@ -317,6 +317,7 @@ def parse_args(argv=None):
     p.add_argument("--quantize", default=None, choices=QUANTIZE, help="serve the model with its weights quantized "
                    "(quantize.py); a directory written by python -m nanosft.quantize needs no flag")
     p.add_argument("--model-name", default=None, help="the model's id in the API (default: the run's folder name)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: all cores but one, which "
                    "the HTTP threads use)")
     p.add_argument("--quiet", action="store_true", help="no line per request")
@@ -334,12 +335,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model, tok = load_model(args.ckpt)
+        model, tok = load_model(args.ckpt, device=args.device)
         if args.quantize:  # (refused for a model already quantized, or int4 and a width not in groups of 32)
             quantize_model(model, args.quantize)
     except FileNotFoundError as e:
         sys.exit(f"No trained model at {args.ckpt} ({e}). Train one first: make train")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # (RuntimeError: a --device torch cannot use)
         sys.exit(f"error: {e}")
     torch.set_num_threads(args.threads or server_threads())
     model_id = args.model_name or os.path.basename(os.path.realpath(args.ckpt))
