@@ -4,7 +4,7 @@ An OpenAI-compatible HTTP server for a trained model, with a web chat page.
     python -m nanosft.serve --ckpt runs/latest [--quantize int8]      (make serve)   then open http://127.0.0.1:8000/
 
     POST /v1/chat/completions   OpenAI's chat completions, streamed (server-sent events) or whole
-    GET  /v1/models             the one model served
+    GET  /v1/models[/<id>]      the one model served
     GET  /health                {"status": "ok", "active", "waiting", "free_slots"}
     GET  /                      the chat page (chat.html beside this file: plain HTML and JS)
 
@@ -16,8 +16,10 @@ request's queue of tokens while the engine's thread does the work. The server ne
 framework would add (routing is four paths; streaming is writing lines), so it adds no dependency.
 
 Safe by default: it listens on 127.0.0.1 only (--host 0.0.0.0 to open it, better with --api-key);
-bodies over --max-body bytes are refused unread, max_tokens is capped, a prompt must fit the
-context; a client that goes away mid-reply frees its slot at the next step.
+a body must be application/json (which no web page can send to another site unasked), bodies over
+--max-body bytes are refused unread, max_tokens above --max-tokens is refused, a prompt must fit
+the context, a full waiting queue answers 429, an idle connection is closed after a minute; a
+client that goes away mid-reply frees its slot at the next step.
 """
 
 import argparse
