@@ -13,7 +13,7 @@ Requests are decoded together by engine.py (continuous batching: one forward per
 active conversations); api.py checks each request and writes the replies' JSON. This file is the
 HTTP around them, on Python's standard library: one thread per connection, which waits on its
 request's queue of tokens while the engine's thread does the work. The server needs nothing that a
-framework would add (routing is four paths; streaming is writing lines), so it adds no dependency.
+framework would add (routing is a handful of paths; streaming is writing lines), so it adds no dependency.
 
 Safe by default: it listens on 127.0.0.1 only (--host 0.0.0.0 to open it, better with --api-key);
 a body must be application/json (which no web page can send to another site unasked), bodies over
