@@ -173,17 +173,25 @@ class TextStream:
     def push(self, token):
         """-> the text that can be sent now ('' if none)."""
         self.ids.append(token)
-        before = self.tok.decode(self.ids[self.start:self.read])
-        after = self.tok.decode(self.ids[self.start:])
-        if after.endswith("\ufffd"):  # an incomplete character: wait for its other bytes
+        new = self.unread()
+        if new.endswith("\ufffd"):  # an incomplete character: wait for its other bytes
             return ""
-        self.text += after[len(before):]
-        self.start, self.read = self.read, len(self.ids)
+        self.read_on(new)
         hits = [i for i in (self.text.find(s, max(self.sent - len(s), 0)) for s in self.stop) if i >= 0]
         if hits:
             self.done = True
             return self.take(min(hits))
         return self.take(len(self.text) - self.held())
+
+    def unread(self):
+        """The text of the ids past self.read: decoded from the boundary self.start with them, less
+        decoded without them."""
+        before = self.tok.decode(self.ids[self.start:self.read])
+        return self.tok.decode(self.ids[self.start:])[len(before):]
+
+    def read_on(self, new):
+        self.text += new
+        self.start, self.read = self.read, len(self.ids)
 
     def held(self):
         """How many characters at the end of the text could begin a stop string (the longest such)."""
@@ -200,8 +208,7 @@ class TextStream:
         unfinished character at the very end is sent as U+FFFD, as decoding it gives)."""
         if self.done:
             return ""
-        self.text += self.tok.decode(self.ids[self.start:])[len(self.tok.decode(self.ids[self.start:self.read])):]
-        self.start = self.read = len(self.ids)
+        self.read_on(self.unread())
         return self.take(len(self.text))
 
     def take(self, end):

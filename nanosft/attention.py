@@ -58,18 +58,28 @@ def span_mask(q0, q1, k0, device, doc=None, window=0, slopes=None):
     -inf where hidden, -slope * distance elsewhere."""
     q = torch.arange(q0, q1, device=device)[:, None]  # (Tq, 1)
     k = torch.arange(k0, q1, device=device)[None, :]  # (1, S)
-    mask = k <= q  # (Tq, S)
-    if window:
-        mask &= q - k < window
-    mask = mask[None, None]  # (1, 1, Tq, S)
+    mask = causal(q, k, window)[None, None]  # (1, 1, Tq, S)
     if doc is not None:
         dq, dk = doc[:, q0:q1, None], doc[:, None, k0:q1]  # (B, Tq, 1), (B, 1, S)
         same = (dq == dk) & (dq >= 0) | (q == k)  # padding (doc -1) sees only itself
         mask = mask & same[:, None]  # (B, 1, Tq, S)
-    if slopes is None:
-        return mask
-    bias = -slopes.to(device, torch.float32)[:, None, None] * (q - k).float()  # (H, Tq, S): far keys count less
-    return torch.where(mask, bias, float("-inf"))  # (1 or B, H, Tq, S)
+    return mask if slopes is None else with_alibi(mask, q - k, slopes)  # (1 or B, H, Tq, S) with ALiBi
+
+
+def causal(q, k, window=0):
+    """Positions of queries and keys (broadcastable) -> bool: the key is at or before the query, and
+    with a window fewer than `window` positions back."""
+    mask = k <= q
+    if window:
+        mask &= q - k < window
+    return mask
+
+
+def with_alibi(mask, distance, slopes):
+    """A bool mask (..., 1, Tq, S) and the query-key distances (..., Tq, S) -> ALiBi's float mask
+    (..., H, Tq, S): -slope * distance where visible (far keys count less), -inf where hidden."""
+    bias = -slopes.to(distance.device, torch.float32)[:, None, None] * distance.float()  # (..., H, Tq, S)
+    return torch.where(mask, bias, float("-inf"))
 
 
 def alibi_slopes(n_head):
@@ -322,13 +332,8 @@ class SlotCache:
         assert doc is None, "a slot holds one conversation"
         q = self.positions(T)[:, None, :, None]  # (B, 1, T, 1)
         k = torch.arange(self.longest + T, device=self.device)  # (S,)
-        mask = k <= q  # (B, 1, T, S)
-        if window:
-            mask &= q - k < window
-        if slopes is None:
-            return mask
-        bias = -slopes.to(self.device, torch.float32)[:, None, None] * (q - k).float()  # (B, H, T, S)
-        return torch.where(mask, bias, float("-inf"))
+        mask = causal(q, k, window)  # (B, 1, T, S)
+        return mask if slopes is None else with_alibi(mask, q - k, slopes)  # (B, H, T, S) with ALiBi
 
     def update(self, layer, k, v):
         """Store k, v (B, n_kv_head, T, hd) at each row's positions; -> the rows' keys and values
