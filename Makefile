@@ -13,7 +13,7 @@ LAUNCH := $(if $(NGPUS),.venv/bin/deepspeed --num_gpus $(NGPUS),$(if $(NPROC),CU
 
 VARIANTS ?=
 
-.PHONY: serve browser install train chat plot evaluate compare test test-all data clean gpu-check lora-demo align align-sft reward dpo ppo grpo rl
+.PHONY: serve browser install train chat plot evaluate compare test test-all data clean gpu-check lora-demo align align-sft reward reward-max dpo ppo grpo rl
 
 install: .venv/.installed
 
@@ -104,20 +104,27 @@ align: align-sft reward dpo
 	$(PY) -m nanosft.evaluate --report $(SFT) runs/align/reward runs/align/dpo
 
 # Reinforcement learning (README, "Reinforcement learning"), after make align, from its SFT run:
-# make ppo [SFT=run]   PPO with make reward's model on the pairs' prompts (runs/align/ppo; ~3.5 min on 2 cores)
-# make grpo [SFT=run]  GRPO, exact match the reward, on max prompts half close calls (runs/align/grpo; ~4-5 min)
-# make rl              both, then a table beside the SFT run
+# make reward-max [SFT=run]  PPO's reward model: make align's pairs and data/align/max_pairs.jsonl's 64,000,
+#                            centred (runs/align/reward_max; ~8 min on 2 cores)
+# make ppo [SFT=run]         PPO with it on max prompts half close calls (runs/align/ppo; ~6.5 min)
+# make grpo [SFT=run]        GRPO, exact match the reward, on the same prompts (runs/align/grpo; ~4 min)
+# make rl                    all three, then a table beside the SFT run
+reward-max: install data/align/train.jsonl
+	$(LAUNCH) train.py --stage reward --init-from $(SFT) --data data/align/pairs.jsonl data/align/max_pairs.jsonl \
+	  --val-data data/align/pairs_val.jsonl --out runs/align/reward_max --lr 1e-3 --epochs 2 --center-rewards 0.01 $(ARGS)
+
 ppo: install data/align/train.jsonl
-	$(LAUNCH) train.py --stage ppo --init-from $(SFT) --reward-model runs/align/reward --data data/align/prompts.jsonl \
+	$(LAUNCH) train.py --stage ppo --init-from $(SFT) --reward-model runs/align/reward_max --data data/align/max_prompts.jsonl \
 	  --eval-data data/align/eval.jsonl --out runs/align/ppo --lora-rank 8 --lora-lr 2e-3 --critic-lr 1e-4 \
-	  --batch-size 16 --temperature 1.5 --kl-coef 0.2 --ppo-epochs 2 --whiten --ema 0.95 --sft-data data/align/train.jsonl $(ARGS)
+	  --batch-size 64 --epochs 8 --temperature 1.5 --kl-coef 0.2 --ppo-epochs 2 --whiten --ema 0.95 \
+	  --sft-data data/align/train.jsonl $(ARGS)
 
 grpo: install data/align/train.jsonl
 	$(LAUNCH) train.py --stage grpo --init-from $(SFT) --data data/align/max_prompts.jsonl \
 	  --eval-data data/align/eval.jsonl --out runs/align/grpo --lora-rank 8 --lora-lr 3e-3 --group 8 --batch-size 8 \
 	  --kl-coef 0.04 --epochs 2 --ema 0.95 --sft-data data/align/train.jsonl $(ARGS)
 
-rl: ppo grpo
+rl: reward-max ppo grpo
 	$(PY) -m nanosft.evaluate --report $(SFT) runs/align/ppo runs/align/grpo
 
 # make gpu-check: every path only a GPU takes, run once, one table (bench/gpu_check.py). It runs with

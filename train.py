@@ -59,7 +59,7 @@ from nanosft.preference import STAGES as PAIR_STAGES, pair_metrics_from, pair_st
 from nanosft.progress import Progress, clock
 from nanosft.quantize import quantization
 from nanosft.reward import RewardModel, ValueModel
-from nanosft.rlhf import STAGES as RL_STAGES, rl_step
+from nanosft.rlhf import STAGES as RL_STAGES, answer_scores, rl_step
 from nanosft.train_args import HERE, model_config, parse_args
 
 
@@ -110,7 +110,7 @@ def train(run, start, evaluate):
                 run.ema.update(engine)
         elif args.stage in PAIR_STAGES:  # (n_sup counts pairs here)
             loss, n_sup, n_tok, n_slots, extra = pair_step(engine, micro, run.world, run.device, args.stage, run.ref,
-                                                           run.dpo, measure, sft, args.sft_coef)
+                                                           run.pair_settings, measure, sft, args.sft_coef)
         else:
             nll, n_sup, n_tok, n_slots = train_step(engine, micro, run.world, run.device, measure)
             loss, extra = nll / max(n_sup, 1.0), {}
@@ -188,7 +188,8 @@ def main(args):
                                                 decodes=args.stage != "reward")
     print0(f"machine: {cpu_name()}, {why}")
     run.ref = run.val_ref = None
-    run.dpo = dict(beta=args.beta, label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha)
+    run.pair_settings = (dict(center=args.center_rewards) if args.stage == "reward" else
+                         dict(beta=args.beta, label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha))
     if args.stage == "dpo":
         reference(run, data, ds_cfg)
     run.critic = None
@@ -382,13 +383,17 @@ def rl_models(run, data, ds_cfg):
                          f"(--stage reward --init-from {args.init_from})")
     critic = ValueModel.from_reward_model(copy.deepcopy(rm)).train().requires_grad_(True)
     run.reward = deepspeed.initialize(model=rm.requires_grad_(False), config=inference_config(ds_cfg))[0]
+    run.reward_norm = answer_scores(run) if args.reward_norm == "answers" else (0.0, 1.0)
+    critic.score.weight.data /= run.reward_norm[1]  # its first values in the rewards' units
     optimizer = make_optimizer(critic, args.critic_lr or args.lr, args.weight_decay, args.offload)
     quiet = {k: v for k, v in ds_cfg.items() if k not in ("csv_monitor", "tensorboard")}  # the actor logs the run
     run.critic = deepspeed.initialize(model=critic, model_parameters=param_groups(critic, args.weight_decay),
                                       optimizer=optimizer, config=quiet,
                                       lr_scheduler=lr_schedule(optimizer, args.warmup_steps,
                                                                run.total_steps * args.ppo_epochs))[0]
-    print0(f"reward model and critic: {describe_path(args.reward_model)}")
+    print0(f"reward model and critic: {describe_path(args.reward_model)}; its scores "
+           + ("as they are" if args.reward_norm == "none" else "normalized by its scores of the data's answers: "
+              "(score - {:.3f}) / {:.3f}".format(*run.reward_norm)))
 
 
 def evaluator(run, data):
@@ -412,7 +417,7 @@ def evaluator(run, data):
             with torch.compiler.set_stance("force_eager"):
                 m.update(pair_metrics_from(all_sum(pair_sums(engine, data.val_pairs, data.template.pad, args.batch_size,
                                                              run.rank, run.world, run.device, args.stage, run.val_ref,
-                                                             run.dpo), run.device)))
+                                                             run.pair_settings), run.device)))
             engine.train()
         if generation and data.evals and args.stage != "reward":  # (a reward model scores, it does not write)
             if state is None:

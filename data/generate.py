@@ -401,12 +401,54 @@ def max_prompts(n, rng, exclude):
     return out
 
 
-def generate_align(n_train, n_val, n_eval, n_pairs, n_val_pairs, seed=1337):
+def near_number(a, b, rng):
+    """A number within 30 of the larger of a and b, neither of them."""
+    while (x := max(a, b) + rng.choice([-1, 1]) * rng.randint(1, 30)) < 0 or x in (a, b):
+        pass
+    return str(x)
+
+
+def mixed_digits(a, b, rng):
+    """The two numbers' digits mixed, place by place (452 or 437 -> 432), neither of them; of numbers
+    of different lengths, the larger with its last digit doubled (74 -> 744)."""
+    big, small = str(max(a, b)), str(min(a, b))
+    if len(big) == len(small):
+        for _ in range(50):
+            x = "".join(rng.choice(places) for places in zip(big, small))
+            if x not in (big, small) and (len(x) == 1 or x[0] != "0"):
+                return x
+    return big + big[-1]
+
+
+def other_number(a, b, rng):
+    """Any number below 1000 but a and b."""
+    while (x := rng.randrange(1000)) in (a, b):
+        pass
+    return str(x)
+
+
+def max_pairs(prompts, rng):
+    """Preference pairs for a reward model that has to check max answers digit by digit: on each of
+    `prompts` (max_prompts' chats) the right answer over each of four wrong ones a policy writes
+    once it stops dodging: the smaller number, a number near the larger, the two mixed, any other
+    number. make align's pairs reject only the dodge and, on numbers far apart, the smaller one; a
+    reward model trained on them alone ranks close calls about as well as a coin, and PPO finds
+    that out (as it finds any wrong answer the pairs never reject: 132 or 120 -> 912)."""
+    out = []
+    for r in prompts:
+        (a, b), right = compared(r["messages"][0]["content"]), r["messages"][1]
+        for wrong in (str(min(a, b)), near_number(a, b, rng), mixed_digits(a, b, rng), other_number(a, b, rng)):
+            out.append({"family": "max", "prompt": r["messages"][:1], "chosen": [right], "rejected": [assistant(wrong)]})
+    return out
+
+
+def generate_align(n_train, n_val, n_eval, n_pairs, n_val_pairs, seed=1337, n_max_pairs=16000):
     """-> {file name: records} for data/align/: the noisy-teacher SFT set (train, val, eval: the
     default families, max with close calls; val and eval answered right), preference pairs
     (pairs: for training, pairs_val: held out), whose prompts eval.jsonl never asks, and the
-    training pairs' prompts with their right answers as chats (prompts: PPO's), and max prompts, half
-    of them close calls (max_prompts: GRPO's)."""
+    training pairs' prompts with their right answers as chats (prompts), max prompts, half of them
+    close calls (max_prompts: what GRPO and PPO answer), and four pairs on each of n_max_pairs more
+    max prompts (max_pairs: with pairs, PPO's reward model's)."""
     train, val, evals = generate(n_train, n_val, n_eval, seed, instead={"max": make_max_close_calls})
     train = [noisy_teacher(r) if r["family"] == "max" else r for r in train]
     asked = {("max", compared(r["messages"][0]["content"])) for r in evals if r["family"] == "max"}
@@ -415,9 +457,12 @@ def generate_align(n_train, n_val, n_eval, n_pairs, n_val_pairs, seed=1337):
     # the RL stages' prompts: the training pairs' prompts, each with its right answer (PPO), and
     # max prompts where the SFT model's mistakes are (GRPO)
     prompts = [{"family": p["family"], "messages": p["prompt"] + p["chosen"]} for p in pairs]
-    hard = max_prompts(n_pairs, random.Random(seed + 2), {k for _, key in asked for k in (key, key[::-1])})
+    unasked = {k for _, key in asked for k in (key, key[::-1])}
+    hard = max_prompts(n_pairs, random.Random(seed + 2), unasked)
+    # PPO's reward model: make align's pairs and four wrong answers to each of n_max_pairs more max prompts
+    more = max_pairs(max_prompts(n_max_pairs, random.Random(seed + 3), unasked), random.Random(seed + 4))
     return {"train": train, "val": val, "eval": evals, "pairs": pairs, "pairs_val": val_pairs, "prompts": prompts,
-            "max_prompts": hard}
+            "max_prompts": hard, "max_pairs": more}
 
 
 def write_jsonl(path, records):
@@ -437,9 +482,11 @@ if __name__ == "__main__":
     p.add_argument("--eval-seed", type=int, default=None,
                    help="fresh held-out prompts for the same training set (e.g. to re-measure a trained run)")
     p.add_argument("--align", action="store_true", help="the noisy-teacher SFT set and preference pairs of "
-                   "`make align` instead (train, val, eval, pairs, pairs_val, prompts, max_prompts.jsonl)")
+                   "`make align` instead (train, val, eval, pairs, pairs_val, prompts, max_prompts, max_pairs.jsonl)")
     p.add_argument("--n-pairs", type=int, default=3000, help="with --align: training preference pairs")
     p.add_argument("--n-val-pairs", type=int, default=400, help="with --align: held-out preference pairs")
+    p.add_argument("--n-max-pairs", type=int, default=16000, help="with --align: max prompts for max_pairs.jsonl "
+                   "(four pairs each)")
     p.add_argument("--families", default="", help=f"comma-separated: only these skills (of {', '.join(FAMILIES)}, "
                    f"and the new {', '.join(NEW_FAMILIES)})")
     args = p.parse_args()
@@ -451,7 +498,8 @@ if __name__ == "__main__":
         p.error("--align writes its own families and held-out prompts: no --families or --eval-seed with it")
     args.out = args.out or (os.path.join(here, "align") if args.align else here)
     if args.align:
-        files = generate_align(args.n_train, args.n_val, args.n_eval, args.n_pairs, args.n_val_pairs, args.seed)
+        files = generate_align(args.n_train, args.n_val, args.n_eval, args.n_pairs, args.n_val_pairs, args.seed,
+                               args.n_max_pairs)
     else:
         files = dict(zip(("train", "val", "eval"), generate(args.n_train, args.n_val, args.n_eval, args.seed,
                                                             args.eval_seed, only)))

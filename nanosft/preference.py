@@ -38,23 +38,23 @@ def sides(model, batch, stage):
     return out[:B], out[B:]
 
 
-def pair_loss(model, batch, stage, ref=None, dpo=None):
-    """-> (loss (B,), chosen (B,), rejected (B,)). For --stage dpo, ref: reference_logps' (N, 2)
-    table, or the frozen reference model itself (--reference live), and dpo: dpo_loss's settings
-    {beta, label_smoothing, rpo_alpha}."""
+def pair_loss(model, batch, stage, ref=None, settings=None):
+    """-> (loss (B,), chosen (B,), rejected (B,)). settings: the loss's keyword arguments, pairwise_loss's
+    {center} or dpo_loss's {beta, label_smoothing, rpo_alpha}. For --stage dpo, ref: reference_logps'
+    (N, 2) table, or the frozen reference model itself (--reference live)."""
     chosen, rejected = sides(model, batch, stage)
     if stage == "reward":
-        return pairwise_loss(chosen, rejected), chosen.detach(), rejected.detach()
+        return pairwise_loss(chosen, rejected, **(settings or {})), chosen.detach(), rejected.detach()
     if isinstance(ref, torch.Tensor):
         ref_chosen, ref_rejected = ref[batch["index"]].unbind(-1)  # this batch's pairs' rows of the table
     else:
         with torch.no_grad():
             ref_chosen, ref_rejected = sides(ref, batch, "dpo")
     B = len(chosen)
-    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, **dpo, chosen_tokens=batch["mask"][:B, 1:].sum(-1))
+    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, **settings, chosen_tokens=batch["mask"][:B, 1:].sum(-1))
 
 
-def pair_step(engine, micro, world, device, stage, ref=None, dpo=None, before_step=None, sft=None, sft_coef=1.0):
+def pair_step(engine, micro, world, device, stage, ref=None, settings=None, before_step=None, sft=None, sft_coef=1.0):
     """Forward and backward over this rank's micro-batches of pairs, then the optimizer step (before
     which `before_step()` is called, if given). -> the global batch's mean loss, its pairs, real
     tokens and token slots computed (real + padding), and the means LOGGED names (with `sft`, and
@@ -72,7 +72,7 @@ def pair_step(engine, micro, world, device, stage, ref=None, dpo=None, before_st
     n_sup = sft_tokens(sft, device) if sft else 0.0
     for i, b in enumerate(micro):
         b = {k: v.to(device) for k, v in b.items()}
-        loss, chosen, rejected = pair_loss(engine, b, stage, ref, dpo)
+        loss, chosen, rejected = pair_loss(engine, b, stage, ref, settings)
         total = loss.mean()
         if sft:
             nll, tokens, slots = sft_nll(engine, sft[i], device)
@@ -140,13 +140,13 @@ def reference_logps(model, samples, pad_id, batch_size, rank, world, device):
 
 
 @torch.no_grad()
-def pair_sums(model, samples, pad_id, batch_size, rank, world, device, stage, ref=None, dpo=None):
+def pair_sums(model, samples, pad_id, batch_size, rank, world, device, stage, ref=None, settings=None):
     """Held-out pairs, this rank's share -> sums [loss, ranked right, chosen, rejected, pairs] (the
     caller adds them over ranks and divides)."""
     sums = [0.0] * 5
     for index, real in rank_batches(len(samples), rank, world, batch_size):
         b = {k: v.to(device) for k, v in pair_batch(samples, index, pad_id).items()}
-        sums = [a + v for a, v in zip(sums, batch_sums(*(t[:real] for t in pair_loss(model, b, stage, ref, dpo))))]
+        sums = [a + v for a, v in zip(sums, batch_sums(*(t[:real] for t in pair_loss(model, b, stage, ref, settings))))]
     return sums
 
 

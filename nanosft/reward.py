@@ -11,7 +11,7 @@ their usual names and `score.weight` (1, C) with no bias, so a saved reward mode
 num_labels 1 and gives the same scores (tests/test_reward.py). Step 3 (PPO) reads its rewards here.
 
     RewardModel(sft_model)(idx, last) -> (B,) scores  last (B,): index of each row's end token
-    pairwise_loss(chosen, rejected) -> (B,)
+    pairwise_loss(chosen, rejected, center) -> (B,)
     ValueModel.from_reward_model(rm)(idx) -> (B, T) values: step 3's critic
 """
 
@@ -58,7 +58,11 @@ class ValueModel(RewardModel):
         return self.score(self.model.hidden(idx, pos, doc)).squeeze(-1).float()
 
 
-def pairwise_loss(chosen, rejected):
-    """Scores (B,) of the chosen and the rejected reply of each pair -> the loss of each pair (B,)."""
-    return -F.logsigmoid(chosen - rejected)
+def pairwise_loss(chosen, rejected, center=0.0):
+    """Scores (B,) of the chosen and the rejected reply of each pair -> the loss of each pair (B,).
+    center: the weight of (chosen + rejected)^2 (Eisenstein et al., 2023; TRL's
+    center_rewards_coefficient). The pairwise term sees only differences, so each prompt may get an
+    offset of its own; PPO's critic then has to learn those offsets before its advantages carry the
+    difference between a good and a bad reply. Centring each pair at 0 removes them."""
+    return -F.logsigmoid(chosen - rejected) + center * (chosen + rejected) ** 2
 

@@ -14,6 +14,8 @@ One training step is one rollout and --ppo-epochs passes over it:
                                        seeded by seed, step and rank: a resumed run draws the same)
                                        and what the models say of them now: -> an experience dict
     rl_step(run, prompts, step)        rollout, advantages, updates; -> the step's loss, counts, metrics
+    answer_scores(run)                 (PPO, once) the reward model's mean and std on the data's own
+                                       answers: each score is normalized by them
 
 All per-token tensors are (N, L-1) over the targets of the rows ids (N, L): a row is the prompt, then
 the reply (its stop token included when one was drawn), right-padded; `mask` is 1 on the reply's
@@ -82,6 +84,32 @@ def policy_logps(model, ids):
 
 
 @torch.no_grad()
+def answer_scores(run, n=512, batch=64):
+    """-> (mean, std) of the reward model's scores of the data's own answers to its first n prompts,
+    each written as the policy would write it (content and end token). PPO scores a reply
+    (score - mean) / std (InstructGPT's normalization puts the demonstrations' mean at 0): the
+    reward model's scale and offset are arbitrary (Bradley-Terry sees only differences), and
+    --reward-clip, the critic's --clip-value and the KL price all assume rewards of order 1. A
+    reward model whose scores run from -40 to +40 would otherwise have nearly every score clipped
+    to +-5, right or wrong. Every rank scores the same prompts (ZeRO-3 needs their forwards in step)."""
+    template, scores = run.template, []
+    for i in range(0, min(n, len(run.prompts)), batch):
+        chunk = run.prompts[i:min(i + batch, n)]
+        replies = []
+        for _, answer in chunk:
+            ids, mask = template.encode_parts(template.turn("assistant", answer), True)
+            replies.append([t for t, m in zip(ids, mask) if m])
+        ids, _, last = rows_of([list(p) for p, _ in chunk], replies, template.pad, run.device)
+        scores.append(run.reward(ids, last).float())
+    scores = torch.cat(scores)
+    if not torch.isfinite(scores).all():
+        raise ValueError("non-finite reward(s) from the reward model on the data's answers; stopped before "
+                         "training (the last checkpoint is intact)")
+    std = scores.std(unbiased=False).item()
+    return scores.mean().item(), std if std > 1e-6 else 1.0  # (one answer, or all scored alike: no scaling)
+
+
+@torch.no_grad()
 def rollout(run, prompts, step):
     """prompts: [(ids, answer)] of this rank's step. -> the experience: ids, mask, last, old and
     reference log-probabilities, values (ppo), the rewards (N,), replies' content lengths."""
@@ -98,7 +126,7 @@ def rollout(run, prompts, step):
     engine.train()
     x["ref"] = policy_logps(run.ref, ids)[1]
     if args.stage == "ppo":
-        x["score"] = run.reward(ids, last).float()  # (N,)
+        x["score"] = (run.reward(ids, last).float() - run.reward_norm[0]) / run.reward_norm[1]  # (N,)
         x["values"] = run.critic(ids)[:, :-1].float() * mask  # (N, L-1): V at each target's state
     else:  # exact match with the data's answer, as evaluation counts it
         answers = [a for _, a in prompts for _ in range(group)]

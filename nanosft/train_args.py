@@ -162,6 +162,9 @@ def _preference_flags(p):
                    "to be labelled the wrong way round (0: plain DPO)")
     g.add_argument("--rpo-alpha", type=float, default=0.0, help="add the chosen reply's NLL per token, times this, "
                    "to the loss (RPO; TRL's rpo_alpha): keeps the chosen replies likely (0: plain DPO)")
+    g.add_argument("--center-rewards", type=float, default=0.0, help="--stage reward: add this times (score of "
+                   "chosen + score of rejected)^2 to each pair's loss (TRL's center_rewards_coefficient, e.g. 0.01): "
+                   "scores centred at 0 on every prompt, what PPO's critic and --reward-clip assume")
     g.add_argument("--reference", default="precomputed", choices=("precomputed", "live"),
                    help="the reference's log-probabilities: computed once before training (no second model in "
                    "memory), or by a frozen copy of the starting model at every step (TRL's default; under "
@@ -188,6 +191,9 @@ def _rl_flags(p):
     g.add_argument("--kl-coef", type=float, default=0.1, help="the price of a nat of drift from the reference: "
                    "per token in PPO's reward, GRPO's k3 estimate in its loss")
     g.add_argument("--reward-clip", type=float, default=5.0, help="the reward model's scores are clipped to +-this")
+    g.add_argument("--reward-norm", default="answers", choices=["answers", "none"], help="--stage ppo: answers: "
+                   "(score - mean) / std, the mean and std of the reward model's scores of the data's own answers, "
+                   "before the clip (InstructGPT centres them); none: its raw scores (DeepSpeed-Chat)")
     g.add_argument("--gamma", type=float, default=1.0, help="GAE's discount")
     g.add_argument("--lam", type=float, default=0.95, help="GAE's lambda")
     g.add_argument("--whiten", action="store_true", help="--stage ppo: scale each rollout's advantages to mean 0, "
@@ -340,8 +346,9 @@ def check_args(p, args):
         if args.stage == "reward" and args.eval_data:
             p.error("--eval-data: a reward model scores replies, it does not write them (its held-out pairs are "
                     "--val-data's)")
-        if not (0 < args.beta < math.inf and 0 <= args.label_smoothing < 0.5 and 0 <= args.rpo_alpha < math.inf):
-            p.error("--beta must be positive, --label-smoothing in [0, 0.5) and --rpo-alpha not negative")
+        if not (0 < args.beta < math.inf and 0 <= args.label_smoothing < 0.5 and 0 <= args.rpo_alpha < math.inf
+                and 0 <= args.center_rewards < math.inf):
+            p.error("--beta must be positive, --label-smoothing in [0, 0.5), --rpo-alpha and --center-rewards not negative")
     if args.stage in RL_STAGES:
         if args.stage == "ppo" and not args.reward_model:
             p.error("--stage ppo needs --reward-model (a --stage reward run)")

@@ -84,7 +84,7 @@ def test_same_seed_same_files():
 
 @pytest.fixture(scope="module")
 def align():
-    return g.generate_align(20000, 300, 600, 1000, 200)
+    return g.generate_align(20000, 300, 600, 1000, 200, n_max_pairs=2000)
 
 
 def test_the_noisy_teacher_dodges_close_calls_only_about_30_percent_of_max(align):
@@ -130,6 +130,30 @@ def test_grpos_max_prompts_are_half_close_calls_answered_right_and_never_held_ou
         assert r["family"] == "max" and r["messages"][1]["content"] == str(max(a, b))
         close += a // 100 == b // 100
     assert 0.52 < close / len(prompts) < 0.6  # half drawn as close calls, a tenth of the rest by chance
+
+
+def test_max_pairs_reject_the_smaller_a_near_a_mixed_and_any_other_number_on_new_prompts(align):
+    """PPO's reward model's extra pairs: on each prompt the larger number over the smaller one, one
+    within 30 of the larger, one mixing the two numbers' digits place by place (or, of numbers of
+    different lengths, the larger one with its last digit doubled) and any other number."""
+    asked = {r["messages"][0]["content"] for r in align["eval"]}
+    pairs = align["max_pairs"]
+    assert len(pairs) == 4 * 2000
+    for i in range(0, len(pairs), 4):
+        prompt = pairs[i]["prompt"][0]["content"]
+        assert prompt not in asked and all(p["prompt"][0]["content"] == prompt for p in pairs[i:i + 4])
+        a, b = map(int, re.findall(r"\d+", prompt))
+        big, small = str(max(a, b)), str(min(a, b))
+        assert all(p["family"] == "max" and p["chosen"][0]["content"] == big for p in pairs[i:i + 4])
+        smaller, near, mixed, other = (p["rejected"][0]["content"] for p in pairs[i:i + 4])
+        assert other not in (big, small) and 0 <= int(other) < 1000
+        assert smaller == small and near not in (big, small) and 1 <= abs(int(near) - int(big)) <= 30
+        assert mixed not in (big, small) and not (len(mixed) > 1 and mixed[0] == "0")
+        if len(big) == len(small):
+            assert all(d in (x, y) for d, x, y in zip(mixed, big, small))
+        else:
+            assert mixed == big + big[-1]
+    assert len({p["prompt"][0]["content"] for p in pairs}) == 2000
 
 
 def json_key(pair):

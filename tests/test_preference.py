@@ -195,6 +195,16 @@ def test_a_reward_run_saves_a_sequence_classifier_transformers_scores_alike(pair
     assert ours.abs().max() > 1e-3  # (trained: not the fresh head's zeros)
 
 
+def test_center_rewards_reaches_the_reward_models_loss_and_centres_its_scores(pairs, tmp_path):
+    plain = pair_run("reward", pairs, tmp_path / "plain", "--lr", "3e-2", steps=12)
+    centred = pair_run("reward", pairs, tmp_path / "centred", "--lr", "3e-2", "--center-rewards", "1", steps=12)
+    a, b = read_monitor(plain)["Train_loss"], read_monitor(centred)["Train_loss"]
+    assert a[1] == b[1] and a[12] != b[12]  # (a fresh head scores 0: the term starts at 0)
+    offset = [abs(m["reward_chosen"] + m["reward_rejected"])
+              for m in (json.loads((d / "metrics.json").read_text())["after"] for d in (plain, centred))]
+    assert offset[1] < offset[0], offset
+
+
 def test_a_pad_token_that_is_the_end_token_is_not_what_the_saved_reward_model_pads_with(pairs, tmp_path):
     """Llama 3's and SmolLM2's pad token is their end of turn: transformers, which reads a row's
     score at its last token that is not padding, would read before the end token."""

@@ -41,3 +41,16 @@ def test_a_fresh_head_scores_zero_and_the_loss_is_bradley_terry():
     chosen, rejected = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.0])
     torch.testing.assert_close(pairwise_loss(chosen, rejected), -torch.log(1 / (1 + torch.exp(-(chosen - rejected)))))
     assert math.isclose(pairwise_loss(torch.zeros(1), torch.zeros(1)).item(), math.log(2), rel_tol=1e-6)
+
+
+def test_centring_adds_the_pairs_squared_sum_and_leaves_the_rankings_gradient_alone():
+    """--center-rewards: c (chosen + rejected)^2 pulls each pair's scores towards 0 together; the
+    gradient along chosen - rejected (what ranks them) is Bradley-Terry's alone."""
+    chosen = torch.tensor([3.0, -1.0, 0.5], requires_grad=True)
+    rejected = torch.tensor([1.0, -4.0, 0.7], requires_grad=True)
+    centred = pairwise_loss(chosen, rejected, center=0.1)
+    torch.testing.assert_close(centred, pairwise_loss(chosen, rejected) + 0.1 * (chosen + rejected) ** 2)
+    g_c, g_r = torch.autograd.grad(centred.sum(), (chosen, rejected))
+    p_c, p_r = torch.autograd.grad(pairwise_loss(chosen, rejected).sum(), (chosen, rejected))
+    torch.testing.assert_close(g_c - g_r, p_c - p_r)
+    torch.testing.assert_close(g_c + g_r, p_c + p_r + 0.4 * (chosen + rejected).detach())  # p_c + p_r = 0

@@ -11,15 +11,16 @@ import os
 import random
 import signal
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import ROOT, kill_at, run, run_train
 
 from nanosft.checkpoint import load_model, load_reward_model, save_model
-from nanosft.data import load_jsonl
+from nanosft.data import load_jsonl, render_prompts
 from nanosft.monitor import read_monitor
-from nanosft.rlhf import rows_of
+from nanosft.rlhf import answer_scores, rows_of
 from nanosft.safetensors import load_file
 from nanosft.template import ChatTemplate
 from nanosft.tokenizer import Tokenizer
@@ -151,15 +152,36 @@ def test_replies_that_are_all_empty_are_counted_and_skipped(setup, tmp_path):
     assert m["Train_loss"][1] == 0 and all(math.isfinite(v) for v in m["Train_entropy"].values())
 
 
-def test_a_reward_that_is_not_finite_stops_the_run_with_its_checkpoints_intact(setup, tmp_path):
+@pytest.mark.parametrize("norm", ["answers", "none"])  # found on the data's answers before training, or in a rollout
+def test_a_reward_that_is_not_finite_stops_the_run_with_its_checkpoints_intact(setup, tmp_path, norm):
     sft, prompts, rm = setup
     bad = tmp_path / "nan_rm"
     rm_model, tok = load_reward_model(rm)
     rm_model.score.weight.data.fill_(float("nan"))
     save_model(bad, rm_model.state_dict(), rm_model.cfg, tok)
-    r = run_train(*rl_args("ppo", (sft, prompts, bad), tmp_path / "run"))
+    r = run_train(*rl_args("ppo", (sft, prompts, bad), tmp_path / "run", "--reward-norm", norm))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "non-finite reward" in r.stderr and "the last checkpoint is intact" in r.stderr
+    assert ("the data's answers" in r.stderr) == (norm == "answers")
+
+
+def test_scores_are_normalized_by_the_reward_models_scores_of_the_datas_own_answers(setup):
+    """answer_scores writes each answer as the policy would (content and end token after the
+    prompt): the same scores as the whole conversation rendered by the template and read at its
+    end token."""
+    _, prompts, rm = setup
+    model, tok = load_reward_model(rm)
+    torch.manual_seed(0)
+    model.score.weight.data.normal_()  # (a head that tells these answers apart: 4 training steps barely do)
+    template = ChatTemplate(tok)
+    records = load_jsonl(prompts)[:40]
+    run = SimpleNamespace(template=template, prompts=render_prompts(records, template, 128)[0], reward=model,
+                          device="cpu")
+    mean, std = answer_scores(run, n=40, batch=16)
+    with torch.no_grad():
+        whole = torch.tensor([model(torch.tensor([template.render(r["messages"])[0]])).item() for r in records])
+    assert whole.std() > 0.1
+    torch.testing.assert_close((mean, std), (whole.mean().item(), whole.std(unbiased=False).item()), rtol=1e-5, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
