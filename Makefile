@@ -106,7 +106,7 @@ align: align-sft reward dpo
 # Reinforcement learning (README, "Reinforcement learning"), after make align, from its SFT run:
 # make reward-max [SFT=run]  PPO's reward model: make align's pairs and data/align/max_pairs.jsonl's 64,000,
 #                            centred (runs/align/reward_max; ~8 min on 2 cores)
-# make ppo [SFT=run]         PPO with it on max prompts half close calls (runs/align/ppo; ~6.5 min)
+# make ppo [SFT=run]         PPO with it on max prompts half close calls (runs/align/ppo; ~6-9 min)
 # make grpo [SFT=run]        GRPO, exact match the reward, on the same prompts (runs/align/grpo; ~4 min)
 # make rl                    all three, then a table beside the SFT run
 reward-max: install data/align/train.jsonl
@@ -115,7 +115,7 @@ reward-max: install data/align/train.jsonl
 
 ppo: install data/align/train.jsonl
 	$(LAUNCH) train.py --stage ppo --init-from $(SFT) --reward-model runs/align/reward_max --data data/align/max_prompts.jsonl \
-	  --eval-data data/align/eval.jsonl --out runs/align/ppo --lora-rank 8 --lora-lr 2e-3 --critic-lr 1e-4 \
+	  --eval-data data/align/eval.jsonl --out runs/align/ppo --lora-rank 8 --lora-lr 3e-3 --critic-lr 1e-4 \
 	  --batch-size 64 --epochs 8 --temperature 1.5 --kl-coef 0.2 --ppo-epochs 2 --whiten --ema 0.95 \
 	  --sft-data data/align/train.jsonl $(ARGS)
 
