@@ -454,8 +454,8 @@ def generate_align(n_train, n_val, n_eval, n_pairs, n_val_pairs, seed=1337, n_ma
     asked = {("max", compared(r["messages"][0]["content"])) for r in evals if r["family"] == "max"}
     pairs = preference_pairs(n_val_pairs + n_pairs, random.Random(seed + 1), asked)
     val_pairs, pairs = pairs[:n_val_pairs], pairs[n_val_pairs:]
-    # the RL stages' prompts: the training pairs' prompts, each with its right answer (PPO), and
-    # max prompts where the SFT model's mistakes are (GRPO)
+    # the RL stages' prompts: the training pairs' prompts, each with its right answer, and max
+    # prompts where the SFT model's mistakes are (what make ppo and make grpo answer)
     prompts = [{"family": p["family"], "messages": p["prompt"] + p["chosen"]} for p in pairs]
     unasked = {k for _, key in asked for k in (key, key[::-1])}
     hard = max_prompts(n_pairs, random.Random(seed + 2), unasked)

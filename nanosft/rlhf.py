@@ -95,11 +95,8 @@ def answer_scores(run, n=512, batch=64):
     template, scores = run.template, []
     for i in range(0, min(n, len(run.prompts)), batch):
         chunk = run.prompts[i:min(i + batch, n)]
-        replies = []
-        for _, answer in chunk:
-            ids, mask = template.encode_parts(template.turn("assistant", answer), True)
-            replies.append([t for t, m in zip(ids, mask) if m])
-        ids, _, last = rows_of([list(p) for p, _ in chunk], replies, template.pad, run.device)
+        replies = [template.render_reply(answer) for _, answer in chunk]
+        ids, _, last = rows_of([p for p, _ in chunk], replies, template.pad, run.device)
         scores.append(run.reward(ids, last).float())
     scores = torch.cat(scores)
     if not torch.isfinite(scores).all():

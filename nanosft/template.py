@@ -222,6 +222,12 @@ class ChatTemplate:
             return ids + [self.start] + self.tok.encode("assistant\n")
         return ids + [self.start] + self.tok.encode("assistant") + [self.end_header] + self.tok.encode("\n\n")
 
+    def render_reply(self, content):
+        """An assistant reply's text -> the ids the model writes after render_prompt's: its content and
+        the end token (the supervised part of its turn)."""
+        ids, mask = self.encode_parts(self.turn("assistant", content), True)
+        return [t for t, m in zip(ids, mask) if m]
+
 
 def common_prefix(a, b):
     """How many leading items a and b share."""

@@ -54,6 +54,9 @@ def test_prompt_is_the_conversation_then_the_assistant_header(template):
     ids = template.render_prompt(convo)
     assert ids[:-1] == template.render(convo)[0]
     assert ids[-1] == template.tok.token_id("<|assistant|>")
+    # what the model writes after it: the reply's content and its end token, the rest of the turn
+    reply = {"role": "assistant", "content": "I am fine, thank you!"}
+    assert ids + template.render_reply(reply["content"]) == template.render(convo + [reply])[0]
 
 
 def test_user_text_cannot_forge_role_markers(template):
@@ -143,6 +146,8 @@ def test_in_a_family_format_the_loss_covers_each_reply_and_its_end_token(shipped
         replies = [m["content"] for m in messages if m["role"] == "assistant"]
         assert len(spans) == len(replies) and all(s[-1] == template.end for s in spans)
         for span, reply in zip(spans, replies):
+            if not template.think:  # (Qwen3's turns show or drop their thinking by position)
+                assert span == template.render_reply(reply)  # a reply as the policy writes it (rlhf.py)
             text = tok.decode(span[:-1])
             reply = reply.strip() if template.format == "llama3" else split_reasoning(reply)[0] if template.think else reply
             # the reply, after at most the header's newline a token straddling the two brought in
